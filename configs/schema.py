@@ -78,11 +78,10 @@ class PRMConfig(ModelConfig):
 class RouterConfig(_Base):
     """The router: P(target step scores higher | context, draft step)."""
 
-    kind: Literal["classifier", "probe", "fixed_rate"] = Field(
+    kind: Literal["classifier", "probe"] = Field(
         default="classifier",
         description="classifier: an HF 2-label classifier over the annotated history; "
-        "probe: a small head over the draft's own step features (no extra forward pass); "
-        "fixed_rate: escalate with probability `rate` (systems benchmarks only).",
+        "probe: a small head over the draft's own step features (no extra forward pass).",
     )
     path: str | None = Field(
         default=None, description="Folder of a trained router (classifier or probe)."
@@ -92,8 +91,6 @@ class RouterConfig(_Base):
     )
     device: str = Field(default="auto", description="'cpu', 'cuda', 'cuda:N' or 'auto'.")
     max_length: int = Field(default=512, ge=16, description="Router input truncation (tokens).")
-    rate: float = Field(default=0.2, ge=0.0, le=1.0, description="fixed_rate: escalation probability.")
-    seed: int = Field(default=0, description="fixed_rate: RNG seed (per chain and step).")
 
     @model_validator(mode="after")
     def _needs_weights(self) -> "RouterConfig":
@@ -133,7 +130,10 @@ class PolicyConfig(_Base):
     """Which decision rule escalates a draft step to the target."""
 
     name: PolicyName = Field(default="router", description="Decision rule.")
-    threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="tau, in [0, 1].")
+    threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="tau, in [0, 1]; for fixed_rate, the escalation probability.",
+    )
     score_escalations: bool = Field(
         default=True,
         description="When a PRM is configured, score both steps of every escalation so "

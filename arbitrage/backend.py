@@ -1,0 +1,90 @@
+"""Model backends: what the step loop awaits to get steps, PRM scores and router probabilities.
+
+The loop talks to a `ModelBackend`, never to Ray. `LocalBackend` runs the core
+engines in-process behind dynamic batchers (tests, single-machine runs); the Ray
+runtime provides `actors.backend.RayBackend`, which awaits actor handles instead
+(the uni / ray executor split of vLLM).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from arbitrage.batching import DynamicBatcher
+from arbitrage.prm import PRMRequest
+from arbitrage.router import RouterRequest
+from arbitrage.types import StepOutput, StepRequest
+
+ROLES = ("draft", "target", "prm", "router")
+
+
+class ModelBackend(abc.ABC):
+    """Async access to the four roles; each call is one chain's single request."""
+
+    @abc.abstractmethod
+    async def draft_step(self, req: StepRequest) -> StepOutput:
+        """Decode one step with the draft model."""
+
+    @abc.abstractmethod
+    async def target_step(self, req: StepRequest) -> StepOutput:
+        """Decode one step with the target model."""
+
+    @abc.abstractmethod
+    async def prm_score(self, req: PRMRequest) -> float:
+        """PRM score in [0, 1] of the last step of `req`."""
+
+    @abc.abstractmethod
+    async def router_prob(self, req: RouterRequest) -> float:
+        """P(target step scores higher than the candidate draft step)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Batch-size histograms and busy time per role (for tests and metrics)."""
+        return {}
+
+
+class LocalBackend(ModelBackend):
+    """In-process engines, PRM and router, each behind a dynamic batcher."""
+
+    def __init__(self, draft=None, target=None, prm=None, router=None,
+                 max_batch_size: int = 16, max_wait_ms: float = 5.0):
+        self.draft, self.target, self.prm, self.router = draft, target, prm, router
+        fns = {"draft": draft and draft.generate_steps, "target": target and target.generate_steps,
+               "prm": prm and prm.score, "router": router and router.predict}
+        self.batchers = {role: DynamicBatcher(fn, max_batch_size, max_wait_ms)
+                         for role, fn in fns.items() if fn is not None}
+
+    @classmethod
+    def from_config(cls, cfg, roles: tuple[str, ...] = ROLES) -> "LocalBackend":
+        """Load the configured models for `roles` (an ArbitrageConfig)."""
+        from arbitrage.models import load_engine
+        from arbitrage.prm import build_prm
+        from arbitrage.router import build_router
+
+        m = cfg.models
+        draft = load_engine(m.draft) if "draft" in roles else None
+        target = load_engine(m.target) if "target" in roles else None
+        prm = build_prm(m.prm, target_engine=target) if m.prm and "prm" in roles else None
+        router = build_router(m.router) if m.router and "router" in roles else None
+        b = cfg.runtime.draft.batching
+        return cls(draft, target, prm, router, b.max_batch_size, b.max_wait_ms)
+
+    def _batcher(self, role: str) -> DynamicBatcher:
+        if role not in self.batchers:
+            raise RuntimeError(f"the {role} model is not loaded in this backend; configure models.{role}")
+        return self.batchers[role]
+
+    async def draft_step(self, req: StepRequest) -> StepOutput:
+        return await self._batcher("draft").submit(req)
+
+    async def target_step(self, req: StepRequest) -> StepOutput:
+        return await self._batcher("target").submit(req)
+
+    async def prm_score(self, req: PRMRequest) -> float:
+        return await self._batcher("prm").submit(req)
+
+    async def router_prob(self, req: RouterRequest) -> float:
+        return await self._batcher("router").submit(req)
+
+    def stats(self) -> dict[str, Any]:
+        return {role: b.stats() for role, b in self.batchers.items()}

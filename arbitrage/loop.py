@@ -1,0 +1,240 @@
+"""The step loop: the one implementation of ARBITRAGE's per-chain algorithm.
+
+Per chain: the draft proposes a step -> the policy decides (with the PRM or router
+scores it declares it needs) -> accept, or the target regenerates the step from the
+same prefix -> append -> stop on EOS, a final answer, max steps or max tokens.
+
+`run_chain` is async and awaits a `ModelBackend`, so the same code runs in-process
+(`LocalBackend`), inside the Ray coordinator actor (`RayBackend`) and behind the Serve
+app. `run_chains` runs many chains concurrently with bounded concurrency and a
+per-chain timeout, handing each result to a callback as soon as it finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable
+
+from arbitrage.backend import ModelBackend
+from arbitrage.policies import DecisionPolicy, StepContext
+from arbitrage.prm import PRMRequest
+from arbitrage.router import RouterRequest
+from arbitrage.types import ChainResult, SamplingParams, StepOutput, StepRequest, TraceStep
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """Everything the loop needs besides the backend and the policy."""
+
+    separator: str = "\n\n"
+    max_step_tokens: int = 256
+    max_steps: int = 32
+    max_total_tokens: int = 2048
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    forced_step_tokens: int | None = None
+    system_prompt: str | None = None
+    use_chat_template: bool = True
+    score_escalations: bool = True  # score both steps of an escalation when a PRM exists
+    has_prm: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> "LoopSettings":
+        """From an ArbitrageConfig (its generation, prompt and policy branches)."""
+        g, p = cfg.generation, cfg.prompt
+        return cls(separator=g.step_separator, max_step_tokens=g.max_step_tokens,
+                   max_steps=g.max_steps, max_total_tokens=g.max_total_tokens,
+                   temperature=g.temperature, top_p=g.top_p, seed=g.seed,
+                   forced_step_tokens=g.forced_step_tokens, system_prompt=p.system_prompt,
+                   use_chat_template=p.use_chat_template,
+                   score_escalations=cfg.policy.score_escalations,
+                   has_prm=cfg.models.prm is not None)
+
+
+@dataclass(frozen=True)
+class ChainInput:
+    """One problem to solve."""
+
+    id: str
+    problem: str
+    answer: str | None = None
+
+
+class _Counters:
+    def __init__(self):
+        self.draft_calls = self.target_calls = self.prm_calls = self.router_calls = 0
+
+
+async def run_chain(item: ChainInput, backend: ModelBackend, policy: DecisionPolicy,
+                    s: LoopSettings, on_step: Callable[[TraceStep], Awaitable[None] | None] | None = None
+                    ) -> ChainResult:
+    """Run one chain to completion.
+
+    Args:
+        item: the problem (with its reference answer, if graded).
+        backend: where steps, PRM scores and router probabilities come from.
+        policy: the escalation rule.
+        s: generation and prompt settings.
+        on_step: called with each accepted step as soon as it is decided (streaming).
+    Returns:
+        The chain's trace, answer, grade and counters.
+    """
+    t_start = time.perf_counter()
+    steps: list[TraceStep] = []
+    counters = _Counters()
+    total_tokens, stop = 0, "max_steps"
+    while len(steps) < s.max_steps:
+        budget = s.max_total_tokens - total_tokens
+        if budget <= 0:
+            stop = "max_tokens"
+            break
+        step = await _decide_step(item, steps, min(budget, s.max_step_tokens), backend, policy, s, counters)
+        steps.append(step)
+        total_tokens += step.num_tokens
+        if on_step is not None:
+            maybe = on_step(step)
+            if asyncio.iscoroutine(maybe):
+                await maybe
+        if step.stop_reason == "eos":
+            stop = "eos"
+            break
+        if s.forced_step_tokens is None and "\\boxed" in step.text:
+            stop = "answer"
+            break
+    else:
+        stop = "max_steps"
+    return _finish(item, steps, stop, policy, s, counters, time.perf_counter() - t_start)
+
+
+async def _decide_step(item: ChainInput, steps: list[TraceStep], max_tokens: int,
+                       backend: ModelBackend, policy: DecisionPolicy, s: LoopSettings,
+                       c: _Counters) -> TraceStep:
+    t0 = time.perf_counter()
+    params = SamplingParams(separator=s.separator, max_tokens=max_tokens, temperature=s.temperature,
+                            top_p=s.top_p, seed=s.seed + len(steps), forced_tokens=s.forced_step_tokens)
+    texts = tuple(st.text for st in steps)
+    req = StepRequest(problem=item.problem, steps=texts, system=s.system_prompt,
+                      chat=s.use_chat_template, params=params)
+    ctx = StepContext(problem_id=item.id, step_index=len(steps))
+
+    async def target() -> StepOutput:
+        c.target_calls += 1
+        return await backend.target_step(req)
+
+    async def draft() -> StepOutput:
+        c.draft_calls += 1
+        return await backend.draft_step(req)
+
+    async def prm(out: StepOutput) -> float:
+        c.prm_calls += 1
+        return await backend.prm_score(PRMRequest(item.problem, texts + (out.text,)))
+
+    if not policy.uses_draft:
+        ctx.target = await target()
+        return _trace(ctx, steps, escalated=False, t0=t0)
+    if policy.target_first:  # both from the same prefix, concurrently
+        ctx.draft, ctx.target = await asyncio.gather(draft(), target())
+    else:
+        ctx.draft = await draft()
+    if policy.needs_prm_draft or policy.needs_prm_target:
+        ctx.prm_draft, ctx.prm_target = await asyncio.gather(
+            prm(ctx.draft), prm(ctx.target) if policy.needs_prm_target else _none())
+    if policy.needs_router:
+        c.router_calls += 1
+        history = tuple((st.author, st.text) for st in steps)
+        ctx.router_prob = await backend.router_prob(
+            RouterRequest(item.problem, history, ctx.draft.text, ctx.draft.features))
+    escalated = policy.escalate(ctx)
+    if escalated and ctx.target is None:
+        ctx.target = await target()
+    if escalated and s.has_prm and s.score_escalations:
+        ctx.prm_draft, ctx.prm_target = await asyncio.gather(
+            _known_or(ctx.prm_draft, prm, ctx.draft), _known_or(ctx.prm_target, prm, ctx.target))
+    return _trace(ctx, steps, escalated=escalated, t0=t0)
+
+
+async def _none() -> None:
+    return None
+
+
+async def _known_or(value, fn, arg):
+    return value if value is not None else await fn(arg)
+
+
+def _trace(ctx: StepContext, steps: list[TraceStep], escalated: bool, t0: float) -> TraceStep:
+    d, t = ctx.draft, ctx.target
+    use_target = escalated or d is None
+    out = t if use_target else d
+    wasted = None
+    if escalated and ctx.prm_draft is not None and ctx.prm_target is not None:
+        wasted = ctx.prm_target <= ctx.prm_draft
+    return TraceStep(
+        index=len(steps), text=out.text, author="target" if use_target else "draft",
+        num_tokens=out.num_tokens, stop_reason=out.stop_reason, escalated=escalated,
+        draft_text=d.text if (d is not None and use_target) else None,
+        draft_tokens=d.num_tokens if d else 0, target_tokens=t.num_tokens if t else 0,
+        prm_draft=ctx.prm_draft, prm_target=ctx.prm_target, router_prob=ctx.router_prob,
+        wasted=wasted, wall_s=time.perf_counter() - t0,
+        draft_features=d.features if d is not None else None,
+    )
+
+
+def _finish(item: ChainInput, steps: list[TraceStep], stop: str, policy: DecisionPolicy,
+            s: LoopSettings, c: _Counters, wall_s: float) -> ChainResult:
+    from arbitrage.grading import extract_answer, is_correct
+
+    final_text = s.separator.join(st.text for st in steps)
+    answer = extract_answer(final_text)
+    correct = is_correct(final_text, item.answer) if item.answer is not None else None
+    return ChainResult(
+        problem_id=item.id, problem=item.problem, policy=policy.name, threshold=policy.threshold,
+        steps=steps, final_text=final_text, stop_reason=stop, answer=answer, reference=item.answer,
+        correct=correct, draft_tokens=sum(st.draft_tokens for st in steps),
+        target_tokens=sum(st.target_tokens for st in steps), target_calls=c.target_calls,
+        draft_calls=c.draft_calls, prm_calls=c.prm_calls, router_calls=c.router_calls, wall_s=wall_s,
+    )
+
+
+def failed_chain(item: ChainInput, policy: DecisionPolicy, stop: str, error: str) -> ChainResult:
+    """The result recorded for a chain that timed out, was cancelled or errored."""
+    return ChainResult(problem_id=item.id, problem=item.problem, policy=policy.name,
+                       threshold=policy.threshold, steps=[], final_text="", stop_reason=stop,
+                       reference=item.answer, correct=False if item.answer is not None else None,
+                       error=error)
+
+
+async def run_chains(items: Iterable[ChainInput], backend: ModelBackend, policy: DecisionPolicy,
+                     s: LoopSettings, max_concurrent: int = 32, timeout_s: float | None = None,
+                     on_result: Callable[[ChainResult], Awaitable[None] | None] | None = None
+                     ) -> list[ChainResult]:
+    """Run many chains concurrently; each result goes to `on_result` as soon as it finishes.
+
+    Args:
+        items: problems.
+        backend, policy, s: as for `run_chain`.
+        max_concurrent: chains in flight at once.
+        timeout_s: per-chain limit; a chain over it is cancelled and recorded with stop "timeout".
+        on_result: callback per finished chain (e.g. append a JSONL row).
+    Returns:
+        Results in input order.
+    """
+    sem = asyncio.Semaphore(max_concurrent)
+
+    async def one(item: ChainInput) -> ChainResult:
+        async with sem:
+            try:
+                res = await asyncio.wait_for(run_chain(item, backend, policy, s), timeout_s)
+            except asyncio.TimeoutError:
+                res = failed_chain(item, policy, "timeout", f"chain exceeded {timeout_s}s")
+            except Exception as e:  # one broken chain must not take down the others
+                res = failed_chain(item, policy, "error", f"{type(e).__name__}: {e}")
+        if on_result is not None:
+            maybe = on_result(res)
+            if asyncio.iscoroutine(maybe):
+                await maybe
+        return res
+
+    return list(await asyncio.gather(*(one(it) for it in items)))

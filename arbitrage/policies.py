@@ -1,0 +1,128 @@
+"""Escalation policies: given what is known about a draft step, escalate to the target or not.
+
+All policies share the one step loop (`arbitrage.loop`) and differ only in `escalate`
+and in which inputs they declare they need (`needs_*`). Policies never touch models.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import random
+from dataclasses import dataclass
+
+from arbitrage.types import StepOutput
+
+
+@dataclass
+class StepContext:
+    """What the loop knows about the current step when it asks the policy."""
+
+    problem_id: str
+    step_index: int
+    draft: StepOutput | None = None
+    target: StepOutput | None = None
+    prm_draft: float | None = None
+    prm_target: float | None = None
+    router_prob: float | None = None
+
+
+class DecisionPolicy(abc.ABC):
+    """Decides, per step, whether the target regenerates the draft's step."""
+
+    name: str = ""
+    uses_draft: bool = True  # False: every step comes from the target
+    target_first: bool = False  # generate the target step before deciding (oracle)
+    needs_prm_draft: bool = False
+    needs_prm_target: bool = False
+    needs_router: bool = False
+
+    def __init__(self, threshold: float = 0.5, seed: int = 0):
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        self.threshold = threshold
+        self.seed = seed
+
+    @abc.abstractmethod
+    def escalate(self, ctx: StepContext) -> bool:
+        """Whether the target should write this step instead of the draft.
+
+        Args:
+            ctx: the step's draft output and whichever scores the policy declared it needs.
+        Returns:
+            True to escalate to the target.
+        """
+
+
+class DraftOnly(DecisionPolicy):
+    """Baseline: every step from the draft."""
+
+    name = "draft_only"
+
+    def escalate(self, ctx: StepContext) -> bool:
+        return False
+
+
+class TargetOnly(DecisionPolicy):
+    """Baseline: every step from the target; the draft is never called."""
+
+    name = "target_only"
+    uses_draft = False
+
+    def escalate(self, ctx: StepContext) -> bool:
+        return True
+
+
+class RSD(DecisionPolicy):
+    """Reward-guided speculative decoding: keep the draft step when PRM(draft) >= tau."""
+
+    name = "rsd"
+    needs_prm_draft = True
+
+    def escalate(self, ctx: StepContext) -> bool:
+        return ctx.prm_draft < self.threshold
+
+
+class Oracle(DecisionPolicy):
+    """Upper bound: generate both, escalate when PRM(target) - PRM(draft) > tau."""
+
+    name = "oracle"
+    target_first = True
+    needs_prm_draft = True
+    needs_prm_target = True
+
+    def escalate(self, ctx: StepContext) -> bool:
+        return ctx.prm_target - ctx.prm_draft > self.threshold
+
+
+class Router(DecisionPolicy):
+    """ARBITRAGE: escalate when the router's P(target step scores higher) > tau."""
+
+    name = "router"
+    needs_router = True
+
+    def escalate(self, ctx: StepContext) -> bool:
+        return ctx.router_prob > self.threshold
+
+
+class FixedRate(DecisionPolicy):
+    """Systems benchmarks: escalate with probability tau, seeded per (chain, step)."""
+
+    name = "fixed_rate"
+
+    def escalate(self, ctx: StepContext) -> bool:
+        key = f"{self.seed}|{ctx.problem_id}|{ctx.step_index}".encode()
+        rng = random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
+        return rng.random() < self.threshold
+
+
+POLICIES: dict[str, type[DecisionPolicy]] = {
+    cls.name: cls for cls in (DraftOnly, TargetOnly, RSD, Oracle, Router, FixedRate)
+}
+
+
+def make_policy(name: str, threshold: float = 0.5, seed: int = 0) -> DecisionPolicy:
+    """Build a policy by name."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}")
+    return POLICIES[name](threshold=threshold, seed=seed)
