@@ -9,12 +9,14 @@ runtime provides `actors.backend.RayBackend`, which awaits actor handles instead
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from arbitrage.batching import DynamicBatcher
-from arbitrage.prm import PRMRequest
-from arbitrage.router import RouterRequest
 from arbitrage.types import StepOutput, StepRequest
+
+if TYPE_CHECKING:
+    from arbitrage.prm import PRMRequest
+    from arbitrage.router import RouterRequest
 
 ROLES = ("draft", "target", "prm", "router")
 

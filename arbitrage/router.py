@@ -1,0 +1,166 @@
+"""The router: P(the target would write a better step | context, the draft's candidate step).
+
+Inference only (training lives elsewhere). The input text follows the paper's released
+format: the problem, then each earlier step prefixed "Model 0: " (draft) or "Model 1: "
+(target), then the candidate as "Model 0: ", joined by blank lines. `ClassifierRouter`
+runs an HF 2-label classifier over that text and returns softmax(logits)[1]; inputs
+longer than `max_length` tokens are cut from the left, so the candidate and the most
+recent history are kept.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from arbitrage.prm import left_pad, model_folder, resolve_device_dtype
+from arbitrage.types import AUTHOR_ID
+
+
+@dataclass(frozen=True)
+class RouterRequest:
+    """One routing decision: the chain so far and the draft's proposed step."""
+
+    problem: str
+    history: tuple[tuple[str, str], ...]  # (author, text), author in {"draft", "target"}
+    candidate: str
+    features: dict[str, float] | None = None  # draft-side features (probe router)
+
+
+def format_router_input(problem: str, history, candidate: str) -> str:
+    """The router's input text in the paper's released format.
+
+    Args:
+        problem: the problem statement.
+        history: earlier steps as (author, text), author "draft" or "target".
+        candidate: the draft's proposed step.
+    Returns:
+        problem, "Model <0|1>: step" for each earlier step, "Model 0: candidate", joined by "\\n\\n".
+    """
+    parts = [problem]
+    for author, text in history:
+        if author not in AUTHOR_ID:
+            raise ValueError(f"unknown step author {author!r}; expected 'draft' or 'target'")
+        parts.append(f"Model {AUTHOR_ID[author]}: {text}")
+    parts.append(f"Model {AUTHOR_ID['draft']}: {candidate}")
+    return "\n\n".join(parts)
+
+
+class Router(abc.ABC):
+    """Predicts whether the target would write a better step. `forward_calls` counts forwards."""
+
+    forward_calls: int = 0
+
+    @abc.abstractmethod
+    def predict(self, requests: list[RouterRequest]) -> list[float]:
+        """P(target step scores higher) for each request, batched.
+
+        Args:
+            requests: one per candidate step.
+        Returns:
+            One probability in [0, 1] per request, in order.
+        """
+
+
+class ClassifierRouter(Router):
+    """An HF classifier with 2 labels over `format_router_input`; class 1 = target better.
+
+    Works with sequence classifiers (pooled at the last non-pad token) and token
+    classifiers (the logits of the last token are used).
+    """
+
+    def __init__(self, model, tokenizer, max_length: int = 512):
+        """
+        Args:
+            model: a transformers model whose logits are [B, 2] or [B, T, 2].
+            tokenizer: its tokenizer; left truncation and padding are set on it.
+            max_length: longest input in tokens (special tokens included).
+        """
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        tokenizer.truncation_side = "left"
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        self.forward_calls = 0
+
+    def encode(self, req: RouterRequest) -> list[int]:
+        """Token ids of one request, left-truncated to `max_length`."""
+        text = format_router_input(req.problem, req.history, req.candidate)
+        return self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
+
+    def predict(self, requests: list[RouterRequest]) -> list[float]:
+        """P(target step scores higher) for each request (see `Router.predict`)."""
+        if not requests:
+            return []
+        seqs = [self.encode(r) for r in requests]
+        device = next(self.model.parameters()).device
+        ids, mask, pos = left_pad(seqs, self.model.config.pad_token_id, device)
+        with torch.inference_mode():
+            self.forward_calls += 1
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        if logits.dim() == 3:  # token classifier: left padding puts the last token at -1
+            logits = logits[:, -1]
+        return torch.softmax(logits.float(), dim=-1)[:, 1].tolist()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        max_length: int = 512, dtype: torch.dtype | None = None,
+                        tokenizer: str | Path | None = None) -> "ClassifierRouter":
+        """Load a router folder (or any 2-label-able checkpoint) with its tokenizer.
+
+        Args:
+            path: folder with config.json, safetensors and tokenizer files.
+            device: where to run it.
+            max_length: input truncation in tokens.
+            dtype: weights dtype; None = float32.
+            tokenizer: tokenizer source when it is not in `path`.
+        """
+        from transformers import (AutoConfig, AutoModelForSequenceClassification,
+                                  AutoModelForTokenClassification, AutoTokenizer)
+
+        config = AutoConfig.from_pretrained(path)
+        token_level = any("TokenClassification" in a for a in (config.architectures or []))
+        auto = AutoModelForTokenClassification if token_level else AutoModelForSequenceClassification
+        model = auto.from_pretrained(path, num_labels=2, dtype=dtype or torch.float32)
+        tok = AutoTokenizer.from_pretrained(tokenizer or path)
+        return cls(model.to(device), tok, max_length=max_length)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the model (safetensors + config) and the tokenizer to a folder."""
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+def build_router(cfg) -> Router:
+    """Build the router a `RouterConfig` describes.
+
+    Args:
+        cfg: `configs.schema.RouterConfig`. classifier: `path` (a trained router folder) or
+            `source` (random: a tiny random classifier at a shape of `arbitrage.tiny.SHAPES`
+            with the byte tokenizer; local / hub: a checkpoint loaded as a 2-label classifier).
+    Returns:
+        A `ClassifierRouter`.
+    """
+    if cfg.kind == "probe":
+        raise ValueError("probe router: not available yet")
+    device, _ = resolve_device_dtype(cfg.device, "float32")
+    if cfg.path is not None:
+        return ClassifierRouter.from_pretrained(cfg.path, device=device, max_length=cfg.max_length)
+    if cfg.source.kind == "random":
+        from transformers import AutoModelForSequenceClassification
+
+        from arbitrage.tiny import byte_tokenizer, shape_config
+
+        config = shape_config(cfg.source.name, num_labels=2)
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(config)
+        return ClassifierRouter(model.to(device), byte_tokenizer(config.vocab_size), cfg.max_length)
+    return ClassifierRouter.from_pretrained(model_folder(cfg.source), device=device,
+                                            max_length=cfg.max_length, tokenizer=cfg.source.tokenizer)

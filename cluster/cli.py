@@ -1,0 +1,146 @@
+"""The `arbitrage` command line: parses arguments and calls the runtime; no logic of its own.
+
+Bad input (a malformed config, an unknown policy, tau outside [0, 1], a missing model,
+an empty dataset file) ends with one line on stderr and exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help="ARBITRAGE: advantage-aware step-level speculative decoding on Ray.")
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+
+
+def fail(msg: str) -> None:
+    """Print one line and exit with code 2."""
+    typer.echo(f"error: {msg}".splitlines()[0], err=True)
+    raise typer.Exit(code=2)
+
+
+def load_cli_config(config: str, **overrides):
+    """Load a config with CLI overrides; None values are not overrides."""
+    from configs import load_config
+
+    return load_config(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _print_result(i: int, n: int, r: dict) -> None:
+    authors = [s["author"] for s in r["steps"]]
+    mark = {True: "correct", False: "wrong", None: "ungraded"}[r["correct"]]
+    err = f"  error={r['error']}" if r.get("error") else ""
+    typer.echo(f"[{i}/{n}] {r['problem_id']}: {mark} answer={r['answer']!r} ref={r['reference']!r} "
+               f"steps={len(authors)} (draft {authors.count('draft')}, target {authors.count('target')}) "
+               f"stop={r['stop_reason']} {r['wall_s']:.1f}s{err}")
+
+
+def print_summary(rows_by_group: dict[tuple[str, float], list[dict]], elapsed: float | None = None) -> None:
+    """A summary table per (policy, threshold)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from arbitrage.metrics import summarize
+
+    t = Table(title="arbitrage summary")
+    cols = ["policy", "tau", "n", "accuracy", "accept", "target calls", "wasted", "draft tok",
+            "target tok", "lat mean s", "lat p50 s", "lat p90 s", "errors"]
+    for c in cols:
+        t.add_column(c, justify="right")
+    for (policy, tau), rows in rows_by_group.items():
+        m = summarize(rows, elapsed)
+        acc = "-" if m["accuracy"] is None else f"{m['accuracy']:.3f}"
+        t.add_row(policy, f"{tau:g}", str(m["problems"]), acc, f"{m['acceptance_rate']:.3f}",
+                  str(m["target_calls"]), str(m["wasted_escalations"]), str(m["draft_tokens"]),
+                  str(m["target_tokens"]), f"{m['latency_mean_s']:.2f}", f"{m['latency_p50_s']:.2f}",
+                  f"{m['latency_p90_s']:.2f}", str(m["errors"]))
+    Console(width=200).print(t)
+
+
+@app.command()
+def run(
+    config: str = typer.Option("configs/local.yaml", "--config", "-c", help="YAML config or preset name."),
+    policy: Optional[str] = typer.Option(None, help="draft_only | target_only | rsd | oracle | router | fixed_rate"),
+    threshold: Optional[float] = typer.Option(None, help="tau in [0, 1]."),
+    limit: Optional[int] = typer.Option(None, help="First N problems."),
+    dataset: Optional[str] = typer.Option(None, help="gsm8k, math500, ... or a .jsonl path."),
+    split: Optional[str] = typer.Option(None, help="test or train."),
+    out: Optional[Path] = typer.Option(None, help="Write chain traces as JSONL here."),
+    address: Optional[str] = typer.Option(None, help="Ray address to join (default: start a local Ray)."),
+    in_process: bool = typer.Option(False, "--in-process", help="Run without Ray (core engines in this process)."),
+) -> None:
+    """Solve problems with the step loop under one policy; print results and a summary."""
+    try:
+        cfg = load_cli_config(config, **{"policy.name": policy, "policy.threshold": threshold,
+                                         "data.limit": limit, "data.dataset": dataset,
+                                         "data.split": split, "runtime.address": address})
+        from arbitrage.data import load_problems
+
+        problems = load_problems(cfg.data)
+    except USER_ERRORS as e:
+        fail(str(e))
+    items = [{"id": p.id, "problem": p.problem, "answer": p.answer} for p in problems]
+    typer.echo(f"config={cfg.name} policy={cfg.policy.name} tau={cfg.policy.threshold} "
+               f"problems={len(items)} dataset={cfg.data.dataset}/{cfg.data.split}", err=True)
+    sink = out.open("a") if out else None
+    done: list[dict] = []
+
+    def on_result(r: dict) -> None:
+        done.append(r)
+        _print_result(len(done), len(items), r)
+        if sink:
+            sink.write(json.dumps(r) + "\n")
+            sink.flush()
+
+    t0 = time.perf_counter()
+    try:
+        _execute(cfg, items, on_result, in_process)
+    except USER_ERRORS as e:
+        fail(str(e))
+    finally:
+        if sink:
+            sink.close()
+    print_summary({(cfg.policy.name, cfg.policy.threshold): done}, time.perf_counter() - t0)
+
+
+def _execute(cfg, items: list[dict], on_result, in_process: bool) -> None:
+    """Run items through the Ray runtime, or in-process with the same loop."""
+    if in_process:
+        from arbitrage.runner import run_in_process
+
+        run_in_process(cfg, items, on_result=on_result)
+        return
+    from cluster.runtime import Runtime
+
+    with Runtime(cfg) as rt:
+        rt.run(items, cfg.policy.name, cfg.policy.threshold, on_result=on_result)
+
+
+@app.command("setup-models")
+def setup_models(config: str = typer.Option("configs/local.yaml", "--config", "-c")) -> None:
+    """Assemble and convert the config's offline models once (cached)."""
+    try:
+        cfg = load_cli_config(config)
+        from arbitrage.models import prepare_source
+
+        for role in ("draft", "target", "prm"):
+            m = getattr(cfg.models, role)
+            if m is not None:
+                typer.echo(f"{role}: {prepare_source(m.source)}")
+    except USER_ERRORS as e:
+        fail(str(e))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The step engine: separator / EOS / length stops, log-probs, batched == alone."""
+
+from __future__ import annotations
+
+import torch
+
+from arbitrage.engine import StepEngine, find_separator, render_prompt
+from arbitrage.tiny import random_causal_lm
+from arbitrage.types import SamplingParams, StepRequest
+
+
+def _req(problem, steps=(), **params):
+    return StepRequest(problem=problem, steps=tuple(steps), system="sys", params=SamplingParams(**params))
+
+
+def test_render_prompt_uses_chat_template_and_steps(tokenizer):
+    r = _req("What is 1+1?", ["First.", "Second."])
+    text = render_prompt(tokenizer, r)
+    assert text.startswith("<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nWhat is 1+1?")
+    assert text.endswith("<|im_start|>assistant\nFirst.\n\nSecond.\n\n")
+
+
+def test_find_separator_skips_leading():
+    assert find_separator("\n\nabc\n\ndef", "\n\n") == 5
+    assert find_separator("abc", "\n\n") == -1
+    assert find_separator("\n\n", "\n\n") == -1
+
+
+class BiasedLM(torch.nn.Module):
+    """Wraps a tiny LM and forces a scripted sequence of tokens (tests stop reasons exactly)."""
+
+    def __init__(self, inner, script):
+        super().__init__()
+        self.inner, self.script, self.config = inner, script, inner.config
+        self.generation_config = inner.generation_config
+        self.t = 0
+
+    def forward(self, input_ids, cache=None, **kw):
+        out = self.inner(input_ids=input_ids, cache=cache, **kw)
+        if input_ids.shape[1] > 1:
+            self.t = 0
+        tok = self.script[min(self.t, len(self.script) - 1)]
+        self.t += 1
+        out.logits[:, -1, tok] += 1000.0
+        return out
+
+
+def test_stop_reasons(tokenizer):
+    inner = random_causal_lm("tiny-llama")
+    ab = [ord("a"), ord("b")]
+    sep = BiasedLM(inner, ab + [10, 10, ord("c")])
+    out = StepEngine(sep, tokenizer).generate_steps([_req("x", max_tokens=20)])[0]
+    assert (out.text, out.stop_reason, out.num_tokens) == ("ab", "separator", 4)
+    assert len(out.logprobs) == 4 and all(lp <= 0 for lp in out.logprobs)
+
+    eos = BiasedLM(inner, ab + [tokenizer.eos_token_id])
+    out = StepEngine(eos, tokenizer).generate_steps([_req("x", max_tokens=20)])[0]
+    assert (out.text, out.stop_reason, out.num_tokens) == ("ab", "eos", 3)
+
+    length = BiasedLM(inner, ab * 10)
+    out = StepEngine(length, tokenizer).generate_steps([_req("x", max_tokens=5)])[0]
+    assert (out.text, out.stop_reason, out.num_tokens) == ("ababa", "length", 5)
+
+    custom = BiasedLM(inner, ab + [ord("|"), ord("|"), ord("c")])
+    out = StepEngine(custom, tokenizer).generate_steps([_req("x", max_tokens=20, separator="||")])[0]
+    assert (out.text, out.stop_reason) == ("ab", "separator")
+
+
+def test_batched_equals_alone_greedy(target_engine):
+    reqs = [_req("Short?", max_tokens=16), _req("A much longer problem statement " * 4, max_tokens=16),
+            _req("Mid length problem", ["step one"], max_tokens=16)]
+    together = target_engine.generate_steps(reqs)
+    for r, t in zip(reqs, together):
+        alone = target_engine.generate_steps([r])[0]
+        assert (alone.text, alone.num_tokens, alone.stop_reason) == (t.text, t.num_tokens, t.stop_reason)
+        assert max(abs(a - b) for a, b in zip(alone.logprobs, t.logprobs)) < 1e-4
+
+
+def test_sampling_is_seeded_per_row(draft_engine):
+    r = _req("Sample me", max_tokens=10, temperature=1.0, top_p=0.9, seed=3)
+    a = draft_engine.generate_steps([r, _req("other", max_tokens=10, temperature=1.0, seed=4)])[0]
+    b = draft_engine.generate_steps([r])[0]
+    assert a.text == b.text
+    c = draft_engine.generate_steps([_req("Sample me", max_tokens=10, temperature=1.0, top_p=0.9, seed=5)])[0]
+    assert c.text != a.text
+
+
+def test_prompt_too_long_is_an_error(tokenizer):
+    eng = StepEngine(random_causal_lm("tiny-llama"), tokenizer, max_context=32)
+    import pytest
+
+    with pytest.raises(ValueError, match="max_context is 32"):
+        eng.generate_steps([_req("x" * 100)])
+
+
+def test_features_for_probe(draft_engine):
+    out = draft_engine.generate_steps([_req("feat", max_tokens=6)])[0]
+    f = out.features
+    assert set(f) >= {"lp_mean", "lp_min", "lp_last", "ent_mean", "num_tokens"}
+    assert f["lp_min"] <= f["lp_mean"] <= 0 and f["num_tokens"] == out.num_tokens

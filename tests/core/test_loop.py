@@ -1,0 +1,186 @@
+"""The step loop under every policy: who gets called, when, and what the trace records."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from arbitrage.loop import ChainInput, LoopSettings, run_chain, run_chains
+from arbitrage.policies import POLICIES, StepContext, make_policy
+from arbitrage.types import StepOutput
+
+
+class CountingBackend:
+    """Wraps a real LocalBackend and counts calls per role."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls = {"draft": 0, "target": 0, "prm": 0, "router": 0}
+
+    async def draft_step(self, req):
+        self.calls["draft"] += 1
+        return await self.inner.draft_step(req)
+
+    async def target_step(self, req):
+        self.calls["target"] += 1
+        return await self.inner.target_step(req)
+
+    async def prm_score(self, req):
+        self.calls["prm"] += 1
+        return await self.inner.prm_score(req)
+
+    async def router_prob(self, req):
+        self.calls["router"] += 1
+        return await self.inner.router_prob(req)
+
+
+def _run(backend, policy, settings, problem):
+    return asyncio.run(run_chain(problem, backend, policy, settings))
+
+
+def test_draft_only_never_calls_target(make_backend, settings, problems):
+    b = CountingBackend(make_backend())
+    res = _run(b, make_policy("draft_only"), settings, problems[0])
+    assert b.calls["target"] == 0 and b.calls["draft"] == res.num_steps > 0
+    assert all(s.author == "draft" and not s.escalated for s in res.steps)
+    assert res.target_tokens == 0 and res.draft_tokens > 0
+
+
+def test_target_only_never_calls_draft(make_backend, settings, problems):
+    b = CountingBackend(make_backend())
+    res = _run(b, make_policy("target_only"), settings, problems[0])
+    assert b.calls["draft"] == 0 and b.calls["target"] == res.num_steps == res.target_calls
+    assert all(s.author == "target" for s in res.steps)
+    assert b.calls["prm"] == 0 and b.calls["router"] == 0
+
+
+@pytest.mark.parametrize("tau, escalates", [(1.0, False), (0.0, True)])
+def test_router_threshold_extremes(make_backend, settings, problems, tau, escalates):
+    b = CountingBackend(make_backend())
+    res = _run(b, make_policy("router", tau), settings, problems[1])
+    assert b.calls["router"] == res.num_steps == b.calls["draft"]
+    assert all(s.escalated == escalates for s in res.steps)
+    assert b.calls["target"] == (res.num_steps if escalates else 0)
+    assert all(s.router_prob is not None and 0.0 <= s.router_prob <= 1.0 for s in res.steps)
+    if escalates:  # both steps scored for the wasted-escalation metric
+        assert all(s.wasted == (s.prm_target <= s.prm_draft) for s in res.steps)
+
+
+def test_router_without_escalation_scoring_skips_prm(make_backend, settings, problems):
+    from dataclasses import replace
+
+    b = CountingBackend(make_backend())
+    res = _run(b, make_policy("router", 0.0), replace(settings, score_escalations=False), problems[1])
+    assert b.calls["prm"] == 0 and all(s.wasted is None for s in res.steps)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0])
+def test_rsd_uses_prm_of_draft(make_backend, settings, problems, tau):
+    b = CountingBackend(make_backend())
+    res = _run(b, make_policy("rsd", tau), settings, problems[2])
+    for s in res.steps:
+        assert s.prm_draft is not None
+        assert s.escalated == (s.prm_draft < tau)
+        assert s.author == ("target" if s.escalated else "draft")
+    esc = res.escalations
+    assert b.calls["target"] == esc
+    # PRM on every draft step, plus the target step of every escalation.
+    assert b.calls["prm"] == res.num_steps + esc
+    if tau == 0.0:
+        assert esc == 0
+    if tau == 1.0:
+        assert esc == res.num_steps
+
+
+@pytest.mark.parametrize("tau", [0.0, 1.0])
+def test_oracle_scores_both_and_uses_the_difference(make_backend, settings, problems, tau):
+    b = CountingBackend(make_backend())
+    res = _run(b, make_policy("oracle", tau), settings, problems[3])
+    assert b.calls["draft"] == b.calls["target"] == res.num_steps
+    assert b.calls["prm"] == 2 * res.num_steps
+    for s in res.steps:
+        assert s.escalated == (s.prm_target - s.prm_draft > tau)
+    if tau == 1.0:
+        assert res.escalations == 0
+
+
+def test_fixed_rate_is_seeded_and_near_rate():
+    pol = make_policy("fixed_rate", 0.2, seed=7)
+    decisions = [pol.escalate(StepContext(problem_id=f"c{i}", step_index=j)) for i in range(50) for j in range(20)]
+    again = [pol.escalate(StepContext(problem_id=f"c{i}", step_index=j)) for i in range(50) for j in range(20)]
+    assert decisions == again
+    assert 0.15 < sum(decisions) / len(decisions) < 0.25
+
+
+def test_policy_registry_and_errors():
+    assert set(POLICIES) == {"draft_only", "target_only", "rsd", "oracle", "router", "fixed_rate"}
+    with pytest.raises(ValueError, match="unknown policy 'nope'"):
+        make_policy("nope")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        make_policy("rsd", 1.5)
+
+
+def test_stops_max_steps_and_tokens(make_backend, settings, problems):
+    from dataclasses import replace
+
+    res = _run(make_backend(), make_policy("draft_only"), replace(settings, max_steps=2, max_step_tokens=4), problems[0])
+    assert res.num_steps <= 2
+    res = _run(make_backend(), make_policy("draft_only"),
+               replace(settings, max_steps=50, max_step_tokens=8, max_total_tokens=20), problems[0])
+    assert sum(s.num_tokens for s in res.steps) <= 20
+    assert res.stop_reason in ("max_tokens", "eos", "answer")
+
+
+def test_forced_step_tokens(make_backend, settings, problems):
+    from dataclasses import replace
+
+    s = replace(settings, forced_step_tokens=5, max_step_tokens=64, max_steps=3, max_total_tokens=1000)
+    res = _run(make_backend(), make_policy("fixed_rate", 0.5), s, problems[0])
+    assert res.num_steps == 3 and all(st.num_tokens == 5 for st in res.steps)
+
+
+def test_answer_stops_chain_and_is_graded():
+    """A scripted backend: the second step holds the boxed answer."""
+
+    class Scripted:
+        def __init__(self):
+            self.n = 0
+
+        async def draft_step(self, req):
+            self.n += 1
+            text = "Add them: 2 + 2 = 4." if self.n == 1 else "So the answer is \\boxed{4}."
+            return StepOutput(text=text, num_tokens=5, logprobs=[-0.1] * 5, stop_reason="separator")
+
+    res = asyncio.run(run_chain(ChainInput("x", "2+2?", "4"), Scripted(), make_policy("draft_only"),
+                                LoopSettings(max_steps=10)))
+    assert res.stop_reason == "answer" and res.num_steps == 2
+    assert res.answer == "4" and res.correct is True
+    assert res.final_text == "Add them: 2 + 2 = 4.\n\nSo the answer is \\boxed{4}."
+
+
+def test_concurrent_chains_batch_and_match_alone(make_backend, settings, problems):
+    backend = make_backend()
+    pol = make_policy("router", 0.5)
+    many = [ChainInput(f"q{i}", f"Compute {i} * 3 then add {i}.", None) for i in range(8)]
+    together = asyncio.run(run_chains(many, backend, pol, settings, max_concurrent=8))
+    assert max(backend.stats()["draft"]["batch_sizes"]) > 1
+    for item, res in zip(many, together):
+        alone = asyncio.run(run_chain(item, make_backend(), pol, settings))
+        assert [(s.text, s.author) for s in res.steps] == [(s.text, s.author) for s in alone.steps]
+
+
+def test_timeout_and_error_are_recorded(make_backend, settings, problems):
+    class Broken:
+        async def draft_step(self, req):
+            raise RuntimeError("boom")
+
+    res = asyncio.run(run_chains(problems[:2], Broken(), make_policy("draft_only"), settings))
+    assert all(r.stop_reason == "error" and "boom" in r.error for r in res)
+
+    class Slow:
+        async def draft_step(self, req):
+            await asyncio.sleep(10)
+
+    res = asyncio.run(run_chains(problems[:1], Slow(), make_policy("draft_only"), settings, timeout_s=0.1))
+    assert res[0].stop_reason == "timeout"
