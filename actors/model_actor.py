@@ -163,9 +163,9 @@ def make_model_actor(role: str, cfg: ArbitrageConfig | dict, name: str | None = 
         raise ValueError(f"unknown role {role!r}; expected one of {', '.join(MODEL_ROLES)}")
     replicas = getattr(cfg.runtime, role).replicas
     data = cfg.model_dump()
+    remote_cls = ray.remote(ModelActor)
     handles = []
     for i in range(replicas):
         actor_name = None if name is None else (name if replicas == 1 else f"{name}-{i}")
-        cls = ray.remote(ModelActor).options(**actor_options(role, cfg, actor_name))
-        handles.append(cls.remote(role, data))
+        handles.append(remote_cls.options(**actor_options(role, cfg, actor_name)).remote(role, data))
     return handles
