@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +71,7 @@ class _Row:
 class StepEngine:
     """Generates one step for each request of a batch with a causal LM."""
 
-    def __init__(self, model, tokenizer, max_context: int = 4096):
+    def __init__(self, model, tokenizer, max_context: int = 4096, kv_cache_tokens: int = 65536):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_context = max_context
@@ -79,6 +80,9 @@ class StepEngine:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else next(iter(self.eos), 0)
         self.forward_calls = 0  # forward passes (prefill + decode), for tests and metrics
+        self.prefill_tokens = 0  # prompt tokens computed
+        self.reused_tokens = 0  # prompt tokens served from a chain's cached KV
+        self.prefix_cache = PrefixCache(kv_cache_tokens)
         self._lock = threading.Lock()  # one batch at a time per engine
         # transformers >= 5.2x names the KV cache argument `cache`; older 5.x `past_key_values`.
         params = inspect.signature(type(model).forward).parameters
@@ -96,27 +100,43 @@ class StepEngine:
         if not requests:
             return []
         prompts = [render_prompt(self.tokenizer, r) for r in requests]
+        keys = _unique_keys([r.chain_id for r in requests])
         with self._lock, torch.inference_mode():
-            return self._generate(prompts, [r.params for r in requests])
+            return self._generate(prompts, [r.params for r in requests], keys)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # ---- the decode ladder --------------------------------------------------------
-    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        enc = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        lens = [len(e) for e in enc]
-        for n in lens:
-            if n >= self.max_context:
-                raise ValueError(f"prompt has {n} tokens; max_context is {self.max_context}")
-        width = max(lens)
-        # input_ids, mask: [B, T], left padded
-        ids = torch.full((len(enc), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(enc), width), dtype=torch.long)
-        for i, e in enumerate(enc):
-            ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
-            mask[i, width - len(e):] = 1
-        return ids.to(self.device), mask.to(self.device), lens
+    def _prefill_inputs(self, enc: list[list[int]], past: list["_Past"]):
+        """Batch the uncached tail of each prompt behind its cached KV.
+
+        Row i of the batched cache is laid out [pad | past_i | pad | delta_i]: the cached
+        prefix left-padded to the longest one, then the new tokens left-padded to the
+        longest delta. Padding is masked; position ids are explicit, so rows are exact.
+        """
+        from transformers import DynamicCache
+
+        B = len(enc)
+        p_len = [p.length for p in past]
+        deltas = [e[n:] for e, n in zip(enc, p_len)]
+        P, D = max(p_len), max(len(d) for d in deltas)
+        ids = torch.full((B, D), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, P + D), dtype=torch.long)
+        pos = torch.zeros((B, D), dtype=torch.long)
+        for i, (d, n) in enumerate(zip(deltas, p_len)):
+            ids[i, D - len(d):] = torch.tensor(d, dtype=torch.long)
+            mask[i, P - n:P] = 1
+            mask[i, P + D - len(d):] = 1
+            pos[i, D - len(d):] = torch.arange(n, n + len(d))
+        cache = DynamicCache()
+        if P > 0:
+            for layer in range(len(next(p for p in past if p.length).kv)):
+                k = torch.cat([_left_pad(p.kv[layer][0] if p.length else None, P, past) for p in past])
+                v = torch.cat([_left_pad(p.kv[layer][1] if p.length else None, P, past) for p in past])
+                cache.update(k, v, layer)  # [B, H, P, Dh]
+        dev = self.device
+        return ids.to(dev), mask.to(dev), pos.to(dev), cache
 
     def _forward(self, ids, mask, pos, cache) -> torch.Tensor:
         self.forward_calls += 1
@@ -124,25 +144,45 @@ class StepEngine:
                          use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
         return out.logits[:, -1, :].float()  # [B, V]
 
-    def _generate(self, prompts: list[str], params: list[SamplingParams]) -> list[StepOutput]:
-        from transformers import DynamicCache
-
-        ids, mask, prompt_lens = self._encode(prompts)
+    def _generate(self, prompts: list[str], params: list[SamplingParams],
+                  keys: list[str | None]) -> list[StepOutput]:
+        enc = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        for e in enc:
+            if len(e) >= self.max_context:
+                raise ValueError(f"prompt has {len(e)} tokens; max_context is {self.max_context}")
+        past = [self.prefix_cache.take(k, e) for k, e in zip(keys, enc)]
+        self.prefill_tokens += sum(len(e) - p.length for e, p in zip(enc, past))
+        self.reused_tokens += sum(p.length for p in past)
         rows = [_Row(p, _row_generator(p, prompt), [], [], []) for p, prompt in zip(params, prompts)]
         budget = min(max(p.forced_tokens or p.max_tokens for p in params),
-                     self.max_context - max(prompt_lens))
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
-        cache = DynamicCache()
+                     self.max_context - max(len(e) for e in enc))
+        ids, mask, pos, cache = self._prefill_inputs(enc, past)
         logits = self._forward(ids, mask, pos, cache)  # prefill
         pos = pos[:, -1:]
+        fed = [0] * len(rows)  # generated tokens whose KV is in the cache, per row
         for _ in range(max(budget, 1)):
             next_ids = self._sample_and_record(logits, rows)  # [B]
             if all(r.done for r in rows):
                 break
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
+            live = [0 if r.done else 1 for r in rows]  # finished rows feed masked padding
+            fed = [f + a for f, a in zip(fed, live)]
+            mask = torch.cat([mask, torch.tensor(live, device=mask.device)[:, None]], dim=-1)
             pos = pos + 1
             logits = self._forward(next_ids[:, None], mask, pos, cache)
-        return [self._output(r, n) for r, n in zip(rows, prompt_lens)]
+        self._store(keys, enc, rows, fed, mask, cache)
+        return [self._output(r, len(e)) for r, e in zip(rows, enc)]
+
+    def _store(self, keys, enc, rows, fed, mask, cache) -> None:
+        """Keep each chain's KV (prompt + fed step tokens) for its next step."""
+        if not self.prefix_cache.capacity:
+            return
+        for i, key in enumerate(keys):
+            if key is None:
+                continue
+            valid = mask[i].bool()  # [T]: this row's real positions in the batched cache
+            kv = [(layer.keys[i:i + 1, :, valid].clone(), layer.values[i:i + 1, :, valid].clone())
+                  for layer in cache.layers]
+            self.prefix_cache.put(key, enc[i] + rows[i].ids[:fed[i]], kv)
 
     def _sample_and_record(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         logp_raw = torch.log_softmax(logits, dim=-1)  # [B, V]
@@ -186,6 +226,74 @@ class StepEngine:
             r.text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
         return StepOutput(text=r.text.strip(), num_tokens=len(r.ids), logprobs=r.logprobs,
                           stop_reason=r.stop_reason, entropies=r.entropies, prompt_tokens=prompt_tokens)
+
+
+@dataclass
+class _Past:
+    """A chain's cached KV: `length` prompt tokens, per layer (keys, values) [1, H, length, Dh]."""
+
+    length: int = 0
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+class PrefixCache:
+    """Per-chain KV kept between steps, bounded in tokens with LRU eviction.
+
+    `take` pops a chain's entry and crops it to the longest common token prefix with the
+    new prompt, so an escalation (the target's step replacing the draft's) rolls the
+    draft back to the shared prefix and only the accepted text is prefilled.
+    """
+
+    def __init__(self, capacity_tokens: int = 65536):
+        self.capacity = capacity_tokens
+        self._entries: OrderedDict[str, tuple[list[int], list]] = OrderedDict()
+        self._tokens = 0
+
+    def take(self, key: str | None, ids: list[int]) -> _Past:
+        if key is None or key not in self._entries:
+            return _Past()
+        cached_ids, kv = self._entries.pop(key)
+        self._tokens -= len(cached_ids)
+        n = 0
+        limit = min(len(cached_ids), len(ids) - 1)  # keep >= 1 new token to get logits from
+        while n < limit and cached_ids[n] == ids[n]:
+            n += 1
+        if n == 0:
+            return _Past()
+        return _Past(n, [(k[:, :, :n], v[:, :, :n]) for k, v in kv])
+
+    def put(self, key: str, ids: list[int], kv: list) -> None:
+        if len(ids) > self.capacity:
+            return
+        self._entries[key] = (ids, kv)
+        self._tokens += len(ids)
+        while self._tokens > self.capacity:
+            _, (old_ids, _) = self._entries.popitem(last=False)
+            self._tokens -= len(old_ids)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _left_pad(t: torch.Tensor | None, width: int, past: list[_Past]) -> torch.Tensor:
+    """[1, H, n, Dh] -> [1, H, width, Dh], zeros on the left (masked out)."""
+    if t is None:
+        ref = next(p for p in past if p.length).kv[0][0]
+        return ref.new_zeros((1, ref.shape[1], width, ref.shape[3]))
+    if t.shape[2] == width:
+        return t
+    return torch.cat([t.new_zeros((1, t.shape[1], width - t.shape[2], t.shape[3])), t], dim=2)
+
+
+def _unique_keys(keys: list[str | None]) -> list[str | None]:
+    """A chain appears once per batch; a duplicate key runs uncached."""
+    seen: set[str] = set()
+    out = []
+    for k in keys:
+        out.append(k if k is not None and k not in seen else None)
+        if k is not None:
+            seen.add(k)
+    return out
 
 
 def _row_generator(params: SamplingParams, prompt: str) -> torch.Generator | None:

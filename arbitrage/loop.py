@@ -117,7 +117,8 @@ async def _decide_step(item: ChainInput, steps: list[TraceStep], max_tokens: int
                             top_p=s.top_p, seed=s.seed + len(steps), forced_tokens=s.forced_step_tokens)
     texts = tuple(st.text for st in steps)
     req = StepRequest(problem=item.problem, steps=texts, system=s.system_prompt,
-                      chat=s.use_chat_template, params=params)
+                      chat=s.use_chat_template, params=params,
+                      chain_id=f"{item.id}#{policy.name}:{policy.threshold}")
     ctx = StepContext(problem_id=item.id, step_index=len(steps))
 
     async def target() -> StepOutput:

@@ -75,16 +75,10 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 
 
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """Config strings -> (torch.device, torch.dtype); auto = cuda + bfloat16 if present, else cpu + float32."""
-    try:  # the shared resolver, once arbitrage.models exists
-        from arbitrage.models import resolve_device, resolve_dtype
-    except ImportError:
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))
-        if dtype == "auto":
-            return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-        return dev, getattr(torch, dtype)
-    dev = torch.device(resolve_device(device))
+    """Config strings -> (torch.device, torch.dtype), as `arbitrage.models` resolves them."""
+    from arbitrage.models import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
     return dev, resolve_dtype(dtype, dev)
 
 
@@ -450,14 +444,23 @@ class JudgePRM(PRM):
 
 
 def model_folder(source) -> Path:
-    """The local folder of a `ModelSource` of kind local or hub (hub: from the HF cache or a download)."""
-    if source.kind == "local":
-        return Path(source.name)
-    if source.kind == "hub":
-        from huggingface_hub import snapshot_download
+    """The local folder of a `ModelSource` (hub: a snapshot from the HF cache, or downloaded).
 
+    Raises:
+        ModelNotFoundError: the folder or repo cannot be found.
+    """
+    from arbitrage.models import ModelNotFoundError, model_location
+
+    if source.kind != "hub":
+        return Path(model_location(source))
+    from huggingface_hub import snapshot_download
+
+    try:
         return Path(snapshot_download(source.name, revision=source.revision))
-    raise ValueError(f"PRM weights of kind {source.kind!r} are not supported; use local, hub or random")
+    except Exception as e:  # offline, missing repo, no cache: one line for the user
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ModelNotFoundError(f"cannot fetch {source.name!r} (hub unreachable or no such repo): "
+                                 f"{first}") from e
 
 
 def build_prm(cfg, target_engine=None) -> PRM:
@@ -481,22 +484,19 @@ def build_prm(cfg, target_engine=None) -> PRM:
         model, tokenizer = load_causal_lm(cfg)
         return JudgePRM(model, tokenizer, max_length=cfg.max_context)
 
+    from arbitrage.models import load_tokenizer
+
     cls = {"skywork": SkyworkPRMModel, "qwen_prm": QwenPRMModel}[cfg.kind]
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
     if cfg.source.kind == "random":
-        from arbitrage.tiny import byte_tokenizer, shape_config
+        from arbitrage.tiny import shape_config
 
-        config = shape_config(cfg.source.name)
         torch.manual_seed(cfg.seed)
-        model = cls(config).to(device=device).eval()
+        model = cls(shape_config(cfg.source.name)).to(device=device).eval()
         model.model.to(dtype)
-        tokenizer = byte_tokenizer(config.vocab_size)
     else:
-        from transformers import AutoTokenizer
-
-        folder = model_folder(cfg.source)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.source.tokenizer or folder)
-        model = load_prm_model(cfg.kind, folder, dtype=dtype, device=device)
+        model = load_prm_model(cfg.kind, model_folder(cfg.source), dtype=dtype, device=device)
+    tokenizer = load_tokenizer(cfg.source)
     if cfg.kind == "skywork":
         return SkyworkPRM(model, tokenizer, max_length=cfg.max_context)
     return QwenMathPRM(model, tokenizer, max_length=cfg.max_context)

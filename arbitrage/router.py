@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from arbitrage.prm import left_pad, model_folder, resolve_device_dtype
+from arbitrage.prm import left_pad, resolve_device_dtype
 from arbitrage.types import AUTHOR_ID
 
 
@@ -162,5 +162,7 @@ def build_router(cfg) -> Router:
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_config(config)
         return ClassifierRouter(model.to(device), byte_tokenizer(config.vocab_size), cfg.max_length)
-    return ClassifierRouter.from_pretrained(model_folder(cfg.source), device=device,
+    from arbitrage.models import model_location
+
+    return ClassifierRouter.from_pretrained(model_location(cfg.source), device=device,
                                             max_length=cfg.max_length, tokenizer=cfg.source.tokenizer)

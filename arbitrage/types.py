@@ -39,6 +39,7 @@ class StepRequest:
     system: str | None = None
     chat: bool = True
     params: SamplingParams = SamplingParams()
+    chain_id: str | None = None  # engines keep this chain's KV between steps
 
 
 @dataclass

@@ -98,3 +98,34 @@ def test_features_for_probe(draft_engine):
     f = out.features
     assert set(f) >= {"lp_mean", "lp_min", "lp_last", "ent_mean", "num_tokens"}
     assert f["lp_min"] <= f["lp_mean"] <= 0 and f["num_tokens"] == out.num_tokens
+
+
+def test_kv_reuse_equals_recomputation(tokenizer):
+    model = random_causal_lm("tiny-llama-wide", seed=2)
+    cached, fresh = StepEngine(model, tokenizer), StepEngine(model, tokenizer, kv_cache_tokens=0)
+    chains = {f"c{i}": [] for i in range(3)}
+    for step in range(3):
+        reqs = [StepRequest(problem=f"Problem {k} " * (i + 1), steps=tuple(s), system="sys",
+                            params=SamplingParams(max_tokens=10), chain_id=k)
+                for i, (k, s) in enumerate(chains.items())]
+        a, b = cached.generate_steps(reqs), fresh.generate_steps(reqs)
+        for (k, s), x, y in zip(chains.items(), a, b):
+            assert (x.text, x.num_tokens) == (y.text, y.num_tokens)
+            assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < 1e-4
+            # Chain c1 takes a different ("target") step: the cache rolls back to the prefix.
+            s.append(x.text if k != "c1" else f"replaced step {step}")
+    assert cached.reused_tokens > 0 and fresh.reused_tokens == 0
+    assert cached.prefill_tokens < fresh.prefill_tokens
+
+
+def test_prefix_cache_is_bounded(tokenizer):
+    from arbitrage.engine import PrefixCache
+
+    c = PrefixCache(capacity_tokens=10)
+    kv = [(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))]
+    c.put("a", [1, 2, 3, 4], kv)
+    c.put("b", [1, 2, 3, 4], kv)
+    c.put("c", [1, 2, 3, 4], kv)  # evicts "a"
+    assert len(c) == 2 and c.take("a", [1, 2, 3, 4, 5]).length == 0
+    past = c.take("b", [1, 2, 9, 9])
+    assert past.length == 2 and past.kv[0][0].shape[2] == 2

@@ -1,0 +1,253 @@
+"""Bring-up of the distributed runtime from one config: Ray, model actors, coordinators.
+
+`Runtime(cfg).start()` joins the Ray cluster at `runtime.address` (or starts a local Ray
+with `runtime.num_cpus` CPUs; an already initialised Ray is reused), creates the actors
+of every configured role (draft, target, prm, router) with the resources and placement
+of `runtime.<role>`, waits until each answers `health()` (a role that fails to load
+raises an error naming it), then creates `runtime.coordinators` Coordinator actors.
+`run()` spreads problems over the coordinators and hands each result to a callback as it
+finishes. `shutdown()` kills what `start()` created. Use it as a context manager:
+
+    with Runtime(load_config("configs/tiny.yaml")) as rt:
+        rows = rt.run(problems, policy="router", threshold=0.5)
+        print(summarize(rows))          # arbitrage.metrics.summarize
+
+Placement: the target is one ModelActor when `runtime.target.tensor_parallel == 1`, else
+an `actors.target_group.TargetGroup` (N rank actors in one placement group). A judge
+PRM with `reuse_target` is served by the target actor itself (no second copy of the
+weights); with a tensor-parallel target that cannot score, a separate PRM actor loads
+the judge from `models.prm.source`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import ray
+
+from actors.backend import RayBackend, call_handle_sync
+from actors.coordinator import make_coordinator
+from actors.model_actor import as_config, make_model_actor, prm_on_target
+from arbitrage.runner import as_input
+from configs.schema import ArbitrageConfig, load_config
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class RuntimeStartError(RuntimeError):
+    """A role's actors did not come up; the message names the role and the cause."""
+
+
+def configured_roles(cfg: ArbitrageConfig) -> tuple[str, ...]:
+    """The roles this config has models for (draft and target always)."""
+    m = cfg.models
+    return ("draft", "target") + (("prm",) if m.prm else ()) + (("router",) if m.router else ())
+
+
+def _first_line(err: BaseException) -> str:
+    """The most specific line of a (possibly remote) error: the last 'Type: message' line."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        head = ln.split(":", 1)[0]
+        if ":" in ln and head.replace(".", "").isidentifier() and head.split(".")[-1][:1].isupper():
+            return ln
+    return lines[-1] if lines else type(err).__name__
+
+
+class Runtime:
+    """The Ray actors of one config, the coordinators that drive them, and their teardown."""
+
+    def __init__(self, cfg: ArbitrageConfig | dict | str | Path, ready_timeout_s: float = 600.0):
+        self.cfg = load_config(cfg) if isinstance(cfg, (str, Path)) else as_config(cfg)
+        self.ready_timeout_s = ready_timeout_s
+        self.handles: dict[str, list] = {}
+        self.coordinators: list = []
+        self._owned: list[tuple[str, Any]] = []  # (role, actor handle) created here
+        self._group = None  # TargetGroup when tensor_parallel > 1
+        self._owns_ray = False
+        self._started = False
+
+    # ---- bring-up -----------------------------------------------------------------------
+    def start(self) -> "Runtime":
+        """Connect or start Ray, create every role's actors, wait until ready, create coordinators."""
+        if self._started:
+            return self
+        self._init_ray()
+        try:
+            self._create_model_actors()
+            self._wait_ready()
+            self._create_coordinators()
+        except BaseException:
+            self.shutdown()
+            raise
+        self._started = True
+        return self
+
+    def _init_ray(self) -> None:
+        if ray.is_initialized():
+            return
+        rt = self.cfg.runtime
+        if rt.address is not None:
+            ray.init(address=rt.address)
+        else:  # workers import the project from its root when it is not pip-installed
+            ray.init(num_cpus=rt.num_cpus, include_dashboard=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}})
+        self._owns_ray = True
+
+    def _create_model_actors(self) -> None:
+        roles = configured_roles(self.cfg)
+        tp = self.cfg.runtime.target.tensor_parallel
+        for role in roles:
+            if role == "target" and tp > 1:
+                self._create_target_group()
+            elif role == "prm" and self._prm_rides_on_target():
+                self.handles["prm"] = list(self.handles["target"])
+            else:
+                hs = make_model_actor(role, self.cfg, name=None)
+                self.handles[role] = hs
+                self._owned += [(role, h) for h in hs]
+
+    def _prm_rides_on_target(self) -> bool:
+        if not prm_on_target(self.cfg):
+            return False
+        return self._group is None or callable(getattr(self._group, "score", None))
+
+    def _create_target_group(self) -> None:
+        from actors.target_group import TargetGroup  # lazy: DeepSpeed / torch.distributed
+
+        try:
+            self._group = TargetGroup.create(self.cfg)
+        except Exception as e:
+            raise RuntimeStartError(f"target tensor-parallel group failed to start: {_first_line(e)}") from e
+        self.handles["target"] = [self._group]
+
+    def _wait_ready(self) -> None:
+        """Wait for every actor's health(); raise naming the role that failed or timed out."""
+        refs = {h.health.remote(): role for role, h in self._owned}
+        deadline = time.monotonic() + self.ready_timeout_s
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                late = sorted(set(refs.values()))
+                raise RuntimeStartError(
+                    f"{', '.join(late)} actor(s) not ready after {self.ready_timeout_s:.0f}s; check that the "
+                    f"cluster has nodes with runtime.<role> resources ({self._asks(late)})")
+            role = refs.pop(ready[0])
+            try:
+                ray.get(ready[0])
+            except Exception as e:
+                raise RuntimeStartError(f"{role} actor failed to start: {_first_line(e)}") from e
+        if self._group is not None:
+            try:
+                call_handle_sync(self._group, "health")
+            except Exception as e:
+                raise RuntimeStartError(f"target tensor-parallel group is not healthy: {_first_line(e)}") from e
+
+    def _asks(self, roles: list[str]) -> str:
+        parts = []
+        for r in roles:
+            a = getattr(self.cfg.runtime, r)
+            parts.append(f"{r}: num_cpus={a.num_cpus}, num_gpus={a.num_gpus}, resources={a.resources}")
+        return "; ".join(parts)
+
+    def _create_coordinators(self) -> None:
+        self.coordinators = [make_coordinator(self.cfg, self.handles)
+                             for _ in range(self.cfg.runtime.coordinators)]
+        try:
+            ray.get([c.health.remote() for c in self.coordinators], timeout=self.ready_timeout_s)
+        except Exception as e:
+            raise RuntimeStartError(f"coordinator failed to start: {_first_line(e)}") from e
+
+    # ---- running ------------------------------------------------------------------------
+    def run(self, items: Iterable, policy: str | None = None, threshold: float | None = None,
+            on_result: Callable[[dict], None] | None = None) -> list[dict]:
+        """Solve problems on the coordinators (round-robin), streaming results back.
+
+        Args:
+            items: dicts with id/problem/answer, ChainInputs or data.Problems.
+            policy, threshold: override the config's policy.
+            on_result: called in this process with each result dict as soon as it finishes.
+        Returns:
+            `ChainResult.to_dict()` rows in input order.
+        """
+        self._require_started()
+        inputs = [as_input(i) for i in items]
+        n = len(self.coordinators)
+        pending: dict[int, tuple[Any, list[int]]] = {}
+        for k, coord in enumerate(self.coordinators):
+            idxs = list(range(k, len(inputs), n))
+            if idxs:
+                gen = coord.stream.remote([inputs[i] for i in idxs], policy, threshold)
+                pending[id(gen)] = (gen, idxs)
+        results: list[dict | None] = [None] * len(inputs)
+        while pending:
+            ready, _ = ray.wait([g for g, _ in pending.values()], num_returns=1)
+            gen, idxs = pending.pop(id(ready[0]))
+            try:
+                ref = next(gen)
+            except StopIteration:
+                continue
+            local_i, row = ray.get(ref)
+            results[idxs[local_i]] = row
+            if on_result is not None:
+                on_result(row)
+            pending[id(gen)] = (gen, idxs)
+        return results  # type: ignore[return-value]
+
+    def cancel(self, chain_id: str) -> int:
+        """Cancel in-flight chains with this id on every coordinator; returns how many."""
+        self._require_started()
+        return sum(ray.get([c.cancel.remote(chain_id) for c in self.coordinators]))
+
+    # ---- introspection and teardown -----------------------------------------------------
+    def health(self) -> dict[str, list[dict]]:
+        """`health()` of every actor, by role, plus the coordinators."""
+        self._require_started()
+        out: dict[str, list[dict]] = {}
+        for role, hs in self.handles.items():
+            out[role] = [call_handle_sync(h, "health") for h in hs]
+        out["coordinators"] = ray.get([c.health.remote() for c in self.coordinators])
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Per-role batch histograms (summed over replicas) and each coordinator's chain counts."""
+        self._require_started()
+        coords = ray.get([c.stats.remote() for c in self.coordinators])
+        return {"roles": RayBackend(self.handles).stats(),
+                "coordinators": [{k: v for k, v in c.items() if k != "roles"} for c in coords]}
+
+    def shutdown(self) -> None:
+        """Kill the actors created here; shut Ray down only if this runtime started it."""
+        for h in self.coordinators:
+            _kill(h)
+        for _, h in self._owned:
+            _kill(h)
+        if self._group is not None:
+            try:
+                call_handle_sync(self._group, "shutdown")
+            except Exception:  # best effort: its ranks may already be gone
+                pass
+        self.coordinators, self._owned, self.handles, self._group = [], [], {}, None
+        self._started = False
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+        self._owns_ray = False
+
+    def _require_started(self) -> None:
+        if not self._started:
+            raise RuntimeError("the runtime is not started; call Runtime.start() or use `with Runtime(cfg) as rt:`")
+
+    def __enter__(self) -> "Runtime":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _kill(handle) -> None:
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception:  # already dead
+        pass

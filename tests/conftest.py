@@ -1,0 +1,41 @@
+"""Shared fixtures: the tiny config factory and a local Ray for the actor / cluster tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RAY_NUM_CPUS = 4
+
+
+def start_local_ray(num_cpus: int = RAY_NUM_CPUS) -> None:
+    """A local Ray whose workers import the project from the repo root."""
+    import ray
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+
+
+@pytest.fixture
+def tiny_config():
+    """Factory: configs/tiny.yaml with dotted overrides, e.g. tiny_config(**{"policy.name": "rsd"})."""
+    from configs.schema import load_config
+
+    def make(**overrides):
+        return load_config(REPO_ROOT / "configs" / "tiny.yaml", **overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray for the whole session (tests that need another cluster restore it after)."""
+    import ray
+
+    if not ray.is_initialized():
+        start_local_ray()
+    yield ray
+    if ray.is_initialized():
+        ray.shutdown()
