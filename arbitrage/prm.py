@@ -192,6 +192,7 @@ class _HeadModel(nn.Module):
         hf_logging.set_verbosity_error()  # the head and lm_head keys are "unexpected" for the backbone
         try:
             backbone = AutoModel.from_pretrained(folder, dtype=dtype or torch.float32,
+                                                 device_map=str(torch.device(device)),
                                                  trust_remote_code=False)
         finally:
             hf_logging.set_verbosity(verbosity)

@@ -59,6 +59,10 @@ class ModelConfig(_Base):
         default=4096, ge=16, le=1_048_576, description="Longest prompt + step, in tokens."
     )
     seed: int = Field(default=0, description="Seed for random-weight initialisation.")
+    kv_cache_tokens: int = Field(
+        default=65536, ge=0,
+        description="Tokens of per-chain KV kept between steps (LRU); 0 disables reuse.",
+    )
 
 
 class PRMConfig(ModelConfig):

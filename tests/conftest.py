@@ -39,3 +39,24 @@ def ray_local():
     yield ray
     if ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_runtime(ray_local):
+    """The tiny config's actors (draft, target + judge PRM, router) and one coordinator."""
+    from cluster.runtime import Runtime
+    from configs.schema import load_config
+
+    rt = Runtime(load_config(REPO_ROOT / "configs" / "tiny.yaml")).start()
+    yield rt
+    rt.shutdown()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "own_ray_cluster: replaces the session Ray with its own cluster "
+                                       "(runs last, then restores a local Ray)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that tear down the session Ray run after every other test."""
+    items.sort(key=lambda item: item.get_closest_marker("own_ray_cluster") is not None)
