@@ -59,7 +59,7 @@ def load_problems(cfg: DataConfig) -> list[Problem]:
         DataError: unknown dataset or split, missing or empty file, malformed JSON line,
             or a row without a problem or answer.
     """
-    if cfg.dataset.endswith(".jsonl") or Path(cfg.dataset).suffix == ".jsonl":
+    if cfg.dataset.endswith(".jsonl"):
         path = Path(cfg.dataset)
         return _read(path, _generic_row(path.stem), cfg.limit)
     if cfg.dataset not in DATASETS:

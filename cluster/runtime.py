@@ -130,10 +130,11 @@ class Runtime:
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                late = sorted(set(refs.values()))
+                late = sorted(set(refs.values()), key=lambda r: not self._unplaceable(r))
                 raise RuntimeStartError(
-                    f"{', '.join(late)} actor(s) not ready after {self.ready_timeout_s:.0f}s; check that the "
-                    f"cluster has nodes with runtime.<role> resources ({self._asks(late)})")
+                    f"actors not ready after {self.ready_timeout_s:.0f}s: "
+                    + ", ".join(f"{r} ({self._why_late(r)})" for r in late)
+                    + "; check runtime.<role> resources against the cluster's node types, or wait longer")
             role = refs.pop(ready[0])
             try:
                 ray.get(ready[0])
@@ -145,12 +146,24 @@ class Runtime:
             except Exception as e:
                 raise RuntimeStartError(f"target tensor-parallel group is not healthy: {_first_line(e)}") from e
 
-    def _asks(self, roles: list[str]) -> str:
-        parts = []
-        for r in roles:
-            a = getattr(self.cfg.runtime, r)
-            parts.append(f"{r}: num_cpus={a.num_cpus}, num_gpus={a.num_gpus}, resources={a.resources}")
-        return "; ".join(parts)
+    def _asks(self, role: str) -> dict[str, float]:
+        a = getattr(self.cfg.runtime, role)
+        asks = {"CPU": a.num_cpus, "GPU": a.num_gpus, **a.resources}
+        return {k: v for k, v in asks.items() if v > 0}
+
+    def _unplaceable(self, role: str) -> bool:
+        """No live node can host one actor of this role right now (an autoscaler may add one)."""
+        asks = self._asks(role)
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        return not any(all(res.get(k, 0) >= v for k, v in asks.items()) for res in nodes)
+
+    def _why_late(self, role: str) -> str:
+        if not self._unplaceable(role):
+            return "still loading"
+        offered = {k for n in ray.nodes() if n.get("Alive") for k in n["Resources"]}
+        missing = sorted(set(self._asks(role)) - offered)
+        where = f"no node offers {', '.join(missing)}" if missing else "no single node has enough free"
+        return f"{where}; asks {self._asks(role)}"
 
     def _create_coordinators(self) -> None:
         self.coordinators = [make_coordinator(self.cfg, self.handles)

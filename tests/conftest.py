@@ -52,6 +52,20 @@ def tiny_runtime(ray_local):
     rt.shutdown()
 
 
+@pytest.fixture
+def without_session_ray():
+    """Shut the session Ray down for a test that builds its own cluster; restore it afterwards."""
+    import ray
+
+    was_up = ray.is_initialized()
+    ray.shutdown()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+    if was_up:
+        start_local_ray()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "own_ray_cluster: replaces the session Ray with its own cluster "
                                        "(runs last, then restores a local Ray)")

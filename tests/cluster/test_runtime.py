@@ -1,0 +1,60 @@
+"""Runtime bring-up: start, health, run with streaming callbacks, and clear failures."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from arbitrage.metrics import summarize
+
+
+def test_health_lists_every_role(tiny_runtime):
+    h = tiny_runtime.health()
+    assert set(h) == {"draft", "target", "prm", "router", "coordinators"}
+    assert all(a["ready"] for hs in h.values() for a in hs)
+    assert h["prm"][0]["pid"] == h["target"][0]["pid"]  # judge reuses the target's weights
+    assert h["coordinators"][0]["roles"] == ["draft", "prm", "router", "target"]
+
+
+def test_run_streams_results_in_input_order(tiny_runtime):
+    items = [{"id": f"r{i}", "problem": f"What is {i} times 3?", "answer": str(3 * i)} for i in range(5)]
+    seen = []
+    rows = tiny_runtime.run(items, policy="router", threshold=0.45, on_result=lambda r: seen.append(r["problem_id"]))
+    assert [r["problem_id"] for r in rows] == [it["id"] for it in items]
+    assert sorted(seen) == sorted(it["id"] for it in items)
+    m = summarize(rows)
+    assert m["problems"] == 5 and m["errors"] == 0 and m["steps"] > 0
+    stats = tiny_runtime.stats()
+    assert stats["roles"]["router"]["batch_sizes"] and stats["coordinators"][0]["finished"]
+
+
+def test_not_started_runtime_says_so(tiny_config):
+    from cluster.runtime import Runtime
+
+    with pytest.raises(RuntimeError, match="not started"):
+        Runtime(tiny_config()).run([])
+
+
+def test_role_that_fails_to_load_is_named(ray_local, tiny_config):
+    from cluster.runtime import Runtime, RuntimeStartError
+
+    cfg = tiny_config(**{"models.router.source": {"kind": "local", "name": "/nonexistent/router"}})
+    free_before = ray_local.available_resources().get("CPU", 0)
+    rt = Runtime(cfg, ready_timeout_s=120)
+    with pytest.raises(RuntimeStartError, match=r"^router actor failed to start: .*nonexistent"):
+        rt.start()
+    assert rt.handles == {} and rt.coordinators == []
+    assert ray_local.is_initialized()  # the runtime did not start Ray, so it leaves it up
+    deadline = time.monotonic() + 30
+    while ray_local.available_resources().get("CPU", 0) < free_before and time.monotonic() < deadline:
+        time.sleep(0.5)  # the killed actors' CPUs come back
+    assert ray_local.available_resources().get("CPU", 0) >= free_before
+
+
+def test_unschedulable_role_times_out_naming_it(ray_local, tiny_config):
+    from cluster.runtime import Runtime, RuntimeStartError
+
+    cfg = tiny_config(**{"runtime.router.resources": {"small_gpu_node": 0.01}})
+    with pytest.raises(RuntimeStartError, match=r"not ready after 3s: router \(no node offers small_gpu_node"):
+        Runtime(cfg, ready_timeout_s=3).start()
