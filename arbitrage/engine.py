@@ -104,6 +104,27 @@ class StepEngine:
         with self._lock, torch.inference_mode():
             return self._generate(prompts, [r.params for r in requests], keys)
 
+    def next_token_logits(self, token_ids: list[list[int]], keys: list[str | None]) -> torch.Tensor:
+        """Logits of the token after each prompt, reusing and then extending chains' cached KV.
+
+        Used by scorers that share this engine's model (the LLM-judge PRM).
+
+        Args:
+            token_ids: one prompt per row, already tokenized.
+            keys: cache key per row (None: no reuse).
+        Returns:
+            logits: [B, V] float32.
+        """
+        keys = _unique_keys(keys)
+        with self._lock, torch.inference_mode():
+            past = [self.prefix_cache.take(k, e) for k, e in zip(keys, token_ids)]
+            self.prefill_tokens += sum(len(e) - p.length for e, p in zip(token_ids, past))
+            self.reused_tokens += sum(p.length for p in past)
+            ids, mask, pos, cache = self._prefill_inputs(token_ids, past)
+            logits = self._forward(ids, mask, pos, cache)
+            self._store(keys, [list(e) for e in token_ids], mask, cache)
+        return logits
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -169,11 +190,11 @@ class StepEngine:
             mask = torch.cat([mask, torch.tensor(live, device=mask.device)[:, None]], dim=-1)
             pos = pos + 1
             logits = self._forward(next_ids[:, None], mask, pos, cache)
-        self._store(keys, enc, rows, fed, mask, cache)
+        self._store(keys, [e + r.ids[:f] for e, r, f in zip(enc, rows, fed)], mask, cache)
         return [self._output(r, len(e)) for r, e in zip(rows, enc)]
 
-    def _store(self, keys, enc, rows, fed, mask, cache) -> None:
-        """Keep each chain's KV (prompt + fed step tokens) for its next step."""
+    def _store(self, keys, cached_ids: list[list[int]], mask, cache) -> None:
+        """Keep each chain's KV (prompt + the step tokens fed back) for its next step."""
         if not self.prefix_cache.capacity:
             return
         for i, key in enumerate(keys):
@@ -182,7 +203,7 @@ class StepEngine:
             valid = mask[i].bool()  # [T]: this row's real positions in the batched cache
             kv = [(layer.keys[i:i + 1, :, valid].clone(), layer.values[i:i + 1, :, valid].clone())
                   for layer in cache.layers]
-            self.prefix_cache.put(key, enc[i] + rows[i].ids[:fed[i]], kv)
+            self.prefix_cache.put(key, cached_ids[i], kv)
 
     def _sample_and_record(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         logp_raw = torch.log_softmax(logits, dim=-1)  # [B, V]

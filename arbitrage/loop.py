@@ -131,7 +131,7 @@ async def _decide_step(item: ChainInput, steps: list[TraceStep], max_tokens: int
 
     async def prm(out: StepOutput) -> float:
         c.prm_calls += 1
-        return await backend.prm_score(PRMRequest(item.problem, texts + (out.text,)))
+        return await backend.prm_score(PRMRequest(item.problem, texts + (out.text,), req.chain_id))
 
     if not policy.uses_draft:
         ctx.target = await target()

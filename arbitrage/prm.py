@@ -41,6 +41,7 @@ class PRMRequest:
 
     problem: str
     steps: tuple[str, ...]
+    chain_id: str | None = None  # lets a judge on a StepEngine reuse the chain's cached KV
 
 
 class PRM(abc.ABC):
@@ -365,10 +366,9 @@ class QwenMathPRM(PRM):
 JUDGE_PROMPT = (
     "You are grading one step of a step-by-step solution to a math problem.\n\n"
     "Problem:\n{problem}\n\n"
-    "Previous steps:\n{previous}\n\n"
-    "Newest step:\n{step}\n\n"
-    "Rate the newest step for correctness and usefulness on a scale from 0 (wrong or useless) "
-    "to 9 (correct and useful). Answer with a single digit."
+    "Solution so far:\n{steps}\n\n"
+    "Rate step {k}, the newest step, for correctness and usefulness on a scale from 0 (wrong "
+    "or useless) to 9 (correct and useful). Answer with a single digit."
 )
 JUDGE_ANSWER_PREFIX = "Rating: "
 
@@ -397,16 +397,26 @@ class JudgePRM(PRM):
         params = inspect.signature(type(model).forward).parameters
         self._keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
+    engine = None  # a StepEngine sharing this model: its per-chain KV cache is reused
+
     @classmethod
     def from_engine(cls, engine, **kwargs) -> "JudgePRM":
-        """A judge on a `StepEngine`'s model and tokenizer (no second copy of the weights)."""
+        """A judge on a `StepEngine`'s model and tokenizer (no second copy of the weights).
+
+        Scoring then goes through the engine (its lock and its per-chain prefix cache), so
+        successive steps of one chain prefill only the newest step and the question.
+        """
         kwargs.setdefault("max_length", engine.max_context)
-        return cls(engine.model, engine.tokenizer, **kwargs)
+        judge = cls(engine.model, engine.tokenizer, **kwargs)
+        judge.engine = engine
+        return judge
 
     def render(self, req: PRMRequest) -> str:
         """The judge prompt for the newest step, ending where the digit is expected."""
-        previous = "\n".join(f"Step {i + 1}: {s}" for i, s in enumerate(req.steps[:-1])) or "(none)"
-        text = JUDGE_PROMPT.format(problem=req.problem, previous=previous, step=req.steps[-1])
+        # Steps in order, the question last: successive calls on one chain share a prefix,
+        # so a judge on a StepEngine prefills only the newest step and the question.
+        steps = "\n".join(f"Step {i + 1}: {s}" for i, s in enumerate(req.steps))
+        text = JUDGE_PROMPT.format(problem=req.problem, steps=steps, k=len(req.steps))
         if self.use_chat_template:
             head = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                       tokenize=False, add_generation_prompt=True)
@@ -423,6 +433,11 @@ class JudgePRM(PRM):
     def digit_logits(self, requests: list[PRMRequest]) -> torch.Tensor:
         """Next-token logits of the ten digit tokens after each prompt, [B, 10] float32."""
         seqs = [_fit(self.encode, r, self.max_length)[0] for r in requests]
+        if self.engine is not None:
+            keys = [f"judge|{r.chain_id}" if r.chain_id else None for r in requests]
+            self.forward_calls += 1
+            last = self.engine.next_token_logits(seqs, keys)  # [B, V]
+            return last[:, torch.tensor(self.digit_ids, device=last.device)]
         ids, mask, pos = left_pad(seqs, self.pad_id, _device_of(self.model))
         with torch.inference_mode():
             self.forward_calls += 1

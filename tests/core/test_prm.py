@@ -218,7 +218,7 @@ def test_judge_score_is_digit_expectation(judge, tok):
     req = PRMRequest(PROBLEM, STEPS)
     prompt = judge.render(req)
     assert prompt.endswith("<|im_start|>assistant\nRating: ")
-    assert "Newest step:\n" + STEPS[-1] in prompt
+    assert f"Step {len(STEPS)}: " + STEPS[-1] in prompt and f"Rate step {len(STEPS)}," in prompt
     assert "Step 1: " + STEPS[0] in prompt
     ids = tok.encode(prompt, add_special_tokens=False)
     with torch.no_grad():
@@ -262,3 +262,19 @@ def test_build_prm_from_config(tok):
     assert isinstance(judge, JudgePRM) and judge.model is engine.model
     with pytest.raises(ValueError, match="target engine"):
         build_prm(judge_cfg)
+
+
+def test_judge_on_engine_reuses_chain_kv_and_matches_plain_judge():
+    from arbitrage.engine import StepEngine
+    from arbitrage.prm import JudgePRM, PRMRequest
+    from arbitrage.tiny import byte_tokenizer, random_causal_lm
+
+    model, tok = random_causal_lm("tiny-llama-wide", seed=5), byte_tokenizer()
+    engine = StepEngine(model, tok)
+    on_engine, plain = JudgePRM.from_engine(engine), JudgePRM(model, tok)
+    steps = ("First we add.", "Then we multiply.", "So the answer is 4.")
+    for k in range(1, len(steps) + 1):
+        req = PRMRequest("What is 2+2?", steps[:k], chain_id="c0")
+        a, b = on_engine.score([req])[0], plain.score([req])[0]
+        assert abs(a - b) < 1e-4
+    assert engine.reused_tokens > 0
