@@ -1,9 +1,11 @@
 """`RayBackend`: the step loop's `ModelBackend` over Ray actor handles.
 
 Each call awaits one actor method (`generate_step`, `score`, `predict`); ObjectRefs are
-awaitable, so nothing blocks the caller's event loop. Replicas of a role are used
-round-robin. A role's "handle" may also be an in-process object with async methods
-of the same names (e.g. `actors.target_group.TargetGroup`, which fans out to its ranks).
+awaitable, so nothing blocks the caller's event loop. A request that names its chain
+(`chain_id`) always goes to the same replica of a role, where the engine keeps that chain's
+KV cache between steps; other requests are spread round-robin over the replicas. A role's
+"handle" may also be an in-process object with async methods of the same names (e.g.
+`actors.target_group.TargetGroup`, which fans out to its ranks).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import zlib
 from collections import Counter
 from typing import Any
 
@@ -21,10 +24,15 @@ from arbitrage.backend import ModelBackend
 
 
 async def call_handle(handle, method: str, *args):
-    """Await `handle.method(*args)`: `.remote()` on an actor handle, a plain call otherwise."""
+    """Await `handle.method(*args)`: `.remote()` on an actor handle; on an in-process object,
+    an async method is awaited and a sync one (which may block on ray.get) runs in a thread."""
     fn = getattr(handle, method)
     remote = getattr(fn, "remote", None)
-    out = remote(*args) if remote is not None else fn(*args)
+    if remote is not None:
+        return await remote(*args)
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args)
+    out = await asyncio.to_thread(fn, *args)
     return await out if inspect.isawaitable(out) else out
 
 
@@ -53,7 +61,7 @@ def merge_role_stats(role: str, per_actor: list[dict]) -> dict[str, Any]:
 
 
 class RayBackend(ModelBackend):
-    """Awaits Ray actor handles per role, round-robin across replicas."""
+    """Awaits Ray actor handles per role: chain-sticky, else round-robin across replicas."""
 
     def __init__(self, handles: dict[str, Any]):
         """Args: handles: role -> a handle or a list of replica handles (roles may be missing)."""
@@ -66,14 +74,18 @@ class RayBackend(ModelBackend):
                 self.handles[role] = hs
         self._rr = {role: itertools.count() for role in self.handles}
 
-    def _pick(self, role: str):
+    def _pick(self, role: str, chain_id: str | None = None):
+        """A chain's requests go to one replica (its KV cache lives there); others round-robin."""
         hs = self.handles.get(role)
         if not hs:
             raise RuntimeError(f"no {role} actor in this runtime; configure models.{role}")
+        if chain_id is not None:  # crc32, not hash(): every coordinator process must agree
+            return hs[zlib.crc32(chain_id.encode()) % len(hs)]
         return hs[next(self._rr[role]) % len(hs)]
 
     async def _call(self, role: str, req):
-        return await call_handle(self._pick(role), ROLE_METHOD[role], req)
+        handle = self._pick(role, getattr(req, "chain_id", None))
+        return await call_handle(handle, ROLE_METHOD[role], req)
 
     async def draft_step(self, req):
         return await self._call("draft", req)

@@ -76,7 +76,14 @@ class ModelActor:
                 raise ValueError("role 'prm' needs models.prm in the config")
             from arbitrage.prm import build_prm
 
-            self.prm = build_prm(m.prm)
+            # A judge that would reuse the target, but runs apart from it (e.g. the target is a
+            # tensor-parallel group), loads its own copy of the judge from models.prm.
+            own = None
+            if prm_on_target(self.cfg):
+                from arbitrage.models import load_engine
+
+                own = load_engine(m.prm)
+            self.prm = build_prm(m.prm, target_engine=own)
         else:
             if m.router is None:
                 raise ValueError("role 'router' needs models.router in the config")

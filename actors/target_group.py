@@ -34,7 +34,8 @@ and fill each parameter ourselves at shard size, straight on the rank's device
 
 Memory per rank: its slices of every column/row-parallel weight (about 1/N of the layers and
 of lm_head), plus full copies of the replicated tensors (input embedding, norms, rotary
-buffers), plus the KV cache of its heads. Transient: a row block (~16 MiB fp32, two
+buffers), plus the KV of its heads (the running batch, and up to `kv_cache_tokens` tokens
+of per-chain KV kept between steps). Transient: a row block (~16 MiB fp32, two
 temporaries) while generating random weights; one tensor slice while reading a checkpoint
 (safetensors is memory-mapped, so the OS page cache may hold file pages it read). No rank
 ever holds the whole model. With TP=1 (or `tp_size=1` in-process) DeepSpeed is not used.
@@ -45,7 +46,9 @@ sends the same requests to ranks 1..N-1 (`run_local.remote`), runs its own share
 theirs and returns its own result. A lock makes every collective call (a batch, a logits
 probe) start on all ranks in one order, and rank 0 waits for all ranks before the next, so
 the ranks' all-reduces always pair up. Sampling is seeded per (seed, prompt) and the logits
-after the all-reduce are identical on every rank, so every rank decodes the same tokens.
+after the all-reduce are identical on every rank, so every rank decodes the same tokens; each
+rank's per-chain KV cache (StepEngine's prefix cache, its own heads only) sees the same
+batches in the same order, so every rank reuses the same prefixes.
 
 Failure: a dead or unresponsive rank makes `health()` report unhealthy, and rank 0 marks the
 group broken when a peer fails during a batch. Restarting a group (a new placement group and
@@ -482,7 +485,8 @@ class TPRankActor:
 
         t0 = time.perf_counter()
         model, tokenizer = await asyncio.to_thread(load_tp_causal_lm, self.model_cfg, self.world_size, self.device)
-        self.engine = StepEngine(model, tokenizer, max_context=self.model_cfg.max_context)
+        self.engine = StepEngine(model, tokenizer, max_context=self.model_cfg.max_context,
+                                 kv_cache_tokens=self.model_cfg.kv_cache_tokens)
         params = list({id(p): p for p in model.parameters()}.values())
         self.info.update(device=str(self.device), params=sum(p.numel() for p in params),
                          param_bytes=sum(p.numel() * p.element_size() for p in params),
@@ -572,7 +576,9 @@ class TPRankActor:
 
     async def stats(self) -> dict[str, Any]:
         """Batch-size histogram and busy time (rank 0), plus this rank's info."""
-        out = {"rank": self.info, "forward_calls": self.engine.forward_calls if self.engine else 0}
+        e = self.engine
+        out = {"rank": self.info, "forward_calls": e.forward_calls if e else 0,
+               "prefill_tokens": e.prefill_tokens if e else 0, "reused_tokens": e.reused_tokens if e else 0}
         if self._batcher is not None:
             out.update(self._batcher.stats())
         return out

@@ -97,22 +97,30 @@ class Runtime:
         self._owns_ray = True
 
     def _create_model_actors(self) -> None:
+        """Actors of every configured role; a TP target group last (its create() blocks until loaded)."""
         roles = configured_roles(self.cfg)
-        tp = self.cfg.runtime.target.tensor_parallel
+        as_group = self.cfg.runtime.target.tensor_parallel > 1
+        prm_rides = "prm" in roles and self._prm_rides_on_target(as_group)
         for role in roles:
-            if role == "target" and tp > 1:
-                self._create_target_group()
-            elif role == "prm" and self._prm_rides_on_target():
-                self.handles["prm"] = list(self.handles["target"])
-            else:
-                hs = make_model_actor(role, self.cfg, name=None)
-                self.handles[role] = hs
-                self._owned += [(role, h) for h in hs]
+            if (role == "target" and as_group) or (role == "prm" and prm_rides):
+                continue
+            hs = make_model_actor(role, self.cfg)
+            self.handles[role] = hs
+            self._owned += [(role, h) for h in hs]
+        if as_group:
+            self._create_target_group()
+        if prm_rides:
+            self.handles["prm"] = list(self.handles["target"])
 
-    def _prm_rides_on_target(self) -> bool:
+    def _prm_rides_on_target(self, as_group: bool) -> bool:
+        """A judge PRM reusing the target is served by the target, if the target can score."""
         if not prm_on_target(self.cfg):
             return False
-        return self._group is None or callable(getattr(self._group, "score", None))
+        if not as_group:
+            return True
+        from actors.target_group import TargetGroup
+
+        return callable(getattr(TargetGroup, "score", None))
 
     def _create_target_group(self) -> None:
         from actors.target_group import TargetGroup  # lazy: DeepSpeed / torch.distributed
@@ -141,10 +149,16 @@ class Runtime:
             except Exception as e:
                 raise RuntimeStartError(f"{role} actor failed to start: {_first_line(e)}") from e
         if self._group is not None:
-            try:
-                call_handle_sync(self._group, "health")
-            except Exception as e:
-                raise RuntimeStartError(f"target tensor-parallel group is not healthy: {_first_line(e)}") from e
+            h = self._group_health()
+            if not h["ready"]:
+                raise RuntimeStartError(f"target tensor-parallel group is not healthy: {h}")
+
+    def _group_health(self) -> dict[str, Any]:
+        try:
+            h = call_handle_sync(self._group, "health")
+        except Exception as e:
+            return {"role": "target", "ready": False, "error": _first_line(e)}
+        return {"role": "target", "ready": bool(h.get("healthy", True)), **h}
 
     def _asks(self, role: str) -> dict[str, float]:
         a = getattr(self.cfg.runtime, role)
@@ -220,7 +234,8 @@ class Runtime:
         self._require_started()
         out: dict[str, list[dict]] = {}
         for role, hs in self.handles.items():
-            out[role] = [call_handle_sync(h, "health") for h in hs]
+            out[role] = [self._group_health() if h is self._group else call_handle_sync(h, "health")
+                         for h in hs]
         out["coordinators"] = ray.get([c.health.remote() for c in self.coordinators])
         return out
 

@@ -41,15 +41,37 @@ def ray_local():
         ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def tiny_runtime(ray_local):
-    """The tiny config's actors (draft, target + judge PRM, router) and one coordinator."""
-    from cluster.runtime import Runtime
-    from configs.schema import load_config
+class _RuntimeHolder:
+    """The tiny config's Runtime, started on first use and shut down when no next test needs it."""
 
-    rt = Runtime(load_config(REPO_ROOT / "configs" / "tiny.yaml")).start()
-    yield rt
-    rt.shutdown()
+    def __init__(self):
+        self.runtime = None
+
+    def get(self):
+        from cluster.runtime import Runtime
+        from configs.schema import load_config
+
+        if self.runtime is None:
+            self.runtime = Runtime(load_config(REPO_ROOT / "configs" / "tiny.yaml")).start()
+        return self.runtime
+
+    def close(self) -> None:
+        if self.runtime is not None:
+            self.runtime.shutdown()
+            self.runtime = None
+
+
+RUNTIME_KEY = pytest.StashKey[_RuntimeHolder]()
+
+
+@pytest.fixture
+def tiny_runtime(ray_local, request):
+    """The tiny config's actors (draft, target + judge PRM, router) and one coordinator.
+
+    Shared by consecutive tests that ask for it, and shut down (freeing its Ray CPUs for
+    other tests) as soon as the next test does not.
+    """
+    return request.config.stash[RUNTIME_KEY].get()
 
 
 @pytest.fixture
@@ -67,6 +89,7 @@ def without_session_ray():
 
 
 def pytest_configure(config):
+    config.stash[RUNTIME_KEY] = _RuntimeHolder()
     config.addinivalue_line("markers", "own_ray_cluster: replaces the session Ray with its own cluster "
                                        "(runs last, then restores a local Ray)")
 
@@ -74,3 +97,9 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     """Tests that tear down the session Ray run after every other test."""
     items.sort(key=lambda item: item.get_closest_marker("own_ray_cluster") is not None)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item, nextitem):
+    if nextitem is None or "tiny_runtime" not in nextitem.fixturenames:
+        item.config.stash[RUNTIME_KEY].close()

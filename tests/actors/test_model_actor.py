@@ -10,19 +10,6 @@ from actors.model_actor import MAX_CONCURRENCY, actor_options, prm_on_target
 from arbitrage.types import SamplingParams, StepRequest
 
 
-def test_actor_options_follow_actor_config(tiny_config):
-    cfg = tiny_config(**{"runtime.draft.num_gpus": 0.5, "runtime.draft.resources": {"small_gpu_node": 0.01},
-                         "runtime.draft.label_selector": {"node-pool": "small_gpu"}})
-    opts = actor_options("draft", cfg, name="draft-0")
-    assert opts["num_gpus"] == 0.5 and opts["num_cpus"] == 0.25
-    assert opts["resources"] == {"small_gpu_node": 0.01}
-    assert opts["label_selector"] == {"node-pool": "small_gpu"}
-    assert opts["max_restarts"] == -1 and opts["max_task_retries"] > 0
-    assert opts["max_concurrency"] == MAX_CONCURRENCY and opts["name"] == "draft-0"
-    assert "label_selector" not in actor_options("target", cfg)
-    assert prm_on_target(cfg)
-
-
 def test_concurrent_requests_share_a_batch_and_match_in_process(tiny_runtime, tiny_config):
     from arbitrage.models import load_engine
 
@@ -63,6 +50,19 @@ def test_missing_method_is_a_clear_error(tiny_runtime):
 
     with pytest.raises(Exception, match="does not serve 'predict'"):
         ray.get(tiny_runtime.handles["draft"][0].predict.remote(RouterRequest("p", (), "c")))
+
+
+def test_actor_options_follow_actor_config(tiny_config):
+    cfg = tiny_config(**{"runtime.draft.num_gpus": 0.5, "runtime.draft.resources": {"small_gpu_node": 0.01},
+                         "runtime.draft.label_selector": {"node-pool": "small_gpu"}})
+    opts = actor_options("draft", cfg, name="draft-0")
+    assert opts["num_gpus"] == 0.5 and opts["num_cpus"] == 0.25
+    assert opts["resources"] == {"small_gpu_node": 0.01}
+    assert opts["label_selector"] == {"node-pool": "small_gpu"}
+    assert opts["max_restarts"] == -1 and opts["max_task_retries"] > 0
+    assert opts["max_concurrency"] == MAX_CONCURRENCY and opts["name"] == "draft-0"
+    assert "label_selector" not in actor_options("target", cfg)
+    assert prm_on_target(cfg)
 
 
 def _hist(handle) -> dict[int, int]:

@@ -1,8 +1,9 @@
 """The tensor-parallel target group on CPU (gloo): TP=2 matches the unsplit model exactly.
 
-The group runs on a real local Ray; the unsplit reference is the same model config built
-in-process with `tp_size=1` and run through the same StepEngine. A subprocess with a fake
-process group checks, without allocating, that a 70B shape is split about N ways.
+The group runs on the session's local Ray (`ray_local`, tests/conftest.py); the unsplit
+reference is the same model config built in-process with `tp_size=1` and run through the
+same StepEngine. A subprocess with a fake process group checks, without allocating, that a
+70B shape is split about N ways.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ PROBLEMS = ["What is 2 + 3?", "Name a prime number.", "Sort 3, 1, 2.", "Why is t
 def make_config(source: dict, **target_runtime) -> ArbitrageConfig:
     """A config whose target is `source` on CPU in float32, TP=2 by default."""
     model = {"source": source, "dtype": "float32", "device": "cpu", "max_context": 512, "seed": 3}
-    runtime = {"num_cpus": 1, "tensor_parallel": 2, "batching": {"max_batch_size": 8, "max_wait_ms": 100},
+    # 0.5 CPU per rank: two groups fit beside the session's tiny runtime on a 4-CPU Ray
+    runtime = {"num_cpus": 0.5, "tensor_parallel": 2, "batching": {"max_batch_size": 8, "max_wait_ms": 100},
                **target_runtime}
     return ArbitrageConfig.model_validate({
         "models": {"draft": {"source": {"kind": "random", "name": "tiny-llama"}}, "target": model},
@@ -43,18 +45,6 @@ def make_config(source: dict, **target_runtime) -> ArbitrageConfig:
 
 def requests(max_tokens: int = 10) -> list[StepRequest]:
     return [StepRequest(problem=p, params=SamplingParams(max_tokens=max_tokens)) for p in PROBLEMS]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +61,7 @@ def reference(random_cfg):
 
 @pytest.fixture(scope="module")
 def group(ray_local, random_cfg):
-    g = TargetGroup.create(random_cfg)
+    g = TargetGroup.create(random_cfg, ready_timeout_s=60)
     yield g
     g.shutdown()
 
@@ -82,6 +72,22 @@ def test_tp2_greedy_steps_match_unsplit_model(group, reference):
     assert [(o.text, o.num_tokens, o.stop_reason) for o in outs] == \
         [(w.text, w.num_tokens, w.stop_reason) for w in want]
     assert all(o.num_tokens > 0 for o in outs)
+
+
+def test_chain_kv_reuse_across_steps_matches_unsplit_model(group, reference):
+    """Two steps per chain: the second reuses each rank's cached KV of the first."""
+    first = [StepRequest(problem=p, params=SamplingParams(max_tokens=6), chain_id=f"c{i}")
+             for i, p in enumerate(PROBLEMS[:3])]
+    for engine_out in (asyncio.run(group.generate_steps(first)), reference.generate_steps(first)):
+        assert all(o.num_tokens > 0 for o in engine_out)
+    second = [StepRequest(problem=r.problem, steps=("First, think.",), params=r.params, chain_id=r.chain_id)
+              for r in first]
+    reused_before, ref_before = group.stats()["reused_tokens"], reference.reused_tokens
+    outs = asyncio.run(group.generate_steps(second))
+    want = reference.generate_steps(second)
+    reused = group.stats()["reused_tokens"] - reused_before
+    assert reused > 0 and reused == reference.reused_tokens - ref_before
+    assert [(o.text, o.num_tokens) for o in outs] == [(w.text, w.num_tokens) for w in want]
 
 
 def test_concurrent_steps_share_a_batch(group, reference):
@@ -137,7 +143,7 @@ def test_local_checkpoint_loads_per_rank_slices_and_dead_rank_is_unhealthy(ray_l
 
     reference.model.save_pretrained(tmp_path, safe_serialization=True)
     reference.tokenizer.save_pretrained(tmp_path)
-    g = TargetGroup.create(make_config({"kind": "local", "name": str(tmp_path)}))
+    g = TargetGroup.create(make_config({"kind": "local", "name": str(tmp_path)}), ready_timeout_s=60)
     try:
         outs = asyncio.run(g.generate_steps(requests(8)))
         assert [o.text for o in outs] == [w.text for w in reference.generate_steps(requests(8))]
@@ -171,7 +177,7 @@ def test_tied_head_maps_to_embedding():
 
 
 def test_bundles_pin_custom_resources_on_bundle_zero():
-    cfg = make_config({"kind": "random", "name": "tiny-llama"}, num_gpus=1, tensor_parallel=4,
+    cfg = make_config({"kind": "random", "name": "tiny-llama"}, num_cpus=1, num_gpus=1, tensor_parallel=4,
                       resources={"tp_gpu_node": 0.01})
     b = _bundles(cfg.runtime.target)
     assert b[0] == {"CPU": 1, "GPU": 1, "tp_gpu_node": 0.01} and b[1:] == [{"CPU": 1, "GPU": 1}] * 3

@@ -12,17 +12,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _node_args(spec: dict) -> dict:
     res = dict(spec["resources"])
-    return {"num_cpus": res.pop("CPU", 0), "num_gpus": res.pop("GPU", 0), "resources": res}
+    return {"num_cpus": res.pop("CPU", 0), "num_gpus": res.pop("GPU", 0), "resources": res,
+            "labels": dict(spec.get("labels", {}))}
 
 
 @pytest.fixture
 def fake_cluster(without_session_ray):
-    """head + one small_gpu + one tp_gpu node with ray_cluster.yaml's resources (logical GPUs)."""
+    """head + one small_gpu + one tp_gpu node with ray_cluster.yaml's resources and labels (logical GPUs)."""
     import ray
     from ray.cluster_utils import Cluster
 
     types = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())["available_node_types"]
-    cluster = Cluster(initialize_head=True, head_node_args={**_node_args(types["head"]), "num_cpus": 2})
+    cluster = Cluster(initialize_head=True, head_node_args=_node_args(types["head"]))
     nodes = {name: cluster.add_node(**_node_args(types[name])) for name in ("small_gpu", "tp_gpu")}
     ray.init(address=cluster.address, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
@@ -39,7 +40,9 @@ def test_actors_land_on_their_node_types(fake_cluster, tiny_config):
 
     small = {"num_cpus": 1, "resources": {"small_gpu_node": 0.01}}
     cfg = tiny_config(**{
-        "runtime.draft": {**small, "num_gpus": 0.5}, "runtime.router": {**small, "num_gpus": 0.25},
+        "runtime.draft": {**small, "num_gpus": 0.5},
+        # the router is pinned by node label instead (ray_cluster.yaml's node-pool labels)
+        "runtime.router": {"num_cpus": 1, "num_gpus": 0.25, "label_selector": {"node-pool": "small_gpu"}},
         "runtime.prm": {**small, "num_gpus": 0.25},
         "runtime.target": {"num_cpus": 1, "num_gpus": 1, "resources": {"tp_gpu_node": 0.01}},
     })

@@ -58,3 +58,16 @@ def test_unschedulable_role_times_out_naming_it(ray_local, tiny_config):
     cfg = tiny_config(**{"runtime.router.resources": {"small_gpu_node": 0.01}})
     with pytest.raises(RuntimeStartError, match=r"not ready after 3s: router \(no node offers small_gpu_node"):
         Runtime(cfg, ready_timeout_s=3).start()
+
+
+def test_tensor_parallel_target_group_serves_chains(ray_local, tiny_config):
+    from cluster.runtime import Runtime
+
+    cfg = tiny_config(**{"runtime.target.tensor_parallel": 2, "models.router": None, "policy.name": "fixed_rate"})
+    with Runtime(cfg, ready_timeout_s=120) as rt:
+        h = rt.health()
+        assert h["target"][0]["ready"] and h["target"][0]["tp_size"] == 2
+        assert h["prm"][0]["role"] == "prm"  # the group cannot score: the judge gets its own actor
+        rows = rt.run([{"id": f"t{i}", "problem": f"{i} + 1?"} for i in range(3)], policy="fixed_rate", threshold=0.5)
+        assert all(r["error"] is None for r in rows) and sum(r["target_calls"] for r in rows) > 0
+        assert rt.stats()["roles"]["target"]["batch_sizes"]

@@ -1,0 +1,656 @@
+"""A gpt-fast-style step engine: own Llama/Qwen2 forward, static slot KV cache, CUDA graphs.
+
+`FastStepEngine` is a drop-in for `arbitrage.engine.StepEngine` (same requests, outputs,
+stop rules, sampling RNG, counters and `next_token_logits`) built for speed:
+
+- **Own forward.** `_FastLM` runs Llama / Qwen2 directly over the HF model's weight tensors
+  (no copies): embed -> per layer RMSNorm, q/k/v (+ Qwen2 biases), RoPE, GQA attention
+  over the static cache, o_proj, residual, RMSNorm, SwiGLU MLP, residual -> final norm ->
+  lm_head. cos/sin come from the HF model's own `rotary_emb`, evaluated once for every
+  position 0..max_context-1 (exact for every static rope type, llama3 included).
+- **Static slot KV cache.** Per layer, keys and values are one tensor each,
+  [n_slots + 1, n_kv_heads, max_context, head_dim], allocated once; the last slot is a
+  dummy that absorbs the writes of padding. Memory:
+  2 (k, v) * layers * n_kv_heads * max_context * head_dim * dtype bytes per slot, e.g. at
+  max_context 4096 in bf16: Llama-3.2-1B 128 MiB, Llama-3.1-8B 512 MiB per slot (64 slots:
+  8 GiB and 32 GiB). A chain (`chain_id`) owns a slot while cached; the slot remembers its
+  token ids, and the chain's next request reuses the longest common token prefix
+  (rollback = shortening that list; this is how an escalated step that replaces the draft
+  step is handled). Slots are evicted LRU; requests without a chain get a temporary slot.
+- **Prefill** writes the uncached tail of each admitted row into its slot, rows batched
+  right-padded (padding writes go to the dummy slot), at most `PREFILL_TOKENS` padded
+  tokens per forward.
+- **Decode** feeds one token for every running row. Attention gathers the rows' slots
+  (index_select) over a window of the cache rounded up to `WINDOW_BLOCK` positions and
+  masks each row by its own position, so its cost follows the batch's context, not
+  max_context. On CUDA the decode step (forward, log-softmax, entropy, argmax) is
+  captured once per (batch bucket, window) into a `torch.cuda.CUDAGraph` over static
+  input buffers (tokens, positions, slots), lazily, and replayed; a batch is padded to its
+  bucket (1, 2, 4, ..., 64) with the dummy slot. On CPU it runs eagerly.
+- **Continuous admission.** One scheduler thread owns the model and the cache. Callers
+  (any number of threads) queue their requests and wait on futures; between two decode
+  steps the scheduler admits waiting requests (prefills them into the running batch) and
+  retires finished rows, so no request waits for the slowest member of another's batch.
+
+Not supported: tensor-parallel shards (use StepEngine), sliding-window layers, and rope
+types that recompute frequencies per call ("dynamic", "longrope").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections import OrderedDict, deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from arbitrage.engine import (_Row, _row_generator, _sample, _unique_keys, eos_ids, find_separator,
+                              render_prompt)
+from arbitrage.types import SamplingParams, StepOutput, StepRequest
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+WINDOW_BLOCK = 256  # decode attends over the cache rounded up to a multiple of this
+PREFILL_TOKENS = 8192  # padded tokens per prefill forward (rows x longest tail)
+_DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+# ---- the forward ----------------------------------------------------------------------
+@dataclass
+class _Layer:
+    """One decoder layer's weight tensors (the HF model's own; biases may be None)."""
+
+    in_norm: torch.Tensor
+    in_eps: float
+    q_w: torch.Tensor
+    q_b: torch.Tensor | None
+    k_w: torch.Tensor
+    k_b: torch.Tensor | None
+    v_w: torch.Tensor
+    v_b: torch.Tensor | None
+    o_w: torch.Tensor
+    o_b: torch.Tensor | None
+    post_norm: torch.Tensor
+    post_eps: float
+    gate_w: torch.Tensor
+    gate_b: torch.Tensor | None
+    up_w: torch.Tensor
+    up_b: torch.Tensor | None
+    down_w: torch.Tensor
+    down_b: torch.Tensor | None
+    act: object  # the HF activation module (SiLU for Llama / Qwen2)
+
+
+def _layer_weights(layer) -> _Layer:
+    a, m = layer.self_attn, layer.mlp
+    return _Layer(layer.input_layernorm.weight, _eps(layer.input_layernorm),
+                  a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
+                  a.v_proj.weight, a.v_proj.bias, a.o_proj.weight, a.o_proj.bias,
+                  layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm),
+                  m.gate_proj.weight, m.gate_proj.bias, m.up_proj.weight, m.up_proj.bias,
+                  m.down_proj.weight, m.down_proj.bias, m.act_fn)
+
+
+def _eps(norm) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+def check_supported(model) -> None:
+    """Raise ValueError unless `model` is a Llama / Qwen2 causal LM this engine can run."""
+    cfg = model.config
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"FastStepEngine runs model_type {' or '.join(SUPPORTED_MODEL_TYPES)}, got {mt!r}; "
+                         "use arbitrage.engine.StepEngine for this model")
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"} or getattr(cfg, "use_sliding_window", False):
+        raise ValueError(f"FastStepEngine has no sliding-window attention (layer_types {sorted(kinds)}); "
+                         "use arbitrage.engine.StepEngine")
+    rope = getattr(model.model.rotary_emb, "rope_type", "default")
+    if any(d in str(rope) for d in _DYNAMIC_ROPE):
+        raise ValueError(f"rope_type {rope!r} recomputes frequencies per call; FastStepEngine needs a "
+                         "static rope type (default, linear, llama3, yarn); use arbitrage.engine.StepEngine")
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF Llama/Qwen2 RMSNorm: normalise in float32, cast back, then scale (fused on CUDA)."""
+    return w * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with rotate_half's sign folded into sin_signed.
+
+    x: [B, S, N, D]; cos, sin_signed: [B, S, 1, D], sin_signed = [-sin[:D/2], sin[D/2:]].
+    """
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin_signed
+
+
+class _FastLM:
+    """Llama / Qwen2 forward over the HF model's own weights and a static slot KV cache."""
+
+    def __init__(self, model, n_slots: int, max_context: int):
+        check_supported(model)
+        cfg, inner = model.config, model.model
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.embed = model.get_input_embeddings().weight  # [V, E]
+        self.lm_head = model.get_output_embeddings().weight  # [V, E] (tied: the same tensor)
+        self.norm, self.norm_eps = inner.norm.weight, _eps(inner.norm)
+        self.layers = [_layer_weights(layer) for layer in inner.layers]
+        self.device, self.dtype = self.embed.device, self.embed.dtype
+        self.n_slots, self.max_context = n_slots, max_context
+        self.dummy = n_slots  # the extra slot that padding writes into
+        self.k_cache, self.v_cache = self._allocate_cache()
+        self.cos, self.sin = self._rope_table(inner.rotary_emb)  # [C, D] each
+
+    @property
+    def bytes_per_slot(self) -> int:
+        """KV bytes one slot holds: 2 (k, v) * layers * kv heads * max_context * head_dim * dtype."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * len(self.layers) * self.n_kv * self.max_context * self.head_dim * elem
+
+    def _allocate_cache(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        # Zeros, not empty: masked positions are multiplied by 0 in attention, and 0 * NaN = NaN.
+        shape = (self.n_slots + 1, self.n_kv, self.max_context, self.head_dim)
+        try:
+            with torch.inference_mode():
+                k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+                v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        except torch.OutOfMemoryError as e:
+            gib = self.bytes_per_slot * (self.n_slots + 1) / 2**30
+            raise ValueError(f"KV cache of {self.n_slots} slots x max_context {self.max_context} needs "
+                             f"{gib:.1f} GiB; lower max_slots, max_context or kv_cache_tokens") from e
+        return k, v
+
+    def _rope_table(self, rotary_emb) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin for positions 0..C-1 from the HF model's own rotary_emb."""
+        with torch.inference_mode():
+            pos = torch.arange(self.max_context, device=self.device)[None]  # [1, C]
+            cos, sin = rotary_emb(self.embed[:1], pos)  # [1, C, D] each, model dtype
+            half = self.head_dim // 2
+            sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return cos[0].contiguous(), sin[0].contiguous()
+
+    def forward(self, tokens, pos, write_slots, read_slots, window: int, last=None) -> torch.Tensor:
+        """Run new tokens against the cache, writing their K/V into it.
+
+        Args:
+            tokens, pos, write_slots: [B, S] ids, positions and the slot each token's K/V goes to.
+            read_slots: [B] the slot each row attends over (positions < window).
+            window: cache positions attended, > every position in `pos`.
+            last: [B] index of the token whose logits are wanted (None: the last one).
+        Returns:
+            logits: [B, V] float32.
+        """
+        x = F.embedding(tokens, self.embed)  # x: [B, S, E]
+        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # [B, S, 1, D]
+        mask = self._mask(pos, window)  # [B, 1, G*S, W]
+        for i, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.in_norm, layer.in_eps)
+            x = x + self._attention(i, layer, h, cos, sin, mask, write_slots, pos, read_slots, window)
+            h = _rms_norm(x, layer.post_norm, layer.post_eps)
+            x = x + F.linear(layer.act(F.linear(h, layer.gate_w, layer.gate_b)) * F.linear(h, layer.up_w, layer.up_b),
+                             layer.down_w, layer.down_b)
+        x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]  # [B, E]
+        return F.linear(_rms_norm(x, self.norm, self.norm_eps), self.lm_head).float()  # [B, V]
+
+    def _mask(self, pos: torch.Tensor, window: int) -> torch.Tensor:
+        """Additive mask: query at position p sees cache positions <= p. Repeated per query head of a group."""
+        B, S = pos.shape
+        G = self.n_heads // self.n_kv
+        seen = torch.arange(window, device=pos.device)[None, None, :] <= pos[:, :, None]  # [B, S, W]
+        mask = torch.zeros(seen.shape, dtype=self.dtype, device=pos.device).masked_fill_(~seen, float("-inf"))
+        return mask[:, None, None].expand(B, 1, G, S, window).reshape(B, 1, G * S, window)
+
+    def _attention(self, i, layer: _Layer, h, cos, sin, mask, write_slots, pos, read_slots, window):
+        B, S, _ = h.shape
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        q = F.linear(h, layer.q_w, layer.q_b).view(B, S, H, D)
+        k = F.linear(h, layer.k_w, layer.k_b).view(B, S, Hkv, D)
+        v = F.linear(h, layer.v_w, layer.v_b).view(B, S, Hkv, D)
+        qk = _rope(torch.cat((q, k), dim=2), cos, sin)  # [B, S, H + Hkv, D]: one rope for both
+        q, k = qk[:, :, :H], qk[:, :, H:]
+        kc, vc = self.k_cache[i], self.v_cache[i]  # [slots + 1, Hkv, C, D]
+        kc[write_slots, :, pos] = k  # indexed: [B, S, Hkv, D]
+        vc[write_slots, :, pos] = v
+        keys = kc[:, :, :window].index_select(0, read_slots)  # [B, Hkv, W, D]
+        values = vc[:, :, :window].index_select(0, read_slots)
+        # GQA without repeating K/V: the G query heads of a KV head act as G*S query rows.
+        G = H // Hkv
+        q = q.reshape(B, S, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * S, D)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, Hkv, G*S, D]
+        out = out.view(B, Hkv, G, S, D).permute(0, 3, 1, 2, 4).reshape(B, S, H * D)
+        return F.linear(out, layer.o_w, layer.o_b)  # [B, S, E]
+
+    def decode(self, inp: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step. inp: [3, B] (token, position, slot); returns logits [B, V], stats [3, B]."""
+        tokens, pos, slots = inp[0][:, None], inp[1][:, None], inp[2]  # [B, 1], [B, 1], [B]
+        logits = self.forward(tokens, pos, slots[:, None], slots, window)
+        return logits, token_stats(logits)
+
+
+def token_stats(logits: torch.Tensor) -> torch.Tensor:
+    """[B, V] float32 logits -> [3, B] float64: greedy id, its log-prob, entropy (one D2H copy)."""
+    logp = torch.log_softmax(logits, dim=-1)  # [B, V]
+    entropy = -(logp.exp() * logp).sum(-1)  # [B]
+    greedy = logits.argmax(-1)  # [B]
+    lp = logp.gather(-1, greedy[:, None])[:, 0]  # [B]
+    return torch.stack([greedy.double(), lp.double(), entropy.double()])
+
+
+# ---- CUDA graphs of the decode step -----------------------------------------------------
+@dataclass
+class _Graph:
+    graph: object  # torch.cuda.CUDAGraph
+    inp: torch.Tensor  # [3, Bb] static input: token, position, slot
+    logits: torch.Tensor  # [Bb, V] static output
+    stats: torch.Tensor  # [3, Bb] static output
+
+
+class DecodeGraphs:
+    """Decode step captured as CUDA graphs, one per (batch bucket, window), captured on first use."""
+
+    def __init__(self, lm: _FastLM, pad_id: int):
+        self.lm, self.pad_id = lm, pad_id
+        self.buckets = _batch_buckets(lm.n_slots)
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.pool = torch.cuda.graph_pool_handle()  # one memory pool: graphs replay one at a time
+
+    def run(self, toks: list[int], pos: list[int], slots: list[int], window: int):
+        """Replay the graph for this batch; returns (stats [3, B] on CPU, logits [B, V] on device)."""
+        B = len(toks)
+        Bb = next(b for b in self.buckets if b >= B)
+        g = self.graphs.get((Bb, window)) or self._capture(Bb, window)
+        pad = Bb - B  # padding rows: the dummy slot at position 0
+        host = torch.tensor([toks + [self.pad_id] * pad, pos + [0] * pad, slots + [self.lm.dummy] * pad])
+        g.inp.copy_(host)
+        g.graph.replay()
+        return g.stats[:, :B].cpu(), g.logits[:B]
+
+    def _capture(self, Bb: int, window: int) -> _Graph:
+        lm = self.lm
+        inp = torch.zeros((3, Bb), dtype=torch.long, device=lm.device)
+        inp[0], inp[2] = self.pad_id, lm.dummy  # warm-up and capture touch only the dummy slot
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (cuBLAS handles, workspaces) outside the capture
+            for _ in range(2):
+                lm.decode(inp, window)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            logits, stats = lm.decode(inp, window)
+        g = _Graph(graph, inp, logits, stats)
+        self.graphs[(Bb, window)] = g
+        return g
+
+
+def _batch_buckets(n_slots: int) -> list[int]:
+    """1, 2, 4, ... up to the first power of two >= n_slots."""
+    out = [1]
+    while out[-1] < n_slots:
+        out.append(out[-1] * 2)
+    return out
+
+
+# ---- slots --------------------------------------------------------------------------------
+class SlotPool:
+    """Which chain owns which KV slot, what tokens each slot holds, and LRU eviction."""
+
+    def __init__(self, n: int):
+        self.ids: list[list[int]] = [[] for _ in range(n)]  # tokens whose K/V is in slot s
+        self.busy = [False] * n  # a running request holds the slot
+        self.owner: OrderedDict[str, int] = OrderedDict()  # chain -> slot, least recently used first
+        self.key_of: list[str | None] = [None] * n
+        self.evictions = 0
+
+    def acquire(self, key: str | None, ids: list[int]) -> tuple[int, int, str | None] | None:
+        """Take a slot for a prompt.
+
+        Returns:
+            (slot, reused prefix length, key to keep the slot under), or None when every slot
+            is busy. A chain whose slot is busy (a concurrent request) runs uncached (key None).
+        """
+        s = self.owner.get(key) if key is not None else None
+        if s is not None and not self.busy[s]:
+            n = _common_prefix(self.ids[s], ids, limit=len(ids) - 1)  # keep >= 1 token to compute
+            del self.ids[s][n:]  # rollback: a replaced step's tokens are dropped
+            self.busy[s] = True
+            self.owner.move_to_end(key)
+            return s, n, key
+        if s is not None:
+            key = None
+        s = self._free_slot()
+        if s is None:
+            return None
+        self.busy[s], self.ids[s] = True, []
+        if key is not None:
+            self.owner[key], self.key_of[s] = s, key
+        return s, 0, key
+
+    def release(self, s: int, keep: bool) -> None:
+        """A request is done with slot s: keep its tokens for its chain, or free it."""
+        self.busy[s] = False
+        if keep and self.key_of[s] is not None:
+            return
+        self.ids[s] = []
+        if self.key_of[s] is not None:
+            del self.owner[self.key_of[s]]
+            self.key_of[s] = None
+
+    def _free_slot(self) -> int | None:
+        for s, (busy, key) in enumerate(zip(self.busy, self.key_of)):
+            if not busy and key is None:
+                return s
+        for key, s in self.owner.items():  # least recently used first
+            if not self.busy[s]:
+                del self.owner[key]
+                self.key_of[s] = None
+                self.evictions += 1
+                return s
+        return None
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n, limit = 0, min(len(a), limit)
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+# ---- the engine -----------------------------------------------------------------------------
+@dataclass(eq=False)
+class _Job:
+    """One queued prompt: a step to decode (row set) or next-token logits only (row None)."""
+
+    ids: list[int]  # prompt token ids
+    key: str | None  # chain id: the slot is kept for it afterwards
+    future: Future
+    row: _Row | None = None
+    budget: int = 0  # most tokens this row may generate
+    slot: int = -1
+    next_tok: int = -1  # sampled, not yet fed
+
+
+class FastStepEngine:
+    """Step engine with its own Llama/Qwen2 forward, slot KV cache, CUDA graphs and continuous batching."""
+
+    def __init__(self, model, tokenizer, max_context: int = 4096, max_slots: int = 64,
+                 kv_cache_tokens: int | None = None, use_cuda_graphs: bool = True):
+        """Args:
+            model: an HF Llama or Qwen2 causal LM (its weights are used in place).
+            tokenizer: the model's tokenizer.
+            max_context: tokens per slot (prompt + step).
+            max_slots: KV slots = most chains cached and rows decoded at once.
+            kv_cache_tokens: optional bound on cached tokens: slots = kv_cache_tokens // max_context
+                (at least 1, at most max_slots); 0 keeps no chain's KV between requests.
+            use_cuda_graphs: replay the decode step as CUDA graphs (CUDA only).
+        """
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+        self.eos = eos_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else next(iter(self.eos), 0)
+        self.forward_calls = 0  # forward passes (prefill + decode), for tests and metrics
+        self.prefill_tokens = 0  # prompt tokens computed
+        self.reused_tokens = 0  # prompt tokens served from a chain's cached KV
+        self.reuse = kv_cache_tokens != 0
+        n_slots = max_slots if not kv_cache_tokens else max(1, min(max_slots, kv_cache_tokens // max_context))
+        self.lm = _FastLM(model, n_slots, max_context)
+        self.device = self.lm.device
+        self.slots = SlotPool(n_slots)
+        use_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self.graphs = DecodeGraphs(self.lm, self.pad_id) if use_graphs else None
+        self.stats = {"decode_steps": 0, "admitted_mid_decode": 0, "max_running": 0}
+        self._queue: queue.Queue = queue.Queue()  # lists of _Job; None closes
+        self._waiting: deque[_Job] = deque()  # queued, not yet holding a slot
+        self._running: list[_Job] = []  # holding a slot (being prefilled or decoded)
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="fast-step-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public -------------------------------------------------------------------
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the static KV cache (all slots and the dummy slot)."""
+        return self.lm.bytes_per_slot * (self.lm.n_slots + 1)
+
+    def generate_steps(self, requests: list[StepRequest]) -> list[StepOutput]:
+        """Decode one step per request; thread-safe, batched with other callers' requests.
+
+        Args:
+            requests: one per chain; params may differ per row.
+        Returns:
+            One StepOutput per request, in order.
+        """
+        if not requests:
+            return []
+        prompts = [render_prompt(self.tokenizer, r) for r in requests]
+        keys = _unique_keys([r.chain_id if self.reuse else None for r in requests])
+        jobs = [self._step_job(p, r.params, k) for p, r, k in zip(prompts, requests, keys)]
+        self._submit(jobs)
+        return [j.future.result() for j in jobs]
+
+    def next_token_logits(self, token_ids: list[list[int]], keys: list[str | None]) -> torch.Tensor:
+        """Logits of the token after each prompt, reusing and then extending chains' cached KV.
+
+        Args:
+            token_ids: one prompt per row, already tokenized.
+            keys: cache key per row (None: no reuse).
+        Returns:
+            logits: [B, V] float32.
+        """
+        keys = _unique_keys([k if self.reuse else None for k in keys])
+        for e in token_ids:
+            if not 0 < len(e) <= self.max_context:
+                raise ValueError(f"prompt has {len(e)} tokens; it must have 1..max_context={self.max_context}")
+        jobs = [_Job(list(e), k, Future()) for e, k in zip(token_ids, keys)]
+        self._submit(jobs)
+        return torch.stack([j.future.result() for j in jobs])
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def close(self) -> None:
+        """Stop the scheduler thread; requests still queued or running fail with RuntimeError."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join(timeout=60)
+
+    def __enter__(self) -> "FastStepEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- callers' side ------------------------------------------------------------------
+    def _step_job(self, prompt: str, params: SamplingParams, key: str | None) -> _Job:
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if len(ids) >= self.max_context:
+            raise ValueError(f"prompt has {len(ids)} tokens; max_context is {self.max_context}")
+        row = _Row(params, _row_generator(params, prompt), [], [], [])
+        budget = max(1, min(params.forced_tokens or params.max_tokens, self.max_context - len(ids)))
+        return _Job(ids, key, Future(), row, budget)
+
+    def _submit(self, jobs: list[_Job]) -> None:
+        if self._closed:
+            raise RuntimeError("FastStepEngine is closed")
+        self._queue.put(jobs)
+
+    # ---- the scheduler thread ---------------------------------------------------------------
+    def _loop(self) -> None:
+        """Admit waiting requests, run one decode step, retire finished rows; repeat."""
+        dev = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with torch.inference_mode(), dev:
+            while self._pull(block=not self._running and not self._waiting):
+                try:
+                    self._admit()
+                    if self._running:
+                        self._decode_step()
+                except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
+                    self._fail(self._running, e, keep=False)
+                    self._running = []
+            self._fail(self._running + list(self._waiting), RuntimeError("FastStepEngine closed"), keep=False)
+
+    def _pull(self, block: bool) -> bool:
+        """Move queued jobs to the waiting list (blocking only when idle); False once closed."""
+        try:
+            item = self._queue.get(block=block)
+        except queue.Empty:
+            return True
+        while item is not None:
+            self._waiting.extend(item)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return True
+        return False
+
+    def _admit(self) -> None:
+        """Give waiting jobs slots (FIFO, while slots last) and prefill them into the batch."""
+        admitted = []
+        while self._waiting:
+            job = self._waiting[0]
+            got = self.slots.acquire(job.key, job.ids)
+            if got is None:
+                break  # every slot is busy: wait for a row to retire
+            self._waiting.popleft()
+            job.slot, reused, job.key = got
+            self.prefill_tokens += len(job.ids) - reused
+            self.reused_tokens += reused
+            admitted.append((job, reused))
+        if not admitted:
+            return
+        if self._running:
+            self.stats["admitted_mid_decode"] += len(admitted)
+        self._running += [job for job, _ in admitted]
+        for group in _prefill_groups(admitted):
+            self._prefill(group)
+        self.stats["max_running"] = max(self.stats["max_running"], len(self._running))
+
+    def _prefill(self, group: list[tuple[_Job, int]]) -> None:
+        """One forward over the uncached tails of a group of rows (right-padded)."""
+        B, S = len(group), max(len(job.ids) - n for job, n in group)
+        C, dummy = self.max_context, self.lm.dummy
+        tokens = torch.full((B, S), self.pad_id, dtype=torch.long)
+        pos = torch.zeros((B, S), dtype=torch.long)
+        write = torch.full((B, S), dummy, dtype=torch.long)  # padding writes go to the dummy slot
+        for i, (job, n) in enumerate(group):
+            tail = job.ids[n:]
+            tokens[i, :len(tail)] = torch.tensor(tail)
+            pos[i] = torch.arange(n, n + S).clamp_(max=C - 1)
+            write[i, :len(tail)] = job.slot
+            self.slots.ids[job.slot] = list(job.ids)
+        read = torch.tensor([job.slot for job, _ in group])
+        last = torch.tensor([len(job.ids) - n - 1 for job, n in group])
+        window = min(C, _round_up(max(len(job.ids) for job, _ in group), 16))
+        dev = self.device
+        self.forward_calls += 1
+        logits = self.lm.forward(tokens.to(dev), pos.to(dev), write.to(dev), read.to(dev), window, last.to(dev))
+        jobs = [job for job, _ in group]
+        self._consume(jobs, token_stats(logits).cpu(), logits)
+
+    def _decode_step(self) -> None:
+        """Feed every running row its last sampled token; sample the next."""
+        jobs = self._running
+        toks = [j.next_tok for j in jobs]
+        slots = [j.slot for j in jobs]
+        pos = [len(self.slots.ids[s]) for s in slots]
+        window = min(self.max_context, _round_up(max(pos) + 1, WINDOW_BLOCK))
+        if self.graphs is not None:
+            stats, logits = self.graphs.run(toks, pos, slots, window)
+        else:
+            inp = torch.tensor([toks, pos, slots], device=self.device)  # [3, B]
+            logits, stats = self.lm.decode(inp, window)
+            stats = stats.cpu()
+        for j in jobs:
+            self.slots.ids[j.slot].append(j.next_tok)
+        self.forward_calls += 1
+        self.stats["decode_steps"] += 1
+        self._consume(jobs, stats, logits)
+
+    def _consume(self, jobs: list[_Job], stats: torch.Tensor, logits: torch.Tensor) -> None:
+        """Record each row's next token (greedy from stats, or sampled); retire finished rows.
+
+        stats: [3, B] float64 on CPU (greedy id, its log-prob, entropy); logits: [B, V].
+        """
+        done = set()
+        for i, job in enumerate(jobs):
+            if job.row is None:  # next_token_logits: the prefill logits are the answer
+                job.future.set_result(logits[i])
+                self.slots.release(job.slot, keep=True)
+                done.add(job)
+                continue
+            r = job.row
+            if r.params.temperature > 0:
+                tok, lp = _sample(logits[i], r.params, r.generator)
+            else:
+                tok, lp = int(stats[0, i]), float(stats[1, i])
+            r.ids.append(tok)
+            r.logprobs.append(lp)
+            r.entropies.append(float(stats[2, i]))
+            _update_stop(r, tok, self.eos, self.tokenizer)
+            r.done = r.done or len(r.ids) >= job.budget
+            job.next_tok = tok
+            if r.done:
+                job.future.set_result(_output(r, len(job.ids), self.tokenizer))
+                self.slots.release(job.slot, keep=True)
+                done.add(job)
+        if done:
+            self._running = [j for j in self._running if j not in done]
+
+    def _fail(self, jobs: list[_Job], err: Exception, keep: bool) -> None:
+        for job in jobs:
+            if job.slot >= 0:
+                self.slots.release(job.slot, keep=keep)
+            if not job.future.done():
+                job.future.set_exception(err)
+
+
+def _prefill_groups(admitted: list[tuple[_Job, int]]) -> list[list[tuple[_Job, int]]]:
+    """Rows sorted by tail length, grouped so rows x longest tail <= PREFILL_TOKENS."""
+    order = sorted(admitted, key=lambda a: len(a[0].ids) - a[1])
+    groups: list[list[tuple[_Job, int]]] = []
+    for job, n in order:
+        tail = len(job.ids) - n
+        if groups and (len(groups[-1]) + 1) * tail <= PREFILL_TOKENS:
+            groups[-1].append((job, n))
+        else:
+            groups.append([(job, n)])
+    return groups
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def _update_stop(r: _Row, tok: int, eos: set[int], tokenizer) -> None:
+    """StepEngine's stop rule: forced length, EOS, the separator after content, or max_tokens."""
+    p = r.params
+    if p.forced_tokens is not None:
+        r.done = len(r.ids) >= p.forced_tokens
+        return
+    if tok in eos:
+        r.done, r.stop_reason = True, "eos"
+        r.text = tokenizer.decode(r.ids[:-1], skip_special_tokens=True)
+        return
+    text = tokenizer.decode(r.ids, skip_special_tokens=True)
+    cut = find_separator(text, p.separator)
+    if cut >= 0:
+        r.done, r.stop_reason, r.text = True, "separator", text[:cut]
+    else:
+        r.text = text
+        r.done = len(r.ids) >= p.max_tokens
+
+
+def _output(r: _Row, prompt_tokens: int, tokenizer) -> StepOutput:
+    if r.params.forced_tokens is not None:
+        r.text = tokenizer.decode(r.ids, skip_special_tokens=True)
+    return StepOutput(text=r.text.strip(), num_tokens=len(r.ids), logprobs=r.logprobs,
+                      stop_reason=r.stop_reason, entropies=r.entropies, prompt_tokens=prompt_tokens)

@@ -1,0 +1,196 @@
+"""FastStepEngine (own forward, slot KV cache, scheduler thread) against the HF StepEngine."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from arbitrage.engine import StepEngine
+from arbitrage.fast_engine import FastStepEngine, SlotPool
+from arbitrage.tiny import random_causal_lm
+from arbitrage.types import SamplingParams, StepRequest
+
+SHAPES = ["tiny-llama", "tiny-qwen2"]
+
+
+def _req(problem, steps=(), chain_id=None, **params):
+    return StepRequest(problem=problem, steps=tuple(steps), system="sys", chain_id=chain_id,
+                       params=SamplingParams(**params))
+
+
+def _same(a, b, tol=1e-4):
+    """Two StepOutput lists agree: text, length, stop reason; log-probs and entropies within tol."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert (x.text, x.num_tokens, x.stop_reason, x.prompt_tokens) == \
+               (y.text, y.num_tokens, y.stop_reason, y.prompt_tokens)
+        assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < tol
+        assert max(abs(p - q) for p, q in zip(x.entropies, y.entropies)) < tol
+
+
+@pytest.fixture(scope="module", params=SHAPES)
+def pair(request, tokenizer):
+    """(reference StepEngine without KV reuse, FastStepEngine) on one tiny random model."""
+    model = random_causal_lm(request.param, seed=3)
+    fast = FastStepEngine(model, tokenizer, max_context=1024, max_slots=8)
+    yield StepEngine(model, tokenizer, kv_cache_tokens=0), fast
+    fast.close()
+
+
+PROMPTS = [("Short?", ()), ("A much longer problem statement " * 4, ()), ("Mid length problem", ("step one",))]
+
+
+def test_greedy_steps_equal_step_engine_batched_and_alone(pair):
+    ref, fast = pair
+    reqs = [_req(p, s, max_tokens=16) for p, s in PROMPTS]
+    want = ref.generate_steps(reqs)
+    _same(fast.generate_steps(reqs), want)
+    for r, w in zip(reqs, want):
+        _same(fast.generate_steps([r]), [w])
+
+
+def test_separator_eos_and_forced_stops_match(pair):
+    ref, fast = pair
+    probe = ref.generate_steps([_req("Stop here", max_tokens=12)])[0]
+    sep = next(c for c in probe.text[3:] if c.isprintable() and c.strip())  # occurs after content
+    reqs = [_req("Stop here", max_tokens=12, separator=sep), _req("Forced", forced_tokens=7),
+            _req("Other", max_tokens=5)]
+    out = fast.generate_steps(reqs)
+    _same(out, ref.generate_steps(reqs))
+    assert out[0].stop_reason == "separator" and out[1].num_tokens == 7
+    # EOS: declare the 4th greedy token of a step an EOS id on both engines.
+    ids = fast.tokenizer(probe.text, add_special_tokens=False)["input_ids"]
+    old_ref, old_fast = ref.eos, fast.eos
+    ref.eos = fast.eos = old_ref | {ids[3]}
+    try:
+        want = ref.generate_steps([_req("Stop here", max_tokens=12)])
+        got = fast.generate_steps([_req("Stop here", max_tokens=12)])
+    finally:
+        ref.eos, fast.eos = old_ref, old_fast
+    _same(got, want)
+    assert got[0].stop_reason == "eos"
+
+
+def test_sampling_uses_the_same_seeded_rows(pair):
+    ref, fast = pair
+    reqs = [_req("Sample me", max_tokens=10, temperature=1.0, top_p=0.9, seed=3),
+            _req("other", max_tokens=10, temperature=0.7, seed=4), _req("greedy row", max_tokens=10)]
+    _same(fast.generate_steps(reqs), ref.generate_steps(reqs))
+
+
+def test_next_token_logits_equal_step_engine(pair, tokenizer):
+    ref, fast = pair
+    base = tokenizer("judge this chain", add_special_tokens=False)["input_ids"]
+    for extra in ([], tokenizer(" and more", add_special_tokens=False)["input_ids"]):
+        seqs = [base + extra, base[:5] + extra]
+        want = ref.next_token_logits(seqs, ["j1", None])
+        got = fast.next_token_logits(seqs, ["j1", None])
+        assert got.shape == want.shape and (got - want).abs().max() < 1e-4
+    assert fast.reused_tokens > 0
+
+
+def _run_chains(engine, steps=3, replace="c1"):
+    """3 chains x `steps` steps; chain `replace` takes a different step each time (a rollback)."""
+    chains = {f"c{i}": [] for i in range(3)}
+    outs = []
+    for step in range(steps):
+        reqs = [_req(f"Problem {k} " * (i + 1), s, chain_id=k, max_tokens=10)
+                for i, (k, s) in enumerate(chains.items())]
+        out = engine.generate_steps(reqs)
+        outs += out
+        for (k, s), x in zip(chains.items(), out):
+            s.append(x.text if k != replace else f"replaced step {step}")
+    return outs
+
+
+def test_kv_reuse_with_rollback_equals_recomputation(tokenizer):
+    model = random_causal_lm("tiny-llama-wide", seed=2)
+    with FastStepEngine(model, tokenizer, max_context=1024, max_slots=4) as cached, \
+            FastStepEngine(model, tokenizer, max_context=1024, max_slots=4, kv_cache_tokens=0) as fresh:
+        want = _run_chains(StepEngine(model, tokenizer, kv_cache_tokens=0))
+        _same(_run_chains(cached), want)
+        _same(_run_chains(fresh), want)
+        assert cached.reused_tokens > 0 and fresh.reused_tokens == 0
+        assert cached.prefill_tokens < fresh.prefill_tokens
+
+
+def test_slot_eviction_with_two_slots_stays_correct(tokenizer):
+    model = random_causal_lm("tiny-llama", seed=4)
+    want = _run_chains(StepEngine(model, tokenizer, kv_cache_tokens=0))
+    with FastStepEngine(model, tokenizer, max_context=1024, max_slots=2) as fast:
+        _same(_run_chains(fast), want)
+        assert fast.slots.evictions > 0 and fast.stats["max_running"] <= 2
+
+
+def test_continuous_admission_from_two_threads(tokenizer):
+    model = random_causal_lm("tiny-llama", seed=5)
+    long_req = [_req("The long one", forced_tokens=300, chain_id="long")]
+    short_req = [_req("Short", max_tokens=6), _req("Short too", forced_tokens=4)]
+    with FastStepEngine(model, tokenizer, max_context=1024, max_slots=4) as fast:
+        results = {}
+
+        def run(name, reqs, wait_for_decode):
+            while wait_for_decode and fast.stats["decode_steps"] < 3:
+                time.sleep(0.0005)
+            results[name] = fast.generate_steps(reqs)
+
+        threads = [threading.Thread(target=run, args=("long", long_req, False)),
+                   threading.Thread(target=run, args=("short", short_req, True))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert fast.stats["admitted_mid_decode"] >= 2  # the short rows joined the running long row
+        assert fast.stats["max_running"] == 3
+    with FastStepEngine(model, tokenizer, max_context=1024, max_slots=4) as alone:
+        _same(results["long"], alone.generate_steps(long_req))
+        _same(results["short"], alone.generate_steps(short_req))
+    _same(results["short"], StepEngine(model, tokenizer).generate_steps(short_req))
+
+
+def test_more_requests_than_slots_wait_for_a_slot(tokenizer):
+    model = random_causal_lm("tiny-llama", seed=6)
+    reqs = [_req(f"Problem number {i}", max_tokens=8) for i in range(5)]
+    with FastStepEngine(model, tokenizer, max_context=1024, max_slots=2) as fast:
+        _same(fast.generate_steps(reqs), StepEngine(model, tokenizer).generate_steps(reqs))
+
+
+def test_slot_pool_rollback_and_lru():
+    pool = SlotPool(2)
+    a, _, _ = pool.acquire("a", [1, 2, 3])
+    pool.ids[a] = [1, 2, 3, 4]
+    pool.release(a, keep=True)
+    assert pool.acquire("a", [1, 2, 9, 9])[:2] == (a, 2) and pool.ids[a] == [1, 2]  # rollback
+    assert pool.acquire("a", [1, 2])[2] is None  # busy chain: a temporary, uncached slot
+    assert pool.acquire("b", [5]) is None  # both slots busy
+    pool.release(a, keep=True)
+    pool.release(1 - a, keep=False)
+    b, _, _ = pool.acquire("b", [5])
+    pool.release(b, keep=True)
+    c, n, _ = pool.acquire("c", [7])  # evicts the least recently used chain, "a"
+    assert (c, n, pool.evictions) == (a, 0, 1) and "a" not in pool.owner
+
+
+def test_errors_name_the_fix(tokenizer):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=320))
+    with pytest.raises(ValueError, match="StepEngine"):
+        FastStepEngine(gpt2, tokenizer)
+    with FastStepEngine(random_causal_lm("tiny-llama"), tokenizer, max_context=32, max_slots=1) as fast:
+        with pytest.raises(ValueError, match="max_context is 32"):
+            fast.generate_steps([_req("x" * 100)])
+        assert fast.generate_steps([]) == []
+    with pytest.raises(RuntimeError, match="closed"):
+        fast.generate_steps([_req("x")])
+
+
+def test_cache_memory_is_reported(tokenizer):
+    with FastStepEngine(random_causal_lm("tiny-llama"), tokenizer, max_context=64, max_slots=3) as fast:
+        # 2 (k, v) x 2 layers x 2 kv heads x 64 positions x 16 head_dim x 4 bytes, 3 slots + dummy
+        assert fast.lm.bytes_per_slot == 2 * 2 * 2 * 64 * 16 * 4
+        assert fast.kv_cache_bytes == 4 * fast.lm.bytes_per_slot
+        assert torch.equal(fast.lm.k_cache[0][0], torch.zeros_like(fast.lm.k_cache[0][0]))
