@@ -581,6 +581,7 @@ class FastStepEngine:
         stats: [3, B] float64 on CPU (greedy id, its log-prob, entropy); logits: [B, V].
         """
         done = set()
+        greedy, greedy_lp, entropy = stats.tolist()  # python floats: cheap per-row reads
         for i, job in enumerate(jobs):
             if job.row is None:  # next_token_logits: the prefill logits are the answer
                 job.future.set_result(logits[i])
@@ -591,10 +592,10 @@ class FastStepEngine:
             if r.params.temperature > 0:
                 tok, lp = _sample(logits[i], r.params, r.generator)
             else:
-                tok, lp = int(stats[0, i]), float(stats[1, i])
+                tok, lp = int(greedy[i]), greedy_lp[i]
             r.ids.append(tok)
             r.logprobs.append(lp)
-            r.entropies.append(float(stats[2, i]))
+            r.entropies.append(entropy[i])
             _update_stop(r, tok, self.eos, self.tokenizer)
             r.done = r.done or len(r.ids) >= job.budget
             job.next_tok = tok

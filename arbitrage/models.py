@@ -133,7 +133,7 @@ def load_causal_lm(cfg: ModelConfig):
 def load_engine(cfg: ModelConfig) -> StepEngine:
     """A StepEngine over the config's model and tokenizer, limited to `cfg.max_context`."""
     model, tokenizer = load_causal_lm(cfg)
-    return StepEngine(model, tokenizer, max_context=cfg.max_context)
+    return StepEngine(model, tokenizer, max_context=cfg.max_context, kv_cache_tokens=cfg.kv_cache_tokens)
 
 
 def _tokenizer_location(spec: str) -> str:
