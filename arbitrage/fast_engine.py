@@ -41,9 +41,11 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import warnings
 from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,39 +61,57 @@ _DYNAMIC_ROPE = ("dynamic", "longrope")
 
 
 # ---- the forward ----------------------------------------------------------------------
+Linear = tuple[torch.Tensor, torch.Tensor | None]  # (weight [O, I], bias [O] or None)
+
+
 @dataclass
 class _Layer:
-    """One decoder layer's weight tensors (the HF model's own; biases may be None)."""
+    """One decoder layer's weight tensors: the HF model's own (or views of one fused tensor)."""
 
     in_norm: torch.Tensor
     in_eps: float
-    q_w: torch.Tensor
-    q_b: torch.Tensor | None
-    k_w: torch.Tensor
-    k_b: torch.Tensor | None
-    v_w: torch.Tensor
-    v_b: torch.Tensor | None
-    o_w: torch.Tensor
-    o_b: torch.Tensor | None
+    qkv: list[Linear]  # [q, k, v], or one fused [q; k; v]
+    o: Linear
     post_norm: torch.Tensor
     post_eps: float
-    gate_w: torch.Tensor
-    gate_b: torch.Tensor | None
-    up_w: torch.Tensor
-    up_b: torch.Tensor | None
-    down_w: torch.Tensor
-    down_b: torch.Tensor | None
-    act: object  # the HF activation module (SiLU for Llama / Qwen2)
+    gate_up: list[Linear]  # [gate, up], or one fused [gate; up]
+    down: Linear
 
 
-def _layer_weights(layer) -> _Layer:
+def _layer_weights(layer, fuse: bool) -> _Layer:
     a, m = layer.self_attn, layer.mlp
+    qkv, gate_up = [a.q_proj, a.k_proj, a.v_proj], [m.gate_proj, m.up_proj]
     return _Layer(layer.input_layernorm.weight, _eps(layer.input_layernorm),
-                  a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
-                  a.v_proj.weight, a.v_proj.bias, a.o_proj.weight, a.o_proj.bias,
+                  [_fuse_linears(qkv)] if fuse else [_linear(x) for x in qkv], _linear(a.o_proj),
                   layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm),
-                  m.gate_proj.weight, m.gate_proj.bias, m.up_proj.weight, m.up_proj.bias,
-                  m.down_proj.weight, m.down_proj.bias, m.act_fn)
+                  [_fuse_linears(gate_up)] if fuse else [_linear(x) for x in gate_up], _linear(m.down_proj))
+
+
+def _linear(module) -> Linear:
+    return module.weight, module.bias
+
+
+def _fuse_linears(modules) -> Linear:
+    """Concatenate linears' weights (and biases) into one tensor, then point each module's
+    parameters at its rows of it: the HF model keeps working and no second copy is kept."""
+    with torch.no_grad():
+        w = torch.cat([m.weight for m in modules])  # [sum O, I]
+        b = torch.cat([m.bias for m in modules]) if modules[0].bias is not None else None
+        row = 0
+        for m in modules:
+            n = m.weight.shape[0]
+            m.weight.data = w[row:row + n]
+            if b is not None:
+                m.bias.data = b[row:row + n]
+            row += n
+    return w, b
+
+
+def _linears(h: torch.Tensor, parts: list[Linear], sizes: list[int]) -> list[torch.Tensor]:
+    """One GEMM per weight; a fused weight's output is split into the parts' columns."""
+    if len(parts) == 1:
+        return list(F.linear(h, *parts[0]).split(sizes, dim=-1))
+    return [F.linear(h, w, b) for w, b in parts]
 
 
 def _eps(norm) -> float:
@@ -113,37 +133,101 @@ def check_supported(model) -> None:
     if any(d in str(rope) for d in _DYNAMIC_ROPE):
         raise ValueError(f"rope_type {rope!r} recomputes frequencies per call; FastStepEngine needs a "
                          "static rope type (default, linear, llama3, yarn); use arbitrage.engine.StepEngine")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ValueError(f"FastStepEngine's MLP is SwiGLU (hidden_act 'silu'), got {cfg.hidden_act!r}; "
+                         "use arbitrage.engine.StepEngine")
 
 
+# Pointwise pieces of the forward. On CUDA they are torch.compile'd, so each is one fused
+# kernel (fewer launches per decode step); on CPU they run as written.
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF Llama/Qwen2 RMSNorm: normalise in float32, cast back, then scale (fused on CUDA)."""
+    """HF Llama/Qwen2 RMSNorm: normalise in float32, cast back, then scale."""
     return w * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _add_rms_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float):
+    """Residual add, then RMSNorm: returns (x + r, norm(x + r))."""
+    x = x + r
+    return x, _rms_norm(x, w, eps)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin, with rotate_half's sign folded into sin_signed.
 
-    x: [B, S, N, D]; cos, sin_signed: [B, S, 1, D], sin_signed = [-sin[:D/2], sin[D/2:]].
+    x: [N, heads, D]; cos, sin_signed: [N, 1, D], sin_signed = [-sin[:D/2], sin[D/2:]].
     """
     half = x.shape[-1] // 2
     return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin_signed
 
 
+def _rope_qk(q, k, cos, sin_signed):
+    return _rope(q, cos, sin_signed), _rope(k, cos, sin_signed)
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def token_stats(logits: torch.Tensor) -> torch.Tensor:
+    """[B, V] float32 logits -> [3, B] float64: greedy id, its log-prob, entropy (one D2H copy)."""
+    logp = torch.log_softmax(logits, dim=-1)  # [B, V]
+    entropy = -(logp.exp() * logp).sum(-1)  # [B]
+    greedy = logits.argmax(-1)  # [B]
+    lp = logp.gather(-1, greedy[:, None])[:, 0]  # [B]
+    return torch.stack([greedy.double(), lp.double(), entropy.double()])
+
+
+@dataclass(frozen=True)
+class _Ops:
+    """The pointwise pieces, eager or compiled."""
+
+    norm: Callable
+    add_norm: Callable
+    rope_qk: Callable
+    swiglu: Callable
+    stats: Callable
+
+
+def make_ops(compiled: bool) -> _Ops:
+    fns = (_rms_norm, _add_rms_norm, _rope_qk, _swiglu, token_stats)
+    return _Ops(*(_compiled(f) for f in fns)) if compiled else _Ops(*fns)
+
+
+def _compiled(fn: Callable) -> Callable:
+    """torch.compile(fn); if compiling fails (no Triton, no C compiler), warn once and run fn eagerly."""
+    state = {"fn": torch.compile(fn, dynamic=True, fullgraph=True)}
+
+    def call(*args):
+        if state["fn"] is fn:
+            return fn(*args)
+        try:
+            return state["fn"](*args)
+        except Exception as e:  # noqa: BLE001 - a compiler failure must not stop serving
+            warnings.warn(f"FastStepEngine: torch.compile of {fn.__name__} failed ({e!r:.200}); running eagerly")
+            state["fn"] = fn
+            return fn(*args)
+
+    return call
+
+
 class _FastLM:
     """Llama / Qwen2 forward over the HF model's own weights and a static slot KV cache."""
 
-    def __init__(self, model, n_slots: int, max_context: int):
+    def __init__(self, model, n_slots: int, max_context: int, compiled: bool = False, fuse: bool = False):
         check_supported(model)
         cfg, inner = model.config, model.model
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.qkv_sizes = [self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2
+        self.mlp_sizes = [cfg.intermediate_size] * 2
         self.embed = model.get_input_embeddings().weight  # [V, E]
         self.lm_head = model.get_output_embeddings().weight  # [V, E] (tied: the same tensor)
         self.norm, self.norm_eps = inner.norm.weight, _eps(inner.norm)
-        self.layers = [_layer_weights(layer) for layer in inner.layers]
+        self.layers = [_layer_weights(layer, fuse) for layer in inner.layers]
         self.device, self.dtype = self.embed.device, self.embed.dtype
         self.n_slots, self.max_context = n_slots, max_context
         self.dummy = n_slots  # the extra slot that padding writes into
+        self.ops = make_ops(compiled)
         self.k_cache, self.v_cache = self._allocate_cache()
         self.cos, self.sin = self._rope_table(inner.rotary_emb)  # [C, D] each
 
@@ -186,17 +270,22 @@ class _FastLM:
         Returns:
             logits: [B, V] float32.
         """
-        x = F.embedding(tokens, self.embed)  # x: [B, S, E]
-        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # [B, S, 1, D]
+        B, S = tokens.shape
+        ops, layers = self.ops, self.layers
+        x = F.embedding(tokens, self.embed).view(B * S, -1)  # x: [N, E], N = B * S
+        cos, sin = self.cos[pos].view(B * S, 1, -1), self.sin[pos].view(B * S, 1, -1)  # [N, 1, D]
         mask = self._mask(pos, window)  # [B, 1, G*S, W]
-        for i, layer in enumerate(self.layers):
-            h = _rms_norm(x, layer.in_norm, layer.in_eps)
-            x = x + self._attention(i, layer, h, cos, sin, mask, write_slots, pos, read_slots, window)
-            h = _rms_norm(x, layer.post_norm, layer.post_eps)
-            x = x + F.linear(layer.act(F.linear(h, layer.gate_w, layer.gate_b)) * F.linear(h, layer.up_w, layer.up_b),
-                             layer.down_w, layer.down_b)
-        x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]  # [B, E]
-        return F.linear(_rms_norm(x, self.norm, self.norm_eps), self.lm_head).float()  # [B, V]
+        h = ops.norm(x, layers[0].in_norm, layers[0].in_eps)
+        for i, layer in enumerate(layers):
+            a = self._attention(i, layer, h, cos, sin, mask, (write_slots, pos, read_slots, window))
+            x, h = ops.add_norm(x, a, layer.post_norm, layer.post_eps)
+            gate, up = _linears(h, layer.gate_up, self.mlp_sizes)
+            m = F.linear(ops.swiglu(gate, up), *layer.down)
+            nxt = (layers[i + 1].in_norm, layers[i + 1].in_eps) if i + 1 < len(layers) else (self.norm, self.norm_eps)
+            x, h = ops.add_norm(x, m, *nxt)  # h: the next layer's input (after the last: the final norm)
+        h = h.view(B, S, -1)
+        h = h[:, -1] if last is None else h[torch.arange(B, device=h.device), last]  # [B, E]
+        return F.linear(h, self.lm_head).float()  # [B, V]
 
     def _mask(self, pos: torch.Tensor, window: int) -> torch.Tensor:
         """Additive mask: query at position p sees cache positions <= p. Repeated per query head of a group."""
@@ -206,40 +295,30 @@ class _FastLM:
         mask = torch.zeros(seen.shape, dtype=self.dtype, device=pos.device).masked_fill_(~seen, float("-inf"))
         return mask[:, None, None].expand(B, 1, G, S, window).reshape(B, 1, G * S, window)
 
-    def _attention(self, i, layer: _Layer, h, cos, sin, mask, write_slots, pos, read_slots, window):
-        B, S, _ = h.shape
+    def _attention(self, i: int, layer: _Layer, h, cos, sin, mask, where) -> torch.Tensor:
+        """GQA attention of N = B*S new tokens over their rows' slots. h: [N, E] -> [N, E]."""
+        write_slots, pos, read_slots, window = where
+        B, S = pos.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
-        q = F.linear(h, layer.q_w, layer.q_b).view(B, S, H, D)
-        k = F.linear(h, layer.k_w, layer.k_b).view(B, S, Hkv, D)
-        v = F.linear(h, layer.v_w, layer.v_b).view(B, S, Hkv, D)
-        qk = _rope(torch.cat((q, k), dim=2), cos, sin)  # [B, S, H + Hkv, D]: one rope for both
-        q, k = qk[:, :, :H], qk[:, :, H:]
+        q, k, v = _linears(h, layer.qkv, self.qkv_sizes)  # [N, H*D], [N, Hkv*D], [N, Hkv*D]
+        q, k = self.ops.rope_qk(q.view(B * S, H, D), k.view(B * S, Hkv, D), cos, sin)
         kc, vc = self.k_cache[i], self.v_cache[i]  # [slots + 1, Hkv, C, D]
-        kc[write_slots, :, pos] = k  # indexed: [B, S, Hkv, D]
-        vc[write_slots, :, pos] = v
+        kc[write_slots, :, pos] = k.view(B, S, Hkv, D)  # indexed: [B, S, Hkv, D]
+        vc[write_slots, :, pos] = v.view(B, S, Hkv, D)
         keys = kc[:, :, :window].index_select(0, read_slots)  # [B, Hkv, W, D]
         values = vc[:, :, :window].index_select(0, read_slots)
         # GQA without repeating K/V: the G query heads of a KV head act as G*S query rows.
         G = H // Hkv
-        q = q.reshape(B, S, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * S, D)
+        q = q.view(B, S, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * S, D)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, Hkv, G*S, D]
-        out = out.view(B, Hkv, G, S, D).permute(0, 3, 1, 2, 4).reshape(B, S, H * D)
-        return F.linear(out, layer.o_w, layer.o_b)  # [B, S, E]
+        out = out.view(B, Hkv, G, S, D).permute(0, 3, 1, 2, 4).reshape(B * S, H * D)
+        return F.linear(out, *layer.o)  # [N, E]
 
     def decode(self, inp: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step. inp: [3, B] (token, position, slot); returns logits [B, V], stats [3, B]."""
         tokens, pos, slots = inp[0][:, None], inp[1][:, None], inp[2]  # [B, 1], [B, 1], [B]
         logits = self.forward(tokens, pos, slots[:, None], slots, window)
-        return logits, token_stats(logits)
-
-
-def token_stats(logits: torch.Tensor) -> torch.Tensor:
-    """[B, V] float32 logits -> [3, B] float64: greedy id, its log-prob, entropy (one D2H copy)."""
-    logp = torch.log_softmax(logits, dim=-1)  # [B, V]
-    entropy = -(logp.exp() * logp).sum(-1)  # [B]
-    greedy = logits.argmax(-1)  # [B]
-    lp = logp.gather(-1, greedy[:, None])[:, 0]  # [B]
-    return torch.stack([greedy.double(), lp.double(), entropy.double()])
+        return logits, self.ops.stats(logits)
 
 
 # ---- CUDA graphs of the decode step -----------------------------------------------------
@@ -380,7 +459,8 @@ class FastStepEngine:
     """Step engine with its own Llama/Qwen2 forward, slot KV cache, CUDA graphs and continuous batching."""
 
     def __init__(self, model, tokenizer, max_context: int = 4096, max_slots: int = 64,
-                 kv_cache_tokens: int | None = None, use_cuda_graphs: bool = True):
+                 kv_cache_tokens: int | None = None, use_cuda_graphs: bool = True,
+                 compile_ops: bool | None = None, fuse_weights: bool = False):
         """Args:
             model: an HF Llama or Qwen2 causal LM (its weights are used in place).
             tokenizer: the model's tokenizer.
@@ -389,6 +469,10 @@ class FastStepEngine:
             kv_cache_tokens: optional bound on cached tokens: slots = kv_cache_tokens // max_context
                 (at least 1, at most max_slots); 0 keeps no chain's KV between requests.
             use_cuda_graphs: replay the decode step as CUDA graphs (CUDA only).
+            compile_ops: torch.compile the pointwise pieces (norms, rope, SwiGLU, sampling
+                statistics) into fused kernels; default: on CUDA only.
+            fuse_weights: concatenate q/k/v and gate/up weights into one GEMM each; the model's
+                parameters are re-pointed at views of the fused tensors (no second copy).
         """
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -401,7 +485,9 @@ class FastStepEngine:
         self.reused_tokens = 0  # prompt tokens served from a chain's cached KV
         self.reuse = kv_cache_tokens != 0
         n_slots = max_slots if not kv_cache_tokens else max(1, min(max_slots, kv_cache_tokens // max_context))
-        self.lm = _FastLM(model, n_slots, max_context)
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        compiled = on_cuda if compile_ops is None else compile_ops
+        self.lm = _FastLM(model, n_slots, max_context, compiled=compiled, fuse=fuse_weights)
         self.device = self.lm.device
         self.slots = SlotPool(n_slots)
         use_graphs = use_cuda_graphs and self.device.type == "cuda"
@@ -554,7 +640,7 @@ class FastStepEngine:
         self.forward_calls += 1
         logits = self.lm.forward(tokens.to(dev), pos.to(dev), write.to(dev), read.to(dev), window, last.to(dev))
         jobs = [job for job, _ in group]
-        self._consume(jobs, token_stats(logits).cpu(), logits)
+        self._consume(jobs, self.lm.ops.stats(logits).cpu(), logits)
 
     def _decode_step(self) -> None:
         """Feed every running row its last sampled token; sample the next."""

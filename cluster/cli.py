@@ -123,17 +123,94 @@ def _execute(cfg, items: list[dict], on_result, in_process: bool) -> None:
         rt.run(items, cfg.policy.name, cfg.policy.threshold, on_result=on_result)
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        vals = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError as e:
+        raise ValueError(f"--thresholds must be comma-separated numbers, got {text!r}") from e
+    bad = [v for v in vals if not 0.0 <= v <= 1.0]
+    if bad:
+        raise ValueError(f"--thresholds must lie in [0, 1], got {bad[0]}")
+    return vals
+
+
+@app.command("eval")
+def eval_cmd(
+    out: Path = typer.Option(..., "--out", help="Run folder (results.jsonl, segments.jsonl)."),
+    config: str = typer.Option("configs/local.yaml", "--config", "-c"),
+    dataset: Optional[str] = typer.Option(None), split: Optional[str] = typer.Option(None),
+    limit: Optional[int] = typer.Option(None),
+    policies: str = typer.Option("rsd,router", help="Comma-separated policies."),
+    thresholds: str = typer.Option("0.5", help="Comma-separated thresholds in [0, 1]."),
+    address: Optional[str] = typer.Option(None, help="Ray address to join."),
+    in_process: bool = typer.Option(False, "--in-process", help="Run without Ray."),
+) -> None:
+    """Resumable sweep over policies x thresholds; one JSONL row per finished chain."""
+    from configs.schema import POLICY_NAMES
+
+    try:
+        names = [p.strip() for p in policies.split(",") if p.strip()]
+        unknown = [p for p in names if p not in POLICY_NAMES]
+        if unknown:
+            raise ValueError(f"unknown policy {unknown[0]!r}; choose from {', '.join(POLICY_NAMES)}")
+        taus = _floats(thresholds)
+        cfg = load_cli_config(config, **{"data.dataset": dataset, "data.split": split,
+                                         "data.limit": limit, "runtime.address": address})
+        from arbitrage.data import load_problems
+        from cluster.evaluate import run_sweep, sweep_groups
+
+        problems = load_problems(cfg.data)
+        groups = sweep_groups(names, taus)
+        for g in groups:  # each policy's models must be configured
+            cfg.with_overrides(**{"policy.name": g.policy, "policy.threshold": g.threshold})
+    except USER_ERRORS as e:
+        fail(str(e))
+    typer.echo(f"sweep: {len(problems)} problems x {len(groups)} groups -> {out}", err=True)
+    try:
+        if in_process:
+            from arbitrage.runner import run_in_process
+
+            run_sweep(cfg, problems, groups, out,
+                      lambda items, p, t, cb: run_in_process(cfg, items, p, t, on_result=cb))
+        else:
+            from cluster.runtime import Runtime
+
+            with Runtime(cfg) as rt:
+                run_sweep(cfg, problems, groups, out,
+                          lambda items, p, t, cb: rt.run(items, p, t, on_result=cb))
+    except USER_ERRORS as e:
+        fail(str(e))
+    from cluster.report import write_report
+
+    table, _ = write_report(out)
+    typer.echo(table)
+
+
+@app.command("report")
+def report_cmd(run_dir: Path = typer.Argument(..., help="A run folder written by `arbitrage eval`.")) -> None:
+    """Metrics table and plots for a sweep folder."""
+    from cluster.report import write_report
+
+    try:
+        table, plots = write_report(run_dir)
+    except USER_ERRORS as e:
+        fail(str(e))
+    typer.echo(table)
+    for p in plots:
+        typer.echo(f"plot: {p}")
+
+
 @app.command("setup-models")
 def setup_models(config: str = typer.Option("configs/local.yaml", "--config", "-c")) -> None:
     """Assemble and convert the config's offline models once (cached)."""
     try:
         cfg = load_cli_config(config)
-        from arbitrage.models import prepare_source
+        from arbitrage.models import model_location
 
         for role in ("draft", "target", "prm"):
             m = getattr(cfg.models, role)
-            if m is not None:
-                typer.echo(f"{role}: {prepare_source(m.source)}")
+            if m is not None and m.source.kind in ("packaged", "gguf"):
+                typer.echo(f"{role}: {model_location(m.source)}")
     except USER_ERRORS as e:
         fail(str(e))
 

@@ -1,0 +1,109 @@
+"""Reports over a sweep folder: a metrics table per (policy, threshold) and the paper's plots.
+
+Reads `results.jsonl` (and `segments.jsonl` for throughput) written by
+`cluster.evaluate.run_sweep`; writes `summary.json`, `report.md` and three PNG plots:
+accuracy vs acceptance rate, accuracy vs mean latency, wasted-escalation share vs
+acceptance rate.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from arbitrage.metrics import summarize
+from cluster.evaluate import THRESHOLD_FREE, load_results
+
+COLUMNS = [("accuracy", "{:.3f}"), ("acceptance_rate", "{:.3f}"), ("target_calls", "{}"),
+           ("wasted_escalations", "{}"), ("wasted_share", "{:.3f}"), ("draft_tokens", "{}"),
+           ("target_tokens", "{}"), ("latency_mean_s", "{:.2f}"), ("latency_p50_s", "{:.2f}"),
+           ("latency_p90_s", "{:.2f}"), ("throughput_problems_per_s", "{:.4f}"), ("errors", "{}")]
+
+
+def group_summaries(run_dir: Path) -> list[dict]:
+    """One metrics dict per (policy, threshold), sorted by policy then threshold."""
+    rows = load_results(run_dir / "results.jsonl")
+    if not rows:
+        raise ValueError(f"no results in {run_dir / 'results.jsonl'}")
+    groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for r in rows.values():
+        groups[(r["policy"], float(r["threshold"]))].append(r)
+    elapsed = _elapsed_by_group(run_dir / "segments.jsonl")
+    out = []
+    for (policy, tau), rs in sorted(groups.items()):
+        m = summarize(rs, elapsed.get((policy, tau)))
+        out.append({"policy": policy, "threshold": tau, **m})
+    return out
+
+
+def _elapsed_by_group(path: Path) -> dict[tuple[str, float], float]:
+    acc: dict[tuple[str, float], float] = defaultdict(float)
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                s = json.loads(line)
+                acc[(s["policy"], float(s["threshold"]))] += s["elapsed_s"]
+            except (ValueError, KeyError):
+                continue
+    return acc
+
+
+def markdown_table(summaries: list[dict]) -> str:
+    head = "| policy | tau | n | " + " | ".join(c for c, _ in COLUMNS) + " |"
+    sep = "|" + "---|" * (3 + len(COLUMNS))
+    lines = [head, sep]
+    for s in summaries:
+        tau = "-" if s["policy"] in THRESHOLD_FREE else f"{s['threshold']:g}"
+        cells = ["-" if s[c] is None else f.format(s[c]) for c, f in COLUMNS]
+        lines.append(f"| {s['policy']} | {tau} | {s['problems']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summaries: list[dict], out_dir: Path) -> list[Path]:
+    """The three plots, one line per policy across thresholds; baselines as single markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    specs = [("acceptance_rate", "accuracy", "accuracy_vs_acceptance.png", "acceptance rate (draft steps kept)", "accuracy"),
+             ("latency_mean_s", "accuracy", "accuracy_vs_latency.png", "mean latency per problem (s)", "accuracy"),
+             ("acceptance_rate", "wasted_share", "wasted_vs_acceptance.png", "acceptance rate", "wasted-escalation share")]
+    by_policy: dict[str, list[dict]] = defaultdict(list)
+    for s in summaries:
+        by_policy[s["policy"]].append(s)
+    paths = []
+    for x, y, name, xl, yl in specs:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for policy, ss in by_policy.items():
+            pts = sorted((s[x], s[y], s["threshold"]) for s in ss if s[y] is not None)
+            if not pts:
+                continue
+            xs, ys, ts = zip(*pts)
+            style = "*" if policy in THRESHOLD_FREE else "o-"
+            ax.plot(xs, ys, style, label=policy, markersize=10 if policy in THRESHOLD_FREE else 5)
+            if policy not in THRESHOLD_FREE:
+                for xv, yv, t in pts:
+                    ax.annotate(f"{t:g}", (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = out_dir / name
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def write_report(run_dir: Path) -> tuple[str, list[Path]]:
+    """Write summary.json, report.md and the plots into `run_dir`; return the table and plot paths."""
+    summaries = group_summaries(run_dir)
+    (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2))
+    table = markdown_table(summaries)
+    plots = plot(summaries, run_dir)
+    (run_dir / "report.md").write_text(f"# Report: {run_dir.name}\n\n{table}\n\n" +
+                                       "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
+    return table, plots
