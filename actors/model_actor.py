@@ -98,7 +98,9 @@ class ModelActor:
             raise RuntimeError(f"the {self.role} actor does not serve {method!r}")
         if method not in self._batchers:  # created inside the actor's event loop
             b = self._batching
-            self._batchers[method] = DynamicBatcher(fn, b.max_batch_size, b.max_wait_ms)
+            # Engines with continuous admission take several batches at once (see DynamicBatcher).
+            inflight = 8 if getattr(self.engine, "continuous", False) and method == "generate_step" else 1
+            self._batchers[method] = DynamicBatcher(fn, b.max_batch_size, b.max_wait_ms, max_inflight=inflight)
         return self._batchers[method]
 
     # ---- served methods -------------------------------------------------------------

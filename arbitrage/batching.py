@@ -22,8 +22,18 @@ class DynamicBatcher(Generic[T, R]):
     """Collects awaited requests into batches for `batch_fn(list[T]) -> list[R]`."""
 
     def __init__(self, batch_fn: Callable[[list[T]], list[R]], max_batch_size: int = 16,
-                 max_wait_ms: float = 5.0, run_in_thread: bool = True):
+                 max_wait_ms: float = 5.0, run_in_thread: bool = True, max_inflight: int = 1):
+        """
+        Args:
+            batch_fn: the batched call.
+            max_batch_size, max_wait_ms: how a batch forms.
+            run_in_thread: run batch_fn in a worker thread (never block the event loop).
+            max_inflight: batches handed to batch_fn at once. 1 for engines that run one
+                batch at a time; more for engines that admit new rows into a running batch
+                (continuous batching), so a new chain's step never waits for a batch to end.
+        """
         self.batch_fn = batch_fn
+        self.max_inflight = max_inflight
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.run_in_thread = run_in_thread
@@ -66,28 +76,37 @@ class DynamicBatcher(Generic[T, R]):
         return batch
 
     async def _run(self) -> None:
+        slots = asyncio.Semaphore(self.max_inflight)
         while True:
             batch = await self._collect()
             batch = [(item, fut) for item, fut in batch if not fut.cancelled()]
             if not batch:
                 continue
-            items = [item for item, _ in batch]
-            self.batch_sizes[len(items)] += 1
-            t0 = time.perf_counter()
-            try:
-                if self.run_in_thread:
-                    results = await asyncio.to_thread(self.batch_fn, items)
-                else:
-                    results = self.batch_fn(items)
-                if len(results) != len(items):
-                    raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
-            except Exception as e:  # every caller of this batch sees the error
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
+            if self.max_inflight == 1:
+                await self._execute(batch)
                 continue
-            finally:
-                self.busy_s += time.perf_counter() - t0
-            for (_, fut), res in zip(batch, results):
+            await slots.acquire()
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            task.add_done_callback(lambda _: slots.release())
+
+    async def _execute(self, batch: list[tuple[T, asyncio.Future]]) -> None:
+        items = [item for item, _ in batch]
+        self.batch_sizes[len(items)] += 1
+        t0 = time.perf_counter()
+        try:
+            if self.run_in_thread:
+                results = await asyncio.to_thread(self.batch_fn, items)
+            else:
+                results = self.batch_fn(items)
+            if len(results) != len(items):
+                raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+        except Exception as e:  # every caller of this batch sees the error
+            for _, fut in batch:
                 if not fut.done():
-                    fut.set_result(res)
+                    fut.set_exception(e)
+            return
+        finally:
+            self.busy_s += time.perf_counter() - t0
+        for (_, fut), res in zip(batch, results):
+            if not fut.done():
+                fut.set_result(res)

@@ -8,6 +8,14 @@ stop rules, sampling RNG, counters and `next_token_logits`) built for speed:
   over the static cache, o_proj, residual, RMSNorm, SwiGLU MLP, residual -> final norm ->
   lm_head. cos/sin come from the HF model's own `rotary_emb`, evaluated once for every
   position 0..max_context-1 (exact for every static rope type, llama3 included).
+  On CUDA (defaults) two things cut the kernels per decode step, which at batch 1 cost as
+  much as the weight streaming: the pointwise pieces (residual add + RMSNorm, RoPE of q
+  and k, SwiGLU, log-softmax/entropy/argmax) are `torch.compile`d into one Triton kernel
+  each (cold compile ~15 s on first use), and q/k/v and gate/up become one GEMM each:
+  their weights are concatenated once and the model's parameters re-pointed at views of
+  the fused tensors (one copy in memory; the HF model keeps working). Measured on one
+  H200 (random weights, bf16, batch 1): Llama-3.2-1B 2.30 -> 1.54 ms/step, Llama-3.1-8B
+  7.22 -> 5.50 ms/step (floors 0.58 and 3.80 ms).
 - **Static slot KV cache.** Per layer, keys and values are one tensor each,
   [n_slots + 1, n_kv_heads, max_context, head_dim], allocated once; the last slot is a
   dummy that absorbs the writes of padding. Memory:
@@ -460,7 +468,7 @@ class FastStepEngine:
 
     def __init__(self, model, tokenizer, max_context: int = 4096, max_slots: int = 64,
                  kv_cache_tokens: int | None = None, use_cuda_graphs: bool = True,
-                 compile_ops: bool | None = None, fuse_weights: bool = False):
+                 compile_ops: bool | None = None, fuse_weights: bool | None = None):
         """Args:
             model: an HF Llama or Qwen2 causal LM (its weights are used in place).
             tokenizer: the model's tokenizer.
@@ -472,7 +480,8 @@ class FastStepEngine:
             compile_ops: torch.compile the pointwise pieces (norms, rope, SwiGLU, sampling
                 statistics) into fused kernels; default: on CUDA only.
             fuse_weights: concatenate q/k/v and gate/up weights into one GEMM each; the model's
-                parameters are re-pointed at views of the fused tensors (no second copy).
+                parameters are re-pointed at views of the fused tensors (no second copy; the
+                model still works, e.g. for a StepEngine or PRM sharing it); default: on CUDA only.
         """
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -487,7 +496,8 @@ class FastStepEngine:
         n_slots = max_slots if not kv_cache_tokens else max(1, min(max_slots, kv_cache_tokens // max_context))
         on_cuda = next(model.parameters()).device.type == "cuda"
         compiled = on_cuda if compile_ops is None else compile_ops
-        self.lm = _FastLM(model, n_slots, max_context, compiled=compiled, fuse=fuse_weights)
+        fuse = on_cuda if fuse_weights is None else fuse_weights
+        self.lm = _FastLM(model, n_slots, max_context, compiled=compiled, fuse=fuse)
         self.device = self.lm.device
         self.slots = SlotPool(n_slots)
         use_graphs = use_cuda_graphs and self.device.type == "cuda"

@@ -133,6 +133,10 @@ def load_causal_lm(cfg: ModelConfig):
 def load_engine(cfg: ModelConfig) -> StepEngine:
     """A StepEngine over the config's model and tokenizer, limited to `cfg.max_context`."""
     model, tokenizer = load_causal_lm(cfg)
+    if cfg.engine == "fast":
+        from arbitrage.fast_engine import FastStepEngine
+
+        return FastStepEngine(model, tokenizer, max_context=cfg.max_context, max_slots=cfg.max_slots)
     return StepEngine(model, tokenizer, max_context=cfg.max_context, kv_cache_tokens=cfg.kv_cache_tokens)
 
 

@@ -63,6 +63,12 @@ class ModelConfig(_Base):
         default=65536, ge=0,
         description="Tokens of per-chain KV kept between steps (LRU); 0 disables reuse.",
     )
+    engine: Literal["hf", "fast"] = Field(
+        default="hf",
+        description="hf: the transformers reference engine (any causal LM); fast: our static-KV "
+        "engine with CUDA-graph decode and continuous batching (Llama / Qwen2 only).",
+    )
+    max_slots: int = Field(default=64, ge=1, le=4096, description="fast engine: chains held in its KV pool.")
 
 
 class PRMConfig(ModelConfig):

@@ -119,6 +119,21 @@ def test_kv_reuse_with_rollback_equals_recomputation(tokenizer):
         assert cached.prefill_tokens < fresh.prefill_tokens
 
 
+def test_fused_weights_equal_and_leave_the_model_working(tokenizer):
+    model = random_causal_lm("tiny-qwen2", seed=8)  # q/k/v biases are fused too
+    ref = StepEngine(model, tokenizer, kv_cache_tokens=0)
+    reqs = [_req(p, s, max_tokens=12) for p, s in PROMPTS]
+    want = ref.generate_steps(reqs)
+    q_ptr = model.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    with FastStepEngine(model, tokenizer, max_context=1024, max_slots=4, fuse_weights=True) as fast:
+        _same(fast.generate_steps(reqs), want)
+        fused_w, fused_b = fast.lm.layers[0].qkv[0]
+        attn = model.model.layers[0].self_attn
+        assert fused_w.data_ptr() == attn.q_proj.weight.data_ptr() != q_ptr  # a view, not a copy
+        assert attn.k_proj.bias.data_ptr() == fused_b.data_ptr() + attn.q_proj.bias.numel() * 4
+    _same(ref.generate_steps(reqs), want)  # the HF model gives the same steps afterwards
+
+
 def test_slot_eviction_with_two_slots_stays_correct(tokenizer):
     model = random_causal_lm("tiny-llama", seed=4)
     want = _run_chains(StepEngine(model, tokenizer, kv_cache_tokens=0))
