@@ -34,7 +34,11 @@ stop rules, sampling RNG, counters and `next_token_logits`) built for speed:
   max_context. On CUDA the decode step (forward, log-softmax, entropy, argmax) is
   captured once per (batch bucket, window) into a `torch.cuda.CUDAGraph` over static
   input buffers (tokens, positions, slots), lazily, and replayed; a batch is padded to its
-  bucket (1, 2, 4, ..., 64) with the dummy slot. On CPU it runs eagerly.
+  bucket (1, 2, 4, ..., 64) with the dummy slot. At most 7 x max_context / WINDOW_BLOCK
+  graphs exist (112 at 4096), each captured when first needed (a fraction of a second;
+  they share one memory pool). On CPU the step runs eagerly.
+- **Numerics.** float32 matches StepEngine to ~1e-6 in log-probs; in bf16 results differ
+  from HF's by rounding (other kernels, fused norms), like any two engines.
 - **Continuous admission.** One scheduler thread owns the model and the cache. Callers
   (any number of threads) queue their requests and wait on futures; between two decode
   steps the scheduler admits waiting requests (prefills them into the running batch) and
@@ -101,7 +105,11 @@ def _linear(module) -> Linear:
 
 def _fuse_linears(modules) -> Linear:
     """Concatenate linears' weights (and biases) into one tensor, then point each module's
-    parameters at its rows of it: the HF model keeps working and no second copy is kept."""
+    parameters at its rows of it: the HF model keeps working and no second copy is kept.
+    A second engine on the same model finds the fused tensors and reuses them."""
+    done = getattr(modules[0], "_fused_linear", None)
+    if done is not None and done[0].data_ptr() == modules[0].weight.data_ptr():
+        return done
     with torch.no_grad():
         w = torch.cat([m.weight for m in modules])  # [sum O, I]
         b = torch.cat([m.bias for m in modules]) if modules[0].bias is not None else None
@@ -112,6 +120,7 @@ def _fuse_linears(modules) -> Linear:
             if b is not None:
                 m.bias.data = b[row:row + n]
             row += n
+    modules[0]._fused_linear = (w, b)
     return w, b
 
 

@@ -131,7 +131,21 @@ def test_fused_weights_equal_and_leave_the_model_working(tokenizer):
         attn = model.model.layers[0].self_attn
         assert fused_w.data_ptr() == attn.q_proj.weight.data_ptr() != q_ptr  # a view, not a copy
         assert attn.k_proj.bias.data_ptr() == fused_b.data_ptr() + attn.q_proj.bias.numel() * 4
+        with FastStepEngine(model, tokenizer, max_context=64, max_slots=1, fuse_weights=True) as again:
+            assert again.lm.layers[0].qkv[0][0] is fused_w  # fused once per model
     _same(ref.generate_steps(reqs), want)  # the HF model gives the same steps afterwards
+
+
+def test_compile_failure_falls_back_to_eager():
+    from arbitrage.fast_engine import _compiled
+
+    def breaks_the_graph(x):
+        return torch.tensor(x.tolist()) * 2  # a graph break: fullgraph compilation fails
+
+    f = _compiled(breaks_the_graph)
+    with pytest.warns(UserWarning, match="running eagerly"):
+        assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0))
+    assert torch.equal(f(torch.ones(3)), torch.full((3,), 2.0))
 
 
 def test_slot_eviction_with_two_slots_stays_correct(tokenizer):

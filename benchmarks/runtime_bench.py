@@ -1,0 +1,179 @@
+"""Runtime benchmark: the async coordinator against a synchronous lockstep loop, and
+per-chain latency of `target_only` against fixed-rate escalation, on the Ray runtime.
+
+Random-weight models at real shapes (default draft Llama-3.2-1B, target Llama-3.1-8B,
+bf16, both on one GPU with fractional `num_gpus`), forced step lengths, seeded
+fixed-rate escalation. Everything is measured side by side in one run and written as
+JSON. The lockstep baseline is the published ARBITRAGE script's structure: all chains
+draft a step, wait for the slowest, then the escalated ones wait for the target, and so
+on -- it runs over the very same actors.
+
+    python benchmarks/runtime_bench.py --out benchmarks/results/runtime_h200.json
+    python benchmarks/runtime_bench.py --device cpu --draft tiny-llama --target tiny-llama-wide \
+        --chains 1,4 --steps 3 --step-tokens 8 --out /tmp/runtime_smoke.json   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from configs.schema import ArbitrageConfig
+
+
+def bench_config(a) -> ArbitrageConfig:
+    gpu = 0.5 if a.device == "cuda" else 0.0
+    model = lambda shape, seed: {"source": {"kind": "random", "name": shape}, "dtype": a.dtype,
+                                 "device": a.device, "max_context": a.max_context, "seed": seed,
+                                 "engine": a.engine, "max_slots": max(64, a.max_chains)}
+    batching = {"max_batch_size": max(64, a.max_chains), "max_wait_ms": a.max_wait_ms}
+    return ArbitrageConfig.model_validate({
+        "name": "runtime-bench",
+        "models": {"draft": model(a.draft, 1), "target": model(a.target, 2)},
+        "generation": {"forced_step_tokens": a.step_tokens, "max_step_tokens": a.step_tokens,
+                       "max_steps": a.steps, "max_total_tokens": a.step_tokens * a.steps},
+        "policy": {"name": "fixed_rate", "threshold": a.rate},
+        "prompt": {"use_chat_template": True, "system_prompt": "Please reason step by step."},
+        "runtime": {"num_cpus": a.num_cpus, "max_concurrent_chains": a.max_chains,
+                    "draft": {"num_cpus": 1, "num_gpus": gpu, "batching": batching},
+                    "target": {"num_cpus": 1, "num_gpus": gpu, "batching": batching}},
+    })
+
+
+def problems(n: int, tag: str) -> list[dict]:
+    return [{"id": f"{tag}-{i}", "problem": f"Problem {tag} {i}: a train leaves at {i} o'clock at 60 km/h. "
+             "How far has it travelled by noon?"} for i in range(n)]
+
+
+async def lockstep(backend, items: list[dict], cfg: ArbitrageConfig, rate: float) -> int:
+    """The synchronous baseline: every phase waits for the slowest chain. Returns steps done."""
+    from arbitrage.policies import FixedRate, StepContext
+    from arbitrage.types import SamplingParams, StepRequest
+
+    g = cfg.generation
+    policy = FixedRate(rate, seed=cfg.generation.seed)
+    params = SamplingParams(max_tokens=g.max_step_tokens, forced_tokens=g.forced_step_tokens)
+    steps: list[list[str]] = [[] for _ in items]
+    for k in range(g.max_steps):
+        reqs = [StepRequest(problem=it["problem"], steps=tuple(s), system=cfg.prompt.system_prompt,
+                            params=params, chain_id=f"lock-{it['id']}") for it, s in zip(items, steps)]
+        drafts = await asyncio.gather(*(backend.draft_step(r) for r in reqs))  # wait for all
+        esc = [i for i, it in enumerate(items) if policy.escalate(StepContext(it["id"], k))]
+        targets = await asyncio.gather(*(backend.target_step(reqs[i]) for i in esc))  # wait again
+        chosen = {i: t.text for i, t in zip(esc, targets)}
+        for i, d in enumerate(drafts):
+            steps[i].append(chosen.get(i, d.text))
+    return len(items) * g.max_steps
+
+
+def run_coordinator(rt, items, policy, tau) -> tuple[float, int, list[dict]]:
+    t0 = time.perf_counter()
+    res = rt.run(items, policy, tau)
+    dt = time.perf_counter() - t0
+    errors = [r["error"] for r in res if r.get("error")]
+    if errors:
+        raise RuntimeError(f"chains failed: {errors[0]}")
+    return dt, sum(r["num_steps"] for r in res), res
+
+
+def throughput(rt, cfg, a) -> list[dict]:
+    """Steps/s through the coordinator vs lockstep, at each concurrency."""
+    from actors.backend import RayBackend
+
+    backend = RayBackend(rt.handles)
+    rows = []
+    for n in a.chain_counts:
+        items = problems(n, f"tp{n}")
+        run_coordinator(rt, problems(min(n, 4), f"warm{n}"), "fixed_rate", a.rate)  # warm buckets
+        dt_c, steps_c, _ = run_coordinator(rt, items, "fixed_rate", a.rate)
+        t0 = time.perf_counter()
+        steps_l = asyncio.run(lockstep(backend, problems(n, f"ls{n}"), cfg, a.rate))
+        dt_l = time.perf_counter() - t0
+        row = {"chains": n, "coordinator_steps_per_s": steps_c / dt_c, "lockstep_steps_per_s": steps_l / dt_l,
+               "coordinator_s": dt_c, "lockstep_s": dt_l}
+        row["speedup_vs_lockstep"] = row["coordinator_steps_per_s"] / row["lockstep_steps_per_s"]
+        rows.append(row)
+        print(f"chains={n:3d} coordinator {row['coordinator_steps_per_s']:8.2f} steps/s  "
+              f"lockstep {row['lockstep_steps_per_s']:8.2f} steps/s  x{row['speedup_vs_lockstep']:.2f}", flush=True)
+    base = rows[0]["coordinator_steps_per_s"]
+    for r in rows:
+        r["vs_single_chain"] = r["coordinator_steps_per_s"] / base
+    return rows
+
+
+def latency(rt, a) -> dict:
+    """Per-chain latency of target_only vs fixed-rate escalation; ideal speed-up from step costs."""
+    n = a.latency_chains
+    per = {}
+    for name, policy, tau in [("draft_only", "draft_only", 0.0), ("target_only", "target_only", 0.0)] + \
+            [(f"fixed_{p:g}", "fixed_rate", p) for p in a.rates]:
+        lats, steps, esc = [], 0, 0
+        for i in range(n):  # one chain at a time: latency, not throughput
+            dt, st, res = run_coordinator(rt, problems(1, f"lat-{name}-{i}"), policy, tau)
+            lats.append(dt)
+            steps += st
+            esc += sum(r["escalations"] for r in res)
+        per[name] = {"latency_s": statistics.mean(lats), "steps_per_chain": steps / n,
+                     "escalation_rate": esc / steps if steps else 0.0}
+        print(f"latency {name:12s} {per[name]['latency_s']:.3f} s/chain", flush=True)
+    t_d = per["draft_only"]["latency_s"] / per["draft_only"]["steps_per_chain"]
+    t_t = per["target_only"]["latency_s"] / per["target_only"]["steps_per_chain"]
+    out = {"draft_step_s": t_d, "target_step_s": t_t, "by_policy": per, "rates": {}}
+    for p in a.rates:
+        row = per[f"fixed_{p:g}"]
+        achieved = per["target_only"]["latency_s"] / row["latency_s"]
+        q = row["escalation_rate"]  # realised rate over the measured steps
+        ideal = t_t / (t_d + q * t_t)
+        out["rates"][f"{p:g}"] = {"speedup": achieved, "ideal_speedup": ideal, "realised_rate": q,
+                                  "share_of_ideal": achieved / ideal}
+        print(f"rate {p:.2f} (realised {q:.2f}): speed-up {achieved:.2f}x, ideal {ideal:.2f}x "
+              f"({achieved / ideal:.0%})", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--engine", default="fast", choices=["hf", "fast"])
+    ap.add_argument("--draft", default="llama-3.2-1b")
+    ap.add_argument("--target", default="llama-3.1-8b")
+    ap.add_argument("--chains", default="1,8,32,64")
+    ap.add_argument("--rate", type=float, default=0.2)
+    ap.add_argument("--rates", default="0.1,0.2,0.4")
+    ap.add_argument("--steps", type=int, default=10, help="steps per chain")
+    ap.add_argument("--step-tokens", type=int, default=64)
+    ap.add_argument("--max-context", type=int, default=1024)
+    ap.add_argument("--max-wait-ms", type=float, default=2.0)
+    ap.add_argument("--latency-chains", type=int, default=4)
+    ap.add_argument("--num-cpus", type=int, default=8)
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: throughput,latency")
+    ap.add_argument("--out", default="benchmarks/results/runtime.json")
+    a = ap.parse_args()
+    a.chain_counts = [int(c) for c in a.chains.split(",")]
+    a.max_chains = max(a.chain_counts)
+    a.rates = [float(r) for r in a.rates.split(",")]
+    cfg = bench_config(a)
+    from cluster.runtime import Runtime
+
+    result = {"args": vars(a), "host": platform.node()}
+    t0 = time.perf_counter()
+    with Runtime(cfg) as rt:
+        result["startup_s"] = time.perf_counter() - t0
+        if "throughput" not in a.skip:
+            result["throughput"] = throughput(rt, cfg, a)
+        if "latency" not in a.skip:
+            result["latency"] = latency(rt, a)
+        result["actor_stats"] = rt.stats()
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
