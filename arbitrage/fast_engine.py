@@ -11,14 +11,16 @@ stop rules, sampling RNG, counters and `next_token_logits`) built for speed:
   On CUDA (defaults) two things cut the kernels per decode step, which at batch 1 cost as
   much as the weight streaming: the pointwise pieces (residual add + RMSNorm, RoPE of q
   and k, SwiGLU, log-softmax/entropy/argmax) are `torch.compile`d into one Triton kernel
-  each (cold compile ~15 s on first use), and q/k/v and gate/up become one GEMM each:
-  their weights are concatenated once and the model's parameters re-pointed at views of
-  the fused tensors (one copy in memory; the HF model keeps working). Measured on one
-  H200 (random weights, bf16, batch 1): Llama-3.2-1B 2.30 -> 1.54 ms/step, Llama-3.1-8B
-  7.22 -> 5.50 ms/step (floors 0.58 and 3.80 ms).
-- **Static slot KV cache.** Per layer, keys and values are one tensor each,
-  [n_slots + 1, n_kv_heads, max_context, head_dim], allocated once; the last slot is a
-  dummy that absorbs the writes of padding. Memory:
+  each inside the CUDA graphs (cold compile ~15 s on first capture), and q/k/v and
+  gate/up become one GEMM each: their weights are concatenated once and the model's
+  parameters re-pointed at views of the fused tensors (one copy in memory; the HF model
+  keeps working). Measured on one H200 (random weights, bf16, batch 1, generate_steps):
+  Llama-3.2-1B 2.30 -> 1.66 ms/step, Llama-3.1-8B 7.22 -> 5.40 ms/step, against
+  weight-streaming floors of 0.58 and 3.76 ms (benchmarks/engine_bench.py).
+- **Static slot KV cache.** Per layer, keys and values are [n_slots + 1, n_kv_heads,
+  max_context, head_dim] each, allocated once as one tensor [n_slots + 1, 2, ...] (so a
+  step writes and gathers both with one kernel each); the last slot is a dummy that
+  absorbs the writes of padding. Memory:
   2 (k, v) * layers * n_kv_heads * max_context * head_dim * dtype bytes per slot, e.g. at
   max_context 4096 in bf16: Llama-3.2-1B 128 MiB, Llama-3.1-8B 512 MiB per slot (64 slots:
   8 GiB and 32 GiB). A chain (`chain_id`) owns a slot while cached; the slot remembers its
@@ -177,8 +179,9 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin_signed
 
 
-def _rope_qk(q, k, cos, sin_signed):
-    return _rope(q, cos, sin_signed), _rope(k, cos, sin_signed)
+def _rope_qkv(q, k, v, cos, sin_signed):
+    """Rotate q and k; return q [N, H, D] and the new cache entries kv [N, 2, Hkv, D]."""
+    return _rope(q, cos, sin_signed), torch.stack((_rope(k, cos, sin_signed), v), dim=1)
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -200,13 +203,13 @@ class _Ops:
 
     norm: Callable
     add_norm: Callable
-    rope_qk: Callable
+    rope_qkv: Callable
     swiglu: Callable
     stats: Callable
 
 
 def make_ops(compiled: bool) -> _Ops:
-    fns = (_rms_norm, _add_rms_norm, _rope_qk, _swiglu, token_stats)
+    fns = (_rms_norm, _add_rms_norm, _rope_qkv, _swiglu, token_stats)
     return _Ops(*(_compiled(f) for f in fns)) if compiled else _Ops(*fns)
 
 
@@ -244,8 +247,12 @@ class _FastLM:
         self.device, self.dtype = self.embed.device, self.embed.dtype
         self.n_slots, self.max_context = n_slots, max_context
         self.dummy = n_slots  # the extra slot that padding writes into
-        self.ops = make_ops(compiled)
-        self.k_cache, self.v_cache = self._allocate_cache()
+        # Compiled pieces only inside CUDA graphs: called eagerly, a compiled function's
+        # guards and wrappers cost more host time than the kernels they save.
+        self.eager_ops, self.graph_ops = make_ops(False), make_ops(compiled)
+        self.kv_cache = self._allocate_cache()  # per layer [slots + 1, 2, Hkv, C, D]
+        self.k_cache = [kv[:, 0] for kv in self.kv_cache]  # views [slots + 1, Hkv, C, D]
+        self.v_cache = [kv[:, 1] for kv in self.kv_cache]
         self.cos, self.sin = self._rope_table(inner.rotary_emb)  # [C, D] each
 
     @property
@@ -254,18 +261,17 @@ class _FastLM:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * len(self.layers) * self.n_kv * self.max_context * self.head_dim * elem
 
-    def _allocate_cache(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _allocate_cache(self) -> list[torch.Tensor]:
         # Zeros, not empty: masked positions are multiplied by 0 in attention, and 0 * NaN = NaN.
-        shape = (self.n_slots + 1, self.n_kv, self.max_context, self.head_dim)
+        shape = (self.n_slots + 1, 2, self.n_kv, self.max_context, self.head_dim)
         try:
             with torch.inference_mode():
-                k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-                v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+                kv = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         except torch.OutOfMemoryError as e:
             gib = self.bytes_per_slot * (self.n_slots + 1) / 2**30
             raise ValueError(f"KV cache of {self.n_slots} slots x max_context {self.max_context} needs "
                              f"{gib:.1f} GiB; lower max_slots, max_context or kv_cache_tokens") from e
-        return k, v
+        return kv
 
     def _rope_table(self, rotary_emb) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin for positions 0..C-1 from the HF model's own rotary_emb."""
@@ -276,7 +282,7 @@ class _FastLM:
             sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         return cos[0].contiguous(), sin[0].contiguous()
 
-    def forward(self, tokens, pos, write_slots, read_slots, window: int, last=None) -> torch.Tensor:
+    def forward(self, tokens, pos, write_slots, read_slots, window: int, last=None, ops=None) -> torch.Tensor:
         """Run new tokens against the cache, writing their K/V into it.
 
         Args:
@@ -284,17 +290,18 @@ class _FastLM:
             read_slots: [B] the slot each row attends over (positions < window).
             window: cache positions attended, > every position in `pos`.
             last: [B] index of the token whose logits are wanted (None: the last one).
+            ops: the pointwise pieces (default: eager).
         Returns:
             logits: [B, V] float32.
         """
         B, S = tokens.shape
-        ops, layers = self.ops, self.layers
+        ops, layers = ops or self.eager_ops, self.layers
         x = F.embedding(tokens, self.embed).view(B * S, -1)  # x: [N, E], N = B * S
         cos, sin = self.cos[pos].view(B * S, 1, -1), self.sin[pos].view(B * S, 1, -1)  # [N, 1, D]
         mask = self._mask(pos, window)  # [B, 1, G*S, W]
         h = ops.norm(x, layers[0].in_norm, layers[0].in_eps)
         for i, layer in enumerate(layers):
-            a = self._attention(i, layer, h, cos, sin, mask, (write_slots, pos, read_slots, window))
+            a = self._attention(i, layer, h, (cos, sin, mask), (write_slots, pos, read_slots, window), ops)
             x, h = ops.add_norm(x, a, layer.post_norm, layer.post_eps)
             gate, up = _linears(h, layer.gate_up, self.mlp_sizes)
             m = F.linear(ops.swiglu(gate, up), *layer.down)
@@ -312,18 +319,17 @@ class _FastLM:
         mask = torch.zeros(seen.shape, dtype=self.dtype, device=pos.device).masked_fill_(~seen, float("-inf"))
         return mask[:, None, None].expand(B, 1, G, S, window).reshape(B, 1, G * S, window)
 
-    def _attention(self, i: int, layer: _Layer, h, cos, sin, mask, where) -> torch.Tensor:
+    def _attention(self, i: int, layer: _Layer, h, rope_mask, where, ops: _Ops) -> torch.Tensor:
         """GQA attention of N = B*S new tokens over their rows' slots. h: [N, E] -> [N, E]."""
-        write_slots, pos, read_slots, window = where
+        (cos, sin, mask), (write_slots, pos, read_slots, window) = rope_mask, where
         B, S = pos.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         q, k, v = _linears(h, layer.qkv, self.qkv_sizes)  # [N, H*D], [N, Hkv*D], [N, Hkv*D]
-        q, k = self.ops.rope_qk(q.view(B * S, H, D), k.view(B * S, Hkv, D), cos, sin)
-        kc, vc = self.k_cache[i], self.v_cache[i]  # [slots + 1, Hkv, C, D]
-        kc[write_slots, :, pos] = k.view(B, S, Hkv, D)  # indexed: [B, S, Hkv, D]
-        vc[write_slots, :, pos] = v.view(B, S, Hkv, D)
-        keys = kc[:, :, :window].index_select(0, read_slots)  # [B, Hkv, W, D]
-        values = vc[:, :, :window].index_select(0, read_slots)
+        q, kv = ops.rope_qkv(q.view(B * S, H, D), k.view(B * S, Hkv, D), v.view(B * S, Hkv, D), cos, sin)
+        cache = self.kv_cache[i]  # [slots + 1, 2, Hkv, C, D]: keys and values in one tensor,
+        cache[write_slots, :, :, pos] = kv.view(B, S, 2, Hkv, D)  # so one write (indexed: [B, S, 2, Hkv, D])
+        kv = cache[:, :, :, :window].index_select(0, read_slots)  # and one gather: [B, 2, Hkv, W, D]
+        keys, values = kv[:, 0], kv[:, 1]  # [B, Hkv, W, D] each
         # GQA without repeating K/V: the G query heads of a KV head act as G*S query rows.
         G = H // Hkv
         q = q.view(B, S, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * S, D)
@@ -331,11 +337,15 @@ class _FastLM:
         out = out.view(B, Hkv, G, S, D).permute(0, 3, 1, 2, 4).reshape(B * S, H * D)
         return F.linear(out, *layer.o)  # [N, E]
 
-    def decode(self, inp: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step. inp: [3, B] (token, position, slot); returns logits [B, V], stats [3, B]."""
+    def decode(self, inp: torch.Tensor, window: int, graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step. inp: [3, B] (token, position, slot); returns logits [B, V], stats [3, B].
+
+        graph: being captured into a CUDA graph (use the compiled pointwise pieces).
+        """
+        ops = self.graph_ops if graph else self.eager_ops
         tokens, pos, slots = inp[0][:, None], inp[1][:, None], inp[2]  # [B, 1], [B, 1], [B]
-        logits = self.forward(tokens, pos, slots[:, None], slots, window)
-        return logits, self.ops.stats(logits)
+        logits = self.forward(tokens, pos, slots[:, None], slots, window, ops=ops)
+        return logits, ops.stats(logits)
 
 
 # ---- CUDA graphs of the decode step -----------------------------------------------------
@@ -375,11 +385,11 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up (cuBLAS handles, workspaces) outside the capture
             for _ in range(2):
-                lm.decode(inp, window)
+                lm.decode(inp, window, graph=True)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            logits, stats = lm.decode(inp, window)
+            logits, stats = lm.decode(inp, window, graph=True)
         g = _Graph(graph, inp, logits, stats)
         self.graphs[(Bb, window)] = g
         return g
@@ -487,7 +497,7 @@ class FastStepEngine:
                 (at least 1, at most max_slots); 0 keeps no chain's KV between requests.
             use_cuda_graphs: replay the decode step as CUDA graphs (CUDA only).
             compile_ops: torch.compile the pointwise pieces (norms, rope, SwiGLU, sampling
-                statistics) into fused kernels; default: on CUDA only.
+                statistics) of the CUDA-graph decode step into fused kernels; default: on CUDA.
             fuse_weights: concatenate q/k/v and gate/up weights into one GEMM each; the model's
                 parameters are re-pointed at views of the fused tensors (no second copy; the
                 model still works, e.g. for a StepEngine or PRM sharing it); default: on CUDA only.
@@ -659,7 +669,7 @@ class FastStepEngine:
         self.forward_calls += 1
         logits = self.lm.forward(tokens.to(dev), pos.to(dev), write.to(dev), read.to(dev), window, last.to(dev))
         jobs = [job for job, _ in group]
-        self._consume(jobs, self.lm.ops.stats(logits).cpu(), logits)
+        self._consume(jobs, token_stats(logits).cpu(), logits)
 
     def _decode_step(self) -> None:
         """Feed every running row its last sampled token; sample the next."""

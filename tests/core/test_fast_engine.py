@@ -253,8 +253,33 @@ def test_cuda_graphs_match_step_engine(shape, tokenizer):
 def test_cuda_graphs_bf16_equal_eager(tokenizer):
     model = random_causal_lm("tiny-llama-wide", seed=7, device="cuda", dtype=torch.bfloat16)
     reqs = [_req("bf16 row", forced_tokens=24)]
-    with FastStepEngine(model, tokenizer, max_context=512, max_slots=4) as graphs, \
+    with FastStepEngine(model, tokenizer, max_context=512, max_slots=4, compile_ops=False) as graphs, \
             FastStepEngine(model, tokenizer, max_context=512, max_slots=4, use_cuda_graphs=False) as eager:
-        a, b = graphs.generate_steps(reqs), eager.generate_steps(reqs)
+        a, b = graphs.generate_steps(reqs), eager.generate_steps(reqs)  # the same kernels, replayed
     _same(a, b, tol=1e-3)
     assert all(lp == lp and lp <= 0 for lp in a[0].logprobs)  # finite, no NaN
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n", [1, 5])  # decode (N = 1 is specialised) and prefill shapes
+def test_compiled_ops_match_eager_in_bf16(n):
+    from arbitrage.fast_engine import make_ops
+
+    eager, compiled = make_ops(False), make_ops(True)
+    torch.manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x, r, w = torch.randn(n, 64, **bf), torch.randn(n, 64, **bf), torch.rand(64, **bf) + 0.5
+    q, k, v = torch.randn(n, 4, 16, **bf), torch.randn(n, 2, 16, **bf), torch.randn(n, 2, 16, **bf)
+    cos, sin = torch.rand(n, 1, 16, **bf), torch.rand(n, 1, 16, **bf)
+    cases = [("norm", (x, w, 1e-6)), ("add_norm", (x, r, w, 1e-6)), ("rope_qkv", (q, k, v, cos, sin)),
+             ("swiglu", (x, r))]
+    for name, args in cases:
+        want, got = getattr(eager, name)(*args), getattr(compiled, name)(*args)
+        for a, b in zip(want if isinstance(want, tuple) else [want], got if isinstance(got, tuple) else [got]):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            torch.testing.assert_close(b.float(), a.float(), atol=3e-2, rtol=3e-2)
+    logits = torch.randn(n, 320, device="cuda") * 3
+    want, got = eager.stats(logits), compiled.stats(logits)
+    assert torch.equal(want[0], got[0])  # greedy ids
+    torch.testing.assert_close(got[1:], want[1:], atol=1e-5, rtol=1e-5)
