@@ -485,6 +485,8 @@ class _Job:
 class FastStepEngine:
     """Step engine with its own Llama/Qwen2 forward, slot KV cache, CUDA graphs and continuous batching."""
 
+    continuous = True  # admits new rows into the running batch (see DynamicBatcher.max_inflight)
+
     def __init__(self, model, tokenizer, max_context: int = 4096, max_slots: int = 64,
                  kv_cache_tokens: int | None = None, use_cuda_graphs: bool = True,
                  compile_ops: bool | None = None, fuse_weights: bool | None = None):
