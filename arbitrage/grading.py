@@ -15,8 +15,6 @@ import logging
 import re
 import threading
 
-from math_verify import parse, verify
-from math_verify.errors import TimeoutException
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?:\s*(\{)|\s+([^\s{$]+))")
 _TIMEOUT_S = 5
@@ -70,12 +68,16 @@ def is_correct(text: str, reference: str) -> bool:
         if _norm(answer) == _norm(reference):
             return True
         timeout = _TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+        from math_verify import parse, verify  # deferred: answer extraction works without it
+
         gold = parse(f"\\boxed{{{reference}}}", parsing_timeout=timeout)
         pred = parse(f"\\boxed{{{answer}}}", parsing_timeout=timeout)
         if not gold or not pred:
             return False
         return bool(verify(gold, pred, timeout_seconds=timeout))
-    except (Exception, TimeoutException):  # TimeoutException is a BaseException
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # math_verify's TimeoutException is a BaseException
         return False
 
 
