@@ -169,8 +169,8 @@ def print_table(levels: list[dict]) -> None:
     print(f"{'clients':>7} {'requests':>8} {'ok':>5} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} {'ttft p50':>8} "
           f"{'steps':>5} {'tok/s':>7}  errors / ingress replicas")
     for r in levels:
-        print(f"{r['clients']:>7} {r['requests']:>8} {r['ok']:>5} {r['rps']:>7.2f} {f(r['latency_p50_s'], '7.3f')} "
-              f"{f(r['latency_p99_s'], '7.3f')} {f(r['ttft_p50_s'], '8.3f')} {f(r['steps_mean'], '5.2f')} "
+        print(f"{r['clients']:>7} {r['requests']:>8} {r['ok']:>5} {r['rps']:>7.2f} "
+              f"{f(r['latency_p50_s'], '7.3f')} {f(r['latency_p99_s'], '7.3f')} {f(r['ttft_p50_s'], '8.3f')} {f(r['steps_mean'], '5.2f')} "
               f"{r['completion_tokens_per_s']:>7.1f}  {r['errors'] or '-'} / {r.get('replicas', {}).get('ingress', '-')}")
 
 

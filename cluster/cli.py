@@ -216,12 +216,12 @@ def setup_models(config: str = typer.Option("configs/local.yaml", "--config", "-
 
 
 # Commands that live in their own modules (heavy imports stay inside the functions).
-# from cluster.serve_cli import serve  # noqa: E402
-# app.command("serve")(serve)
-# from cluster.router_cli import collect, train_router, eval_router  # noqa: E402
-# app.command("collect")(collect)
-# app.command("train-router")(train_router)
-# app.command("eval-router")(eval_router)
+from cluster.serve_cli import serve  # noqa: E402
+app.command("serve")(serve)
+from cluster.router_cli import collect, train_router, eval_router  # noqa: E402
+app.command("collect")(collect)
+app.command("train-router")(train_router)
+app.command("eval-router")(eval_router)
 
 
 def main() -> None:
