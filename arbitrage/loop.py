@@ -168,6 +168,7 @@ async def _known_or(value, fn, arg):
 def _trace(ctx: StepContext, steps: list[TraceStep], escalated: bool, t0: float) -> TraceStep:
     d, t = ctx.draft, ctx.target
     use_target = escalated or d is None
+    both = d is not None and t is not None  # oracle: keep both texts for router training data
     out = t if use_target else d
     wasted = None
     if escalated and ctx.prm_draft is not None and ctx.prm_target is not None:
@@ -175,11 +176,12 @@ def _trace(ctx: StepContext, steps: list[TraceStep], escalated: bool, t0: float)
     return TraceStep(
         index=len(steps), text=out.text, author="target" if use_target else "draft",
         num_tokens=out.num_tokens, stop_reason=out.stop_reason, escalated=escalated,
-        draft_text=d.text if (d is not None and use_target) else None,
+        draft_text=d.text if (d is not None and (use_target or both)) else None,
         draft_tokens=d.num_tokens if d else 0, target_tokens=t.num_tokens if t else 0,
         prm_draft=ctx.prm_draft, prm_target=ctx.prm_target, router_prob=ctx.router_prob,
         wasted=wasted, wall_s=time.perf_counter() - t0,
         draft_features=d.features if d is not None else None,
+        target_text=t.text if both else None,
     )
 
 

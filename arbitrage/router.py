@@ -5,7 +5,8 @@ format: the problem, then each earlier step prefixed "Model 0: " (draft) or "Mod
 (target), then the candidate as "Model 0: ", joined by blank lines. `ClassifierRouter`
 runs an HF 2-label classifier over that text and returns softmax(logits)[1]; inputs
 longer than `max_length` tokens are cut from the left, so the candidate and the most
-recent history are kept.
+recent history are kept. `build_router` also loads the probe router (`arbitrage.probe`),
+which reads the draft's own step features instead of running a model.
 """
 
 from __future__ import annotations
@@ -145,11 +146,21 @@ def build_router(cfg) -> Router:
         cfg: `configs.schema.RouterConfig`. classifier: `path` (a trained router folder) or
             `source` (random: a tiny random classifier at a shape of `arbitrage.tiny.SHAPES`
             with the byte tokenizer; local / hub: a checkpoint loaded as a 2-label classifier).
+            probe: `path` (a folder written by `arbitrage train-router --kind probe`).
     Returns:
-        A `ClassifierRouter`.
+        A `ClassifierRouter`, or an `arbitrage.probe.ProbeRouter` (no model; CPU).
     """
+    saved = _saved_kind(cfg.path) if cfg.path is not None else None
+    if saved is not None and saved != cfg.kind:
+        raise ValueError(f"router folder {cfg.path} holds a {saved} router but models.router.kind is "
+                         f"{cfg.kind!r}; set kind: {saved}")
     if cfg.kind == "probe":
-        raise ValueError("probe router: not available yet")
+        if cfg.path is None:
+            raise ValueError("router kind 'probe' needs `path` (a folder written by "
+                             "`arbitrage train-router --kind probe`), not `source`")
+        from arbitrage.probe import ProbeRouter
+
+        return ProbeRouter.from_pretrained(cfg.path)
     device, _ = resolve_device_dtype(cfg.device, "float32")
     if cfg.path is not None:
         return ClassifierRouter.from_pretrained(cfg.path, device=device, max_length=cfg.max_length)
@@ -166,3 +177,14 @@ def build_router(cfg) -> Router:
 
     return ClassifierRouter.from_pretrained(model_location(cfg.source), device=device,
                                             max_length=cfg.max_length, tokenizer=cfg.source.tokenizer)
+
+
+def _saved_kind(path: str | Path) -> str | None:
+    """The router kind recorded in a folder's router.json / probe.json, if any."""
+    import json
+
+    for name in ("router.json", "probe.json"):
+        f = Path(path) / name
+        if f.exists():
+            return json.loads(f.read_text()).get("kind")
+    return None

@@ -78,7 +78,7 @@ class TraceStep:
     num_tokens: int
     stop_reason: StopReason
     escalated: bool = False
-    draft_text: str | None = None  # the rejected draft step when escalated
+    draft_text: str | None = None  # the draft step when escalated, or when both steps exist (oracle)
     draft_tokens: int = 0
     target_tokens: int = 0
     prm_draft: float | None = None
@@ -87,6 +87,7 @@ class TraceStep:
     wasted: bool | None = None  # escalated and the target step did not score higher
     wall_s: float = 0.0
     draft_features: dict[str, float] | None = None
+    target_text: str | None = None  # the target step whenever both steps exist (router training data)
 
 
 @dataclass

@@ -1,0 +1,337 @@
+"""Router training and evaluation: fine-tune a classifier or fit a probe; Spearman and ROC-AUC.
+
+Classifier: a 2-label head on any HF checkpoint (default the offline all-MiniLM-L6-v2
+encoder; or the draft model, a local folder, or `random:<shape>` for tests), fine-tuned
+with cross-entropy on the balanced training steps of a `RouterDataset`. Training runs the
+exact forward `ClassifierRouter.predict` runs (its tokenisation, left truncation and left
+padding), so training and inference see the same tensors. Decoders get
+`AutoModelForSequenceClassification` (pooled at the last non-pad token). Encoders (BERT
+family: model types with a masked-LM head) get `AutoModelForTokenClassification`, read by
+`ClassifierRouter` at the last token ([SEP], which attends to the whole input): their
+sequence head pools position 0, which left padding fills with [PAD].
+
+Probe: `arbitrage.probe.ProbeRouter.fit` on the same steps.
+
+Both are saved with a `router.json` (kind, backbone, split, data stats, hyper-parameters,
+seed, losses, validation metrics) that `build_router(RouterConfig(kind=..., path=...))`
+and `evaluate_folder` read. Quality is threshold-free: Spearman rank correlation between
+the router's probability and the advantage A, and ROC-AUC for y, beside the same two for
+the ranking RSD uses (the draft's PRM score, negated: lower draft score -> escalate first).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from arbitrage.router import ClassifierRouter, Router, RouterRequest
+from arbitrage.router_data import RouterDataset, RouterExample
+
+DEFAULT_LR = {"classifier": 3e-5, "probe": 0.05}
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How a router is trained."""
+
+    kind: str = "classifier"  # classifier | probe
+    backbone: str = "all-minilm-l6-v2"  # packaged name, HF folder, or random:<shape>
+    epochs: int = 3
+    lr: float | None = None  # None: DEFAULT_LR[kind]
+    batch_size: int = 16
+    max_length: int = 384
+    save_dtype: str = "float32"
+    weight_decay: float = 0.01
+    warmup: float = 0.1  # share of optimiser steps with a linear warm-up
+    probe_hidden: int = 0
+    probe_steps: int = 500
+    seed: int = 0
+
+
+# ---- the classifier -------------------------------------------------------------------
+
+
+def backbone_folder(spec: str) -> Path:
+    """An HF folder for a backbone spec: an existing folder, or a packaged model name."""
+    p = Path(spec)
+    if p.is_dir():
+        return p
+    from arbitrage.offline import materialize
+
+    try:
+        return materialize(spec)
+    except Exception as e:
+        raise ValueError(f"backbone {spec!r} is neither a folder nor a packaged model ({e}); "
+                         "pass an HF checkpoint folder, a packaged name such as all-minilm-l6-v2, "
+                         "or random:<shape>") from e
+
+
+def load_backbone(spec: str, max_length: int = 384, seed: int = 0) -> tuple[ClassifierRouter, dict]:
+    """A `ClassifierRouter` with a fresh 2-label head on a backbone.
+
+    Args:
+        spec: packaged model name, HF folder, or `random:<shape>` (`arbitrage.tiny.SHAPES`).
+        max_length: input truncation in tokens.
+        seed: seed of the new head (and of random weights).
+    Returns:
+        (the router, {"folder", "head": "sequence" | "token"}).
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    torch.manual_seed(seed)
+    if spec.startswith("random:"):
+        from arbitrage.tiny import byte_tokenizer, shape_config
+
+        config = shape_config(spec.removeprefix("random:"), num_labels=2)
+        model = AutoModelForSequenceClassification.from_config(config)
+        return ClassifierRouter(model, byte_tokenizer(config.vocab_size), max_length), {"folder": None, "head": "sequence"}
+    folder = backbone_folder(spec)
+    encoder = AutoConfig.from_pretrained(folder).model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    auto = AutoModelForTokenClassification if encoder else AutoModelForSequenceClassification
+    model = auto.from_pretrained(folder, num_labels=2, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder)
+    return ClassifierRouter(model, tok, max_length), {"folder": str(folder), "head": "token" if encoder else "sequence"}
+
+
+def classifier_logits(router: ClassifierRouter, requests: list[RouterRequest]) -> torch.Tensor:
+    """The logits [B, 2] `ClassifierRouter.predict` computes, with gradients."""
+    from arbitrage.prm import left_pad
+
+    seqs = [router.encode(r) for r in requests]
+    device = next(router.model.parameters()).device
+    ids, mask, pos = left_pad(seqs, router.model.config.pad_token_id, device)
+    logits = router.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    return logits[:, -1] if logits.dim() == 3 else logits  # token classifier: last token
+
+
+def _schedule(opt, total: int, warmup: float):
+    n_warm = max(1, int(total * warmup))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / n_warm if s < n_warm else max(0.0, (total - s) / max(1, total - n_warm)))
+
+
+def train_classifier(ds: RouterDataset, ts: TrainSettings,
+                     log: Callable[[str], None] = print) -> tuple[ClassifierRouter, dict]:
+    """Fine-tune a 2-label classifier with cross-entropy on the balanced training steps.
+
+    Args:
+        ds: the dataset (train balanced; validation evaluated after each epoch).
+        ts: backbone and hyper-parameters.
+        log: progress lines.
+    Returns:
+        (the router in eval mode, {"backbone": ..., "train_loss": per epoch, "epochs": per-epoch metrics}).
+    """
+    router, info = load_backbone(ts.backbone, ts.max_length, ts.seed)
+    model = router.model
+    lr = ts.lr or DEFAULT_LR["classifier"]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=ts.weight_decay)
+    per_epoch = math.ceil(len(ds.train) / ts.batch_size)
+    sched = _schedule(opt, per_epoch * ts.epochs, ts.warmup)
+    rng = random.Random(ts.seed)
+    losses, history = [], []
+    for epoch in range(ts.epochs):
+        model.train()
+        order = list(ds.train)
+        rng.shuffle(order)
+        total, t0 = 0.0, time.perf_counter()
+        for b in range(0, len(order), ts.batch_size):
+            batch = order[b:b + ts.batch_size]
+            labels = torch.tensor([e.label for e in batch], device=next(model.parameters()).device)
+            loss = torch.nn.functional.cross_entropy(classifier_logits(router, [e.request for e in batch]), labels)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(batch)
+        model.eval()
+        losses.append(total / len(order))
+        val = evaluate(router, ds.validation) if ds.validation else None
+        history.append({"epoch": epoch + 1, "train_loss": losses[-1], "validation": val and val["rankings"]["router"],
+                        "seconds": time.perf_counter() - t0})
+        log(f"epoch {epoch + 1}/{ts.epochs}: train loss {losses[-1]:.4f}"
+            + (f", validation {_fmt_metrics(val['rankings']['router'])}" if val else "")
+            + f" ({history[-1]['seconds']:.0f}s)")
+    return router, {"backbone": ts.backbone, **info, "lr": lr, "train_loss": losses, "epochs": history}
+
+
+# ---- training entry point -------------------------------------------------------------
+
+
+def train(ds: RouterDataset, out: str | Path, ts: TrainSettings, data_path: str | None = None,
+          log: Callable[[str], None] = print) -> tuple[Router, dict]:
+    """Train a router of `ts.kind` on `ds` and write it, with `router.json`, to `out`.
+
+    Args:
+        ds: a `RouterDataset` (train balanced, validation natural).
+        out: the router folder (created).
+        ts: kind, backbone and hyper-parameters.
+        data_path: the collection file, recorded in router.json.
+        log: progress lines.
+    Returns:
+        (the trained router, as saved; the router.json dict).
+    """
+    if ts.kind not in ("classifier", "probe"):
+        raise ValueError(f"router kind must be classifier or probe, got {ts.kind!r}")
+    if ts.save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, got {ts.save_dtype!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if ts.kind == "probe":
+        from arbitrage.probe import ProbeRouter
+
+        lr = ts.lr or DEFAULT_LR["probe"]
+        router, losses = ProbeRouter.fit([e.request for e in ds.train], [e.label for e in ds.train],
+                                         hidden=ts.probe_hidden, steps=ts.probe_steps, lr=lr, seed=ts.seed)
+        extra = {"backbone": None, "lr": lr, "train_loss": losses}
+        router.save_pretrained(out)
+    else:
+        router, extra = train_classifier(ds, ts, log)
+    val = evaluate(router, ds.validation) if ds.validation else None
+    if ts.kind == "classifier":
+        router.model.to(SAVE_DTYPES[ts.save_dtype])
+        router.save_pretrained(out)
+        router.model.to(torch.float32)  # as `from_pretrained` loads it back
+    info = {"kind": ts.kind, **extra, "settings": asdict(ts), "max_length": ts.max_length, "seed": ts.seed,
+            "margin": ds.stats["margin"], "val_fraction": ds.stats["val_fraction"], "data": data_path,
+            "data_stats": ds.stats, "train_seconds": time.perf_counter() - t0, "validation": val,
+            "train_problems": ds.train_problems, "validation_problems": ds.validation_problems,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (out / "router.json").write_text(json.dumps(info, indent=2) + "\n")
+    return router, info
+
+
+# ---- evaluation ------------------------------------------------------------------------
+
+
+def predict_batched(router: Router, examples: list[RouterExample], batch_size: int = 32) -> list[float]:
+    """Router probabilities for examples, in batches."""
+    probs: list[float] = []
+    for b in range(0, len(examples), batch_size):
+        probs += router.predict([e.request for e in examples[b:b + batch_size]])
+    return probs
+
+
+def roc_auc(scores, labels) -> float | None:
+    """ROC-AUC of `scores` for binary `labels` (Mann-Whitney U / (n1 n0), ties averaged); None if one class is empty."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    s, y = np.asarray(scores, dtype=float), np.asarray(labels, dtype=int)
+    n1 = int(y.sum())
+    n0 = len(y) - n1
+    if n1 == 0 or n0 == 0:
+        return None
+    r = rankdata(s)
+    return float((r[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def spearman(x, y) -> tuple[float | None, float | None]:
+    """Spearman rank correlation and its p-value; (None, None) when undefined (constant input, n < 3)."""
+    import warnings
+
+    from scipy.stats import spearmanr
+
+    if len(x) < 3:
+        return None, None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = spearmanr(x, y)
+    rho, p = float(res.statistic), float(res.pvalue)
+    return (None, None) if math.isnan(rho) else (rho, p)
+
+
+def ranking_metrics(scores: list[float], examples: list[RouterExample]) -> dict:
+    """Spearman(score, A) and ROC-AUC(score, y) of one escalation ranking (higher = escalate)."""
+    rho, p = spearman(scores, [e.advantage for e in examples])
+    return {"spearman": rho, "spearman_p": p, "auc": roc_auc(scores, [e.label for e in examples])}
+
+
+def evaluate(router: Router, examples: list[RouterExample], batch_size: int = 32) -> dict:
+    """The router's ranking and the draft-PRM ranking (RSD's) on the same steps.
+
+    Args:
+        router: any `Router`.
+        examples: the steps (usually the held-out problems').
+        batch_size: router batch size.
+    Returns:
+        {"steps", "problems", "positive_rate", "rankings": {"router": ..., "draft_prm": ...}}.
+    """
+    if not examples:
+        raise ValueError("no steps to evaluate; hold out problems with val_fraction > 0 or use --split all")
+    probs = predict_batched(router, examples, batch_size)
+    return {"steps": len(examples), "problems": len({e.problem_id for e in examples}),
+            "positive_rate": sum(e.label for e in examples) / len(examples),
+            "rankings": {"router": ranking_metrics(probs, examples),
+                         "draft_prm": ranking_metrics([-e.draft_score for e in examples], examples)}}
+
+
+def evaluate_folder(router_dir: str | Path, data: str | Path, split: str = "validation",
+                    batch_size: int = 32) -> dict:
+    """Evaluate a trained router folder on the split its router.json describes.
+
+    The split is rebuilt from the data with the router's seed, val_fraction and margin;
+    problems the router was trained on are never evaluated as validation.
+
+    Args:
+        router_dir: a folder written by `train`.
+        data: the collection JSONL.
+        split: validation | train (unbalanced) | all.
+        batch_size: router batch size.
+    Returns:
+        `evaluate`'s dict plus the router's kind, backbone, split and data path.
+    """
+    from arbitrage.router import build_router
+    from arbitrage.router_data import build_dataset, load_rows
+    from configs.schema import RouterConfig
+
+    router_dir = Path(router_dir)
+    meta_path = router_dir / "router.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{router_dir} has no router.json; train it with `arbitrage train-router --out {router_dir}`")
+    meta = json.loads(meta_path.read_text())
+    ds = build_dataset(load_rows(data), margin=meta["margin"], val_fraction=meta["val_fraction"],
+                       seed=meta["seed"], balance_train=False)
+    trained_on = set(meta.get("train_problems", []))
+    examples = {"validation": [e for e in ds.validation if e.problem_id not in trained_on],
+                "train": ds.train, "all": ds.train + ds.validation}.get(split)
+    if examples is None:
+        raise ValueError(f"--split must be validation, train or all, got {split!r}")
+    router = build_router(RouterConfig(kind=meta["kind"], path=str(router_dir), device="cpu",
+                                       max_length=int(meta.get("max_length") or 512)))
+    report = evaluate(router, examples, batch_size)
+    return {"router": str(router_dir), "kind": meta["kind"], "backbone": meta.get("backbone"),
+            "split": split, "data": str(data), "margin": meta["margin"], **report}
+
+
+def _fmt(x: float | None, spec: str = "+.3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _fmt_metrics(m: dict) -> str:
+    return f"Spearman {_fmt(m['spearman'])}, AUC {_fmt(m['auc'], '.3f')}"
+
+
+def format_table(report: dict) -> str:
+    """A plain-text table of an `evaluate_folder` report."""
+    name = f"router ({report['kind']}" + (f": {report['backbone']})" if report.get("backbone") else ")")
+    rows = [(name, report["rankings"]["router"]),
+            ("draft PRM score, negated (RSD)", report["rankings"]["draft_prm"])]
+    width = max(len(n) for n, _ in rows)
+    lines = [f"{report['split']}: {report['steps']} steps from {report['problems']} problems, "
+             f"{report['positive_rate']:.1%} with A > {report['margin']:g}",
+             f"{'ranking':<{width}}  {'Spearman(.,A)':>13}  {'p-value':>8}  {'ROC-AUC(y)':>10}"]
+    for n, m in rows:
+        lines.append(f"{n:<{width}}  {_fmt(m['spearman']):>13}  {_fmt(m['spearman_p'], '.3g'):>8}  "
+                     f"{_fmt(m['auc'], '.3f'):>10}")
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""`arbitrage collect`, `arbitrage train-router`, `arbitrage eval-router`: the router training pipeline.
+
+The commands parse arguments and call the core (`arbitrage.collect`, `arbitrage.router_data`,
+`arbitrage.router_train`); the only logic here is the Ray-runtime path of `collect`
+(oracle chains on the coordinators, extra target samples through a driver-side
+`RayBackend`). Bad input ends with one line on stderr and exit code 2.
+
+    arbitrage collect --config local --dataset gsm8k --split train --limit 24 --out data/collect.jsonl
+    arbitrage train-router --data data/collect.jsonl --out routers/local-minilm --backbone all-minilm-l6-v2
+    arbitrage train-router --data data/collect.jsonl --out routers/local-probe --kind probe
+    arbitrage eval-router --data data/collect.jsonl --router routers/local-minilm
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _cli():
+    import cluster.cli as cli  # lazy: cluster.cli imports this module at its end
+
+    return cli
+
+
+def collect(
+    out: Path = typer.Option(..., "--out", help="JSONL file of step rows (appended; resumable)."),
+    config: str = typer.Option("configs/local.yaml", "--config", "-c", help="YAML config or preset name."),
+    dataset: Optional[str] = typer.Option(None, help="gsm8k, math500, ... or a .jsonl path."),
+    split: Optional[str] = typer.Option(None, help="test or train."),
+    limit: Optional[int] = typer.Option(None, help="First N problems."),
+    k: int = typer.Option(1, "--k", help="Target steps per step: 1 greedy + k-1 samples."),
+    temperature: float = typer.Option(0.7, help="Temperature of the k-1 extra target samples."),
+    concurrency: Optional[int] = typer.Option(None, help="Chains in flight (runtime.max_concurrent_chains)."),
+    address: Optional[str] = typer.Option(None, help="Ray address to join (default: start a local Ray)."),
+    in_process: bool = typer.Option(False, "--in-process", help="Run without Ray (core engines in this process)."),
+) -> None:
+    """Collect draft-vs-target step advantages along oracle chains (router training data)."""
+    cli = _cli()
+    try:
+        if k < 1:
+            raise ValueError(f"--k must be >= 1, got {k}")
+        if k > 1 and temperature <= 0:
+            raise ValueError(f"--temperature must be > 0 when --k > 1, got {temperature}")
+        cfg = cli.load_cli_config(config, **{"data.dataset": dataset, "data.split": split, "data.limit": limit,
+                                             "runtime.address": address,
+                                             "runtime.max_concurrent_chains": concurrency})
+        from arbitrage.collect import oracle_config
+        from arbitrage.data import load_problems
+
+        cfg = oracle_config(cfg)
+        problems = load_problems(cfg.data)
+    except cli.USER_ERRORS as e:
+        cli.fail(str(e))
+    typer.echo(f"collect: config={cfg.name} problems={len(problems)} dataset={cfg.data.dataset}/{cfg.data.split} "
+               f"k={k} -> {out}", err=True)
+    seen: list[int] = []
+
+    def on_problem(r: dict, rows: list[dict]) -> None:
+        seen.append(1)
+        if rows:
+            adv = [row["advantage"] for row in rows]
+            typer.echo(f"[{len(seen)}] {r['problem_id']}: steps={len(rows)} positive={sum(a > 0 for a in adv)} "
+                       f"A_mean={sum(adv) / len(adv):+.3f} correct={r['correct']} {r['wall_s']:.1f}s")
+        else:
+            typer.echo(f"[{len(seen)}] {r['problem_id']}: FAILED ({r.get('error') or r['stop_reason']}); retried next run")
+
+    try:
+        if in_process:
+            from arbitrage.collect import collect_in_process
+
+            stats = collect_in_process(cfg, problems, out, k, temperature, on_problem=on_problem)
+        else:
+            stats = collect_on_runtime(cfg, problems, out, k, temperature, on_problem)
+    except cli.USER_ERRORS as e:
+        cli.fail(str(e))
+    typer.echo(f"collect: {stats.problems_done_before} problems already done, {stats.problems_new} new "
+               f"({stats.steps_new} steps), {stats.problems_failed} failed, {stats.elapsed_s:.0f}s", err=True)
+
+
+def collect_on_runtime(cfg, problems: list, out: Path, k: int, temperature: float, on_problem=None):
+    """`collect_in_process` on the Ray runtime: chains on the coordinators, extra samples from here.
+
+    Args:
+        cfg: the collection config (oracle policy, a PRM).
+        problems, out, k, temperature, on_problem: as for `arbitrage.collect.collect_in_process`.
+    Returns:
+        `arbitrage.collect.CollectStats`.
+    """
+    import asyncio
+
+    from actors.backend import RayBackend
+    from arbitrage.collect import (CollectStats, RowSink, collect_meta, load_collected, pending_items,
+                                   record, rows_from_chain, sample_targets)
+    from arbitrage.loop import LoopSettings
+    from cluster.evaluate import RETRY_STOPS
+    from cluster.runtime import Runtime
+
+    done = load_collected(out)
+    todo = pending_items(problems, done)
+    stats = CollectStats(problems_done_before=len(done))
+    if not todo:
+        return stats
+    settings, meta = LoopSettings.from_config(cfg), collect_meta(cfg, k, temperature)
+    by_id = {it.id: it for it in todo}
+    sink = RowSink(out)
+    t0 = time.perf_counter()
+    try:
+        with Runtime(cfg) as rt:
+            backend = RayBackend(rt.handles)
+
+            def on_result(r: dict) -> None:
+                rows = None
+                if r["stop_reason"] not in RETRY_STOPS:
+                    extra = asyncio.run(sample_targets(backend, settings, by_id[r["problem_id"]], r["steps"],
+                                                       k - 1, temperature)) if k > 1 else None
+                    rows = rows_from_chain(r, extra, meta)
+                record(stats, sink, r, rows, on_problem)
+
+            rt.run(todo, "oracle", 0.0, on_result=on_result)
+    finally:
+        sink.close()
+        stats.elapsed_s = time.perf_counter() - t0
+    return stats
+
+
+def train_router(
+    data: Path = typer.Option(..., "--data", help="JSONL written by `arbitrage collect`."),
+    out: Path = typer.Option(..., "--out", help="Router folder to write."),
+    kind: str = typer.Option("classifier", help="classifier | probe"),
+    backbone: str = typer.Option("all-minilm-l6-v2",
+                                 help="classifier: a packaged model name, an HF folder, or random:<shape>."),
+    epochs: int = typer.Option(3, help="classifier: passes over the balanced training steps."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: 3e-5 classifier, 0.05 probe)."),
+    batch_size: int = typer.Option(16, help="classifier: batch size."),
+    max_length: int = typer.Option(384, help="classifier: input truncation in tokens (left)."),
+    save_dtype: str = typer.Option("float32", help="classifier: float32 | float16 | bfloat16 weights on disk."),
+    probe_hidden: int = typer.Option(0, help="probe: MLP hidden units (0 = logistic regression)."),
+    probe_steps: int = typer.Option(500, help="probe: full-batch optimisation steps."),
+    margin: float = typer.Option(0.0, help="Label y = 1[A > margin]."),
+    val_fraction: float = typer.Option(0.2, help="Share of problems held out for validation."),
+    seed: int = typer.Option(0, help="Seed of the split, the balancing and the training."),
+) -> None:
+    """Fine-tune a classifier router (or fit a probe router) on collected steps; writes router.json."""
+    cli = _cli()
+    try:
+        from arbitrage.router_data import build_dataset, load_rows
+        from arbitrage.router_train import TrainSettings, train
+
+        if kind not in ("classifier", "probe"):
+            raise ValueError(f"--kind must be classifier or probe, got {kind!r}")
+        ds = build_dataset(load_rows(data), margin=margin, val_fraction=val_fraction, seed=seed)
+        ts = TrainSettings(kind=kind, backbone=backbone, epochs=epochs, lr=lr, batch_size=batch_size,
+                           max_length=max_length, save_dtype=save_dtype, probe_hidden=probe_hidden,
+                           probe_steps=probe_steps, seed=seed)
+        typer.echo(f"train-router: {kind} on {json.dumps(ds.stats)}", err=True)
+        t0 = time.perf_counter()
+        _, info = train(ds, out, ts, data_path=str(data), log=lambda m: typer.echo(m, err=True))
+    except cli.USER_ERRORS as e:
+        cli.fail(str(e))
+    typer.echo(f"train-router: wrote {out} in {time.perf_counter() - t0:.0f}s "
+               f"(final train loss {info['train_loss'][-1]:.4f})")
+
+
+def eval_router(
+    data: Path = typer.Option(..., "--data", help="JSONL written by `arbitrage collect`."),
+    router: Path = typer.Option(..., "--router", help="Router folder written by `arbitrage train-router`."),
+    split: str = typer.Option("validation", help="validation (held-out problems) | train | all"),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSON file (default: <router>/eval_<split>.json)."),
+    batch_size: int = typer.Option(32, help="Router batch size."),
+) -> None:
+    """Spearman(router prob, A) and ROC-AUC(y) on held-out steps, beside the draft-PRM ranking (RSD)."""
+    cli = _cli()
+    try:
+        from arbitrage.router_train import evaluate_folder, format_table
+
+        report = evaluate_folder(router, data, split=split, batch_size=batch_size)
+    except cli.USER_ERRORS as e:
+        cli.fail(str(e))
+    out = out or router / f"eval_{split}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    typer.echo(format_table(report))
+    typer.echo(f"wrote {out}")
