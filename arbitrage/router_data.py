@@ -3,8 +3,9 @@
 Each row of `arbitrage collect` becomes a `RouterExample`: the `RouterRequest` the loop
 would send for that draft step (problem, history annotated "Model 0"/"Model 1" by
 `format_router_input`, the draft step as candidate, the draft's own step features), its
-advantage A = mean target score - draft score, the label y = 1[A > margin], and the
-draft's PRM score (the ranking RSD uses, for comparison).
+advantage A = mean target score - draft score (a target step identical to the draft step
+counts as a tie, whatever the PRM's numerical noise says: see `advantage`), the label
+y = 1[A > margin], and the draft's PRM score (the ranking RSD uses, for comparison).
 
 Problems, never steps, are split between train and validation: the problem ids are
 ordered by sha256(f"{seed}:{id}") and the first round(val_fraction * n) (at least one,
@@ -72,11 +73,23 @@ def load_rows(path: str | Path) -> list[dict]:
     return rows
 
 
+def advantage(row: dict) -> float:
+    """A = mean target score - draft score, where a target step identical to the draft step scores as the draft.
+
+    The PRM's scores of one text differ slightly between calls (bf16, batch and cached
+    prefix layout: up to ~0.015 with the embedded judge), so an identical target step
+    would otherwise get a random-signed advantage and a random label.
+    """
+    d = float(row["draft_score"])
+    scores = [d if t["text"] == row["draft"] else float(t["score"]) for t in row["targets"]]
+    return sum(scores) / len(scores) - d
+
+
 def example_from_row(row: dict, margin: float = 0.0) -> RouterExample:
-    """A `RouterExample` from one collected row; y = 1[A > margin]."""
+    """A `RouterExample` from one collected row; y = 1[A > margin] with A from `advantage`."""
     history = tuple((a, t) for a, t in row["history"])
     req = RouterRequest(row["problem"], history, row["draft"], row.get("draft_features"))
-    adv = float(row["advantage"])
+    adv = advantage(row)
     return RouterExample(str(row["problem_id"]), int(row["step_index"]), req, adv,
                          int(adv > margin), float(row["draft_score"]))
 

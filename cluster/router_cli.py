@@ -94,10 +94,9 @@ def collect_on_runtime(cfg, problems: list, out: Path, k: int, temperature: floa
     import asyncio
 
     from actors.backend import RayBackend
-    from arbitrage.collect import (CollectStats, RowSink, collect_meta, load_collected, pending_items,
-                                   record, rows_from_chain, sample_targets)
+    from arbitrage.collect import (FAILED_STOPS, CollectStats, RowSink, collect_meta, load_collected,
+                                   pending_items, record, rows_from_chain, sample_targets)
     from arbitrage.loop import LoopSettings
-    from cluster.evaluate import RETRY_STOPS
     from cluster.runtime import Runtime
 
     done = load_collected(out)
@@ -115,7 +114,7 @@ def collect_on_runtime(cfg, problems: list, out: Path, k: int, temperature: floa
 
             def on_result(r: dict) -> None:
                 rows = None
-                if r["stop_reason"] not in RETRY_STOPS:
+                if r["stop_reason"] not in FAILED_STOPS:
                     extra = asyncio.run(sample_targets(backend, settings, by_id[r["problem_id"]], r["steps"],
                                                        k - 1, temperature)) if k > 1 else None
                     rows = rows_from_chain(r, extra, meta)

@@ -162,3 +162,15 @@ def test_cli_errors_are_one_line(tmp_path):
     assert res.exit_code == 2 and "router.json" in res.output
     res = CliRunner().invoke(app, ["train-router", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and "arbitrage collect" in res.output
+
+
+def test_identical_target_step_is_a_tie():
+    from arbitrage.router_data import advantage, example_from_row
+
+    row = {"problem_id": "p", "step_index": 0, "problem": "q", "history": [], "draft": "x = 2",
+           "draft_score": 0.70, "draft_features": None, "advantage": 0.012,
+           "targets": [{"text": "x = 2", "score": 0.712}, {"text": "x = 3", "score": 0.90}]}
+    assert advantage(row) == pytest.approx((0.70 + 0.90) / 2 - 0.70)
+    row["targets"] = row["targets"][:1]
+    ex = example_from_row(row)
+    assert ex.advantage == 0.0 and ex.label == 0
