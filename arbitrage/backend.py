@@ -17,6 +17,7 @@ from arbitrage.types import StepOutput, StepRequest
 if TYPE_CHECKING:
     from arbitrage.prm import PRMRequest
     from arbitrage.router import RouterRequest
+    from arbitrage.step_cache import StepCache
 
 ROLES = ("draft", "target", "prm", "router")
 
@@ -43,6 +44,15 @@ class ModelBackend(abc.ABC):
     def stats(self) -> dict[str, Any]:
         """Batch-size histograms and busy time per role (for tests and metrics)."""
         return {}
+
+    def step_cache(self) -> "StepCache":
+        """This backend's step cache (created on first use; see `arbitrage.step_cache`)."""
+        cache = getattr(self, "_step_cache", None)
+        if cache is None:
+            from arbitrage.step_cache import StepCache
+
+            cache = self._step_cache = StepCache()
+        return cache
 
 
 class LocalBackend(ModelBackend):

@@ -8,6 +8,11 @@ same prefix -> append -> stop on EOS, a final answer, max steps or max tokens.
 (`LocalBackend`), inside the Ray coordinator actor (`RayBackend`) and behind the Serve
 app. `run_chains` runs many chains concurrently with bounded concurrency and a
 per-chain timeout, handing each result to a callback as soon as it finishes.
+
+With `LoopSettings.step_cache` on and greedy decoding, draft steps, target steps and PRM
+scores go through the backend's `StepCache` (`arbitrage.step_cache`): a sweep's repeats
+of the same (model, prefix, sampling parameters) are answered from memory, and each
+chain records its hits and misses in `ChainResult.cache`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from arbitrage.backend import ModelBackend
 from arbitrage.policies import DecisionPolicy, StepContext
 from arbitrage.prm import PRMRequest
 from arbitrage.router import RouterRequest
+from arbitrage.step_cache import CACHED_ROLES, prm_key, step_key
 from arbitrage.types import ChainResult, SamplingParams, StepOutput, StepRequest, TraceStep
 
 
@@ -40,6 +46,12 @@ class LoopSettings:
     use_chat_template: bool = True
     score_escalations: bool = True  # score both steps of an escalation when a PRM exists
     has_prm: bool = False
+    step_cache: bool = False  # reuse greedy steps / PRM scores through backend.step_cache()
+
+    @property
+    def caching(self) -> bool:
+        """Whether this loop uses the step cache: asked for, and greedy decoding."""
+        return self.step_cache and self.temperature == 0.0
 
     @classmethod
     def from_config(cls, cfg) -> "LoopSettings":
@@ -51,7 +63,7 @@ class LoopSettings:
                    forced_step_tokens=g.forced_step_tokens, system_prompt=p.system_prompt,
                    use_chat_template=p.use_chat_template,
                    score_escalations=cfg.policy.score_escalations,
-                   has_prm=cfg.models.prm is not None)
+                   has_prm=cfg.models.prm is not None, step_cache=g.step_cache)
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,8 @@ class ChainInput:
 class _Counters:
     def __init__(self):
         self.draft_calls = self.target_calls = self.prm_calls = self.router_calls = 0
+        self.cache: dict[str, dict[str, int]] = {k: {r: 0 for r in CACHED_ROLES}
+                                                 for k in ("hits", "misses", "tokens_saved")}
 
 
 async def run_chain(item: ChainInput, backend: ModelBackend, policy: DecisionPolicy,
@@ -120,18 +134,31 @@ async def _decide_step(item: ChainInput, steps: list[TraceStep], max_tokens: int
                       chat=s.use_chat_template, params=params,
                       chain_id=f"{item.id}#{policy.name}:{policy.threshold}")
     ctx = StepContext(problem_id=item.id, step_index=len(steps))
+    cache = backend.step_cache() if s.caching else None
+
+    async def through_cache(key: tuple, call):
+        if cache is None:
+            return await call()
+        value, hit = await cache.get_or_call(key, call)
+        role = key[0]
+        c.cache["hits" if hit else "misses"][role] += 1
+        if hit and isinstance(value, StepOutput):
+            c.cache["tokens_saved"][role] += value.num_tokens
+        return value
 
     async def target() -> StepOutput:
         c.target_calls += 1
-        return await backend.target_step(req)
+        return await through_cache(step_key("target", req), lambda: backend.target_step(req))
 
     async def draft() -> StepOutput:
         c.draft_calls += 1
-        return await backend.draft_step(req)
+        return await through_cache(step_key("draft", req), lambda: backend.draft_step(req))
 
     async def prm(out: StepOutput) -> float:
         c.prm_calls += 1
-        return await backend.prm_score(PRMRequest(item.problem, texts + (out.text,), req.chain_id))
+        scored = texts + (out.text,)
+        return await through_cache(prm_key(item.problem, scored),
+                                   lambda: backend.prm_score(PRMRequest(item.problem, scored, req.chain_id)))
 
     if not policy.uses_draft:
         ctx.target = await target()
@@ -198,6 +225,7 @@ def _finish(item: ChainInput, steps: list[TraceStep], stop: str, policy: Decisio
         correct=correct, draft_tokens=sum(st.draft_tokens for st in steps),
         target_tokens=sum(st.target_tokens for st in steps), target_calls=c.target_calls,
         draft_calls=c.draft_calls, prm_calls=c.prm_calls, router_calls=c.router_calls, wall_s=wall_s,
+        cache=c.cache if s.caching else None,
     )
 
 

@@ -112,6 +112,7 @@ class ChainResult:
     router_calls: int = 0
     wall_s: float = 0.0
     error: str | None = None
+    cache: dict | None = None  # step cache use: {"hits"|"misses"|"tokens_saved": {role: n}}; None when off
 
     @property
     def num_steps(self) -> int:

@@ -144,6 +144,8 @@ def eval_cmd(
     thresholds: str = typer.Option("0.5", help="Comma-separated thresholds in [0, 1]."),
     address: Optional[str] = typer.Option(None, help="Ray address to join."),
     in_process: bool = typer.Option(False, "--in-process", help="Run without Ray."),
+    step_cache: bool = typer.Option(True, "--step-cache/--no-step-cache",
+                                    help="Reuse greedy steps and PRM scores across the sweep's groups."),
 ) -> None:
     """Resumable sweep over policies x thresholds; one JSONL row per finished chain."""
     from configs.schema import POLICY_NAMES
@@ -155,9 +157,10 @@ def eval_cmd(
             raise ValueError(f"unknown policy {unknown[0]!r}; choose from {', '.join(POLICY_NAMES)}")
         taus = _floats(thresholds)
         cfg = load_cli_config(config, **{"data.dataset": dataset, "data.split": split,
-                                         "data.limit": limit, "runtime.address": address})
+                                         "data.limit": limit, "runtime.address": address,
+                                         "generation.step_cache": step_cache})
         from arbitrage.data import load_problems
-        from cluster.evaluate import run_sweep, sweep_groups
+        from cluster.evaluate import cache_line, run_sweep, sweep_groups
 
         problems = load_problems(cfg.data)
         groups = sweep_groups(names, taus)
@@ -167,23 +170,27 @@ def eval_cmd(
         fail(str(e))
     typer.echo(f"sweep: {len(problems)} problems x {len(groups)} groups -> {out}", err=True)
     try:
-        if in_process:
-            from arbitrage.runner import run_in_process
+        if in_process:  # one backend for every group: models load once, the step cache spans the sweep
+            from arbitrage.backend import LocalBackend
+            from arbitrage.runner import roles_for, run_in_process
 
-            run_sweep(cfg, problems, groups, out,
-                      lambda items, p, t, cb: run_in_process(cfg, items, p, t, on_result=cb))
+            roles = tuple(sorted({r for g in groups for r in roles_for(g.policy, cfg)}))
+            backend = LocalBackend.from_config(cfg, roles=roles)
+            done = run_sweep(cfg, problems, groups, out,
+                             lambda items, p, t, cb: run_in_process(cfg, items, p, t, backend=backend, on_result=cb))
         else:
             from cluster.runtime import Runtime
 
             with Runtime(cfg) as rt:
-                run_sweep(cfg, problems, groups, out,
-                          lambda items, p, t, cb: rt.run(items, p, t, on_result=cb))
+                done = run_sweep(cfg, problems, groups, out,
+                                 lambda items, p, t, cb: rt.run(items, p, t, on_result=cb))
     except USER_ERRORS as e:
         fail(str(e))
     from cluster.report import write_report
 
     table, _ = write_report(out)
     typer.echo(table)
+    typer.echo(cache_line(done.values()))
 
 
 @app.command("report")

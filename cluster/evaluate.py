@@ -4,7 +4,9 @@ Every finished (problem, policy, threshold) chain is appended to `results.jsonl`
 once and flushed, so an interrupt loses nothing already finished. Re-running the same
 command reads the file back, drops a truncated or corrupt line (rewriting the file
 without it), and runs only what is missing. Chains that ended in an error or timeout
-are redone. Each run segment's wall time goes to `segments.jsonl` for throughput.
+are redone. Each run segment's wall time goes to `segments.jsonl` for throughput, with
+the segment's step-cache use (`cache_totals` over its rows: hits, misses and saved tokens
+per role; see `arbitrage.step_cache`).
 """
 
 from __future__ import annotations
@@ -73,6 +75,31 @@ def load_results(path: Path) -> dict[str, dict]:
     return rows
 
 
+def cache_totals(rows: Iterable[dict]) -> dict[str, dict[str, int]]:
+    """Step-cache hits, misses and saved tokens per role, summed over rows (rows without a cache count 0)."""
+    tot: dict[str, dict[str, int]] = {k: {} for k in ("hits", "misses", "tokens_saved")}
+    for r in rows:
+        for kind, by_role in (r.get("cache") or {}).items():
+            for role, n in by_role.items():
+                tot[kind][role] = tot[kind].get(role, 0) + n
+    return tot
+
+
+def cache_line(rows: Iterable[dict]) -> str:
+    """One line: model calls the step cache answered, per role and in all."""
+    tot = cache_totals(rows)
+    roles = sorted(set(tot["hits"]) | set(tot["misses"]))
+    if not roles:
+        return "step cache: off"
+    parts = []
+    for role in roles:
+        h, m = tot["hits"].get(role, 0), tot["misses"].get(role, 0)
+        saved = tot["tokens_saved"].get(role, 0)
+        parts.append(f"{role} {h}/{h + m}" + (f" ({saved} tokens)" if saved else ""))
+    h, n = sum(tot["hits"].values()), sum(tot["hits"].values()) + sum(tot["misses"].values())
+    return f"step cache: {h} of {n} model calls answered from cache ({h / max(n, 1):.0%}): " + ", ".join(parts)
+
+
 class ResultSink:
     """Appends one JSON line per finished chain and flushes it to disk immediately."""
 
@@ -120,18 +147,20 @@ def run_sweep(cfg, problems: list, groups: list[Group], out_dir: Path,
                 continue
             bar.set_postfix_str(g.label)
             items = [{"id": p.id, "problem": p.problem, "answer": p.answer} for p in pending]
+            seg_rows: list[dict] = []
 
-            def on_result(r: dict, g=g) -> None:
+            def on_result(r: dict, g=g, seg_rows=seg_rows) -> None:
                 row = {"key": row_key(r["problem_id"], g.policy, g.threshold), **r}
                 if r.get("stop_reason") not in RETRY_STOPS:
                     done[row["key"]] = row
                 sink.write(row)
+                seg_rows.append(row)
                 bar.update(1)
 
             t0 = time.time()
             execute(items, g.policy, g.threshold, on_result)
             seg = {"policy": g.policy, "threshold": g.threshold, "chains": len(items),
-                   "elapsed_s": time.time() - t0, "finished_at": time.time()}
+                   "elapsed_s": time.time() - t0, "finished_at": time.time(), "cache": cache_totals(seg_rows)}
             with (out_dir / "segments.jsonl").open("a") as f:
                 f.write(json.dumps(seg) + "\n")
     finally:

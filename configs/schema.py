@@ -134,6 +134,12 @@ class GenerationConfig(_Base):
         description="Systems benchmarks only: every step is exactly this many tokens "
         "(separator and EOS ignored).",
     )
+    step_cache: bool = Field(
+        default=False,
+        description="Reuse a greedy step or PRM score already computed for the same model, prefix "
+        "and sampling parameters (arbitrage.step_cache; only at temperature 0). `arbitrage eval` "
+        "turns it on: a sweep's policies and thresholds share prefixes.",
+    )
 
 
 class PolicyConfig(_Base):
@@ -192,6 +198,17 @@ class ActorConfig(_Base):
     replicas: int = Field(default=1, ge=1, le=256, description="Actor replicas (round-robin).")
     tensor_parallel: int = Field(default=1, ge=1, le=64, description="Ranks per group (target only).")
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching.")
+    max_restarts: int = Field(
+        default=-1, ge=-1, description="Ray restarts of a dead actor (-1: always; 0: never). A TP target "
+                                       "group is restarted whole, as a new placement group and all ranks.")
+
+
+class RetryConfig(_Base):
+    """Retries of a model call whose actor died (the step is re-sent, keyed by chain and step index)."""
+
+    attempts: int = Field(default=4, ge=1, le=100, description="Tries per call, the first included (1: no retry).")
+    backoff_s: float = Field(default=0.5, ge=0.0, le=60.0, description="Wait before the first retry; doubles.")
+    max_backoff_s: float = Field(default=5.0, ge=0.0, le=600.0, description="Cap on the wait between retries.")
 
 
 class RuntimeConfig(_Base):
@@ -202,6 +219,7 @@ class RuntimeConfig(_Base):
     max_concurrent_chains: int = Field(default=32, ge=1, le=100_000, description="Chains in flight per coordinator.")
     chain_timeout_s: float = Field(default=3600.0, gt=0, description="Per-chain timeout.")
     coordinators: int = Field(default=1, ge=1, le=1024, description="Coordinator actors (batch eval).")
+    retry: RetryConfig = Field(default_factory=RetryConfig, description="Retry of model calls lost to a dead actor.")
     draft: ActorConfig = Field(default_factory=ActorConfig, description="Draft actors.")
     target: ActorConfig = Field(default_factory=ActorConfig, description="Target actors / TP group.")
     prm: ActorConfig = Field(default_factory=ActorConfig, description="PRM actors.")
@@ -259,11 +277,13 @@ class ArbitrageConfig(_Base):
 
 
 def _format_error(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"].removeprefix("Value error, ")
-    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {loc}: {msg}{more}"
+    """One line: the first wrong field with its reason, then every other wrong field by name."""
+    errors = err.errors()
+    locs = [".".join(str(p) for p in e["loc"]) or "(top level)" for e in errors]
+    msg = errors[0]["msg"].removeprefix("Value error, ")
+    others = list(dict.fromkeys(loc for loc in locs[1:] if loc != locs[0]))
+    more = f" (also wrong: {', '.join(others)})" if others else ""
+    return f"{source}: {locs[0]}: {msg}{more}"
 
 
 def _validate(data: Any, source: str) -> ArbitrageConfig:
