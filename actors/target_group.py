@@ -40,8 +40,10 @@ temporaries) while generating random weights; one tensor slice while reading a c
 (safetensors is memory-mapped, so the OS page cache may hold file pages it read). No rank
 ever holds the whole model. With TP=1 (or `tp_size=1` in-process) DeepSpeed is not used.
 
-Serving. Each rank wraps its shard in an `arbitrage.engine.StepEngine` (which knows nothing of
-TP) and all ranks run the same batch: rank 0 hosts a `DynamicBatcher`; for each batch it
+Serving. Each rank wraps its shard in a step engine (`shard_engine`): with `engine: fast` a
+`FastStepEngine` given the shard's layout (`tp_layout`: it all-reduces after o_proj, down and
+lm_head itself, inside its CUDA graphs, and runs one batch at a time in lockstep), else an
+`arbitrage.engine.StepEngine` over AutoTP's own layers (eager). All ranks run the same batch: rank 0 hosts a `DynamicBatcher`; for each batch it
 sends the same requests to ranks 1..N-1 (`run_local.remote`), runs its own share, waits for
 theirs and returns its own result. A lock makes every collective call (a batch, a logits
 probe) start on all ranks in one order, and rank 0 waits for all ranks before the next, so
@@ -51,8 +53,15 @@ rank's per-chain KV cache (StepEngine's prefix cache, its own heads only) sees t
 batches in the same order, so every rank reuses the same prefixes.
 
 Failure: a dead or unresponsive rank makes `health()` report unhealthy, and rank 0 marks the
-group broken when a peer fails during a batch. Restarting a group (a new placement group and
-all ranks, since a torch.distributed world cannot re-admit a rank) is a later issue.
+group broken (`TargetGroupBroken`) when a peer fails during a batch. A torch.distributed world
+cannot re-admit a rank, so the group restarts whole: the `TargetGroup` whose call found rank 0
+dead or the group broken kills every rank, removes the placement group, reserves a new one and
+starts and loads all ranks again (once per failure, however many calls saw it: `epoch`), then
+raises `TargetGroupBroken` (`retryable`) so the caller -- `actors.backend.RayBackend` -- sends
+the step again to the new group. One process owns a group's restarts: `TargetGroupHost`, a
+restartable Ray actor (`make_target_group_actor`) that the Runtime hands to its coordinators,
+or the Serve replica `cluster.serve_app.TargetGroupServer`. If that owner dies, its ranks and
+placement group die with it (Ray fate-sharing) and its restart builds a new group.
 
 Imports: torch only at module level; Ray, DeepSpeed, transformers and the config schema are
 imported where used, so `benchmarks/tp_bench.py` can use the sharding code without Ray.
@@ -84,15 +93,29 @@ __all__ = [
     "ShardSlice",
     "TPRankActor",
     "TargetGroup",
+    "TargetGroupBroken",
+    "TargetGroupHost",
     "apply_autotp",
     "build_meta_model",
     "load_tp_causal_lm",
     "local_cuda_index",
+    "make_target_group_actor",
     "materialize_",
     "rebuild_buffers_",
+    "shard_engine",
     "shard_plan",
     "tied_keys",
+    "tp_layout",
 ]
+
+class TargetGroupBroken(RuntimeError):
+    """The ranks of a tensor-parallel group are out of step or dead; the group must restart.
+
+    `retryable`: the request itself was fine, and sending it again after the restart can succeed.
+    """
+
+    retryable = True
+
 
 ROW_BLOCK_ELEMENTS = 1 << 22  # random weights are generated in blocks of rows of ~4M elements
 DIST_TIMEOUT = timedelta(minutes=10)  # a collective waiting on a dead peer fails after this
@@ -399,6 +422,38 @@ def load_tp_causal_lm(cfg: ModelConfig, tp_size: int = 1, device: torch.device |
     return model.eval(), load_tokenizer(cfg.source)
 
 
+def tp_layout(model, tp_size: int):
+    """The fast engine's view of an AutoTP shard: the TP group (the whole world) and the
+    hidden-dim columns of lm_head this rank holds (AutoTP makes lm_head row-parallel)."""
+    from arbitrage.fast_engine import TensorParallel
+
+    if tp_size <= 1:
+        return None
+    head = model.get_output_embeddings()
+    hidden = model.get_input_embeddings().weight.shape[1]
+    if head.weight.shape[1] == hidden:  # replicated head: every rank computes the full logits
+        return TensorParallel(None, None)
+    sizes, i = getattr(head, "_partition_sizes", None), getattr(head, "tp_index", None)
+    if sizes is None or i is None or sizes[i] != head.weight.shape[1]:
+        raise NotImplementedError(f"lm_head shard {tuple(head.weight.shape)} is not AutoTP's row-parallel "
+                                  "head (input columns split); FastStepEngine cannot run it")
+    start = sum(sizes[:i])
+    return TensorParallel(None, (start, start + sizes[i]))
+
+
+def shard_engine(cfg: ModelConfig, model, tokenizer, tp_size: int):
+    """The step engine a rank serves its shard with: `engine: fast` -> FastStepEngine (CUDA
+    graphs with the all-reduces inside), `hf` -> StepEngine (eager, AutoTP's own layers)."""
+    if cfg.engine == "fast":
+        from arbitrage.fast_engine import FastStepEngine
+
+        return FastStepEngine(model, tokenizer, max_context=cfg.max_context, max_slots=cfg.max_slots,
+                              kv_cache_tokens=cfg.kv_cache_tokens, tp=tp_layout(model, tp_size))
+    from arbitrage.engine import StepEngine
+
+    return StepEngine(model, tokenizer, max_context=cfg.max_context, kv_cache_tokens=cfg.kv_cache_tokens)
+
+
 def _load_generation_config(model, folder: str) -> None:
     """Keep the checkpoint's generation config (its EOS ids end steps), as from_pretrained does."""
     from transformers import GenerationConfig
@@ -481,12 +536,9 @@ class TPRankActor:
 
     async def load_model(self) -> dict[str, Any]:
         """Build this rank's shard and its StepEngine; returns what the rank holds."""
-        from arbitrage.engine import StepEngine
-
         t0 = time.perf_counter()
         model, tokenizer = await asyncio.to_thread(load_tp_causal_lm, self.model_cfg, self.world_size, self.device)
-        self.engine = StepEngine(model, tokenizer, max_context=self.model_cfg.max_context,
-                                 kv_cache_tokens=self.model_cfg.kv_cache_tokens)
+        self.engine = await asyncio.to_thread(shard_engine, self.model_cfg, model, tokenizer, self.world_size)
         params = list({id(p): p for p in model.parameters()}.values())
         self.info.update(device=str(self.device), params=sum(p.numel() for p in params),
                          param_bytes=sum(p.numel() * p.element_size() for p in params),
@@ -524,7 +576,7 @@ class TPRankActor:
         """
         with self._lock:
             if self._broken:
-                raise RuntimeError(f"target group is broken ({self._broken}); restart it")
+                raise TargetGroupBroken(f"target group is broken ({self._broken}); restart it")
             # futures, not ray.get: this runs in a worker thread, never on the actor's event loop
             peers = [p.run_local.remote(method, payload).future() for p in self._peers]
             own, own_error = None, None
@@ -547,7 +599,7 @@ class TPRankActor:
         if dead or not same:
             first = (dead or peer_errors or [own_error])[0]
             self._broken = f"rank failure during {method!r}: {type(first).__name__}: {first}".splitlines()[0]
-            raise RuntimeError(f"target group is broken ({self._broken}); restart it") from first
+            raise TargetGroupBroken(f"target group is broken ({self._broken}); restart it") from first
 
     # ---- every rank -----------------------------------------------------------------------
     async def run_local(self, method: str, payload: list) -> None:
@@ -596,13 +648,23 @@ def _errors_of(futures: list) -> list[Exception]:
 
 
 class TargetGroup:
-    """Driver-side handle to a tensor-parallel target: N rank actors in one placement group."""
+    """Handle to a tensor-parallel target: N rank actors in one placement group, restarted whole.
 
-    def __init__(self, ranks: list, placement_group, tp_size: int, rank_info: list[dict] | None = None):
-        self.ranks = ranks
-        self.placement_group = placement_group
-        self.tp_size = tp_size
-        self.rank_info = rank_info or []
+    Not meant to be copied between processes: the process that holds it owns the restarts
+    (see the module docstring, "Failure").
+    """
+
+    def __init__(self, model_cfg: ModelConfig, actor_cfg: ActorConfig, ready_timeout_s: float = 600.0):
+        self.model_cfg = model_cfg
+        self.actor_cfg = actor_cfg
+        self.ready_timeout_s = ready_timeout_s
+        self.tp_size = actor_cfg.tensor_parallel
+        self.ranks: list = []
+        self.placement_group = None
+        self.rank_info: list[dict] = []
+        self.epoch = 0  # bumped by every restart
+        self.restarts: list[dict[str, Any]] = []  # {"epoch", "reason", "seconds"} per restart
+        self._restart_lock = threading.Lock()
 
     @classmethod
     def create(cls, cfg: ArbitrageConfig, ready_timeout_s: float = 600.0) -> TargetGroup:
@@ -613,35 +675,79 @@ class TargetGroup:
     def from_configs(cls, model_cfg: ModelConfig, actor_cfg: ActorConfig,
                      ready_timeout_s: float = 600.0) -> TargetGroup:
         """Reserve the placement group, start the ranks, join them and load the shards."""
+        group = cls(model_cfg, actor_cfg, ready_timeout_s)
+        group.ranks, group.placement_group, group.rank_info = group._start()
+        return group
+
+    def _start(self) -> tuple[list, Any, list[dict]]:
+        """Bring up a fresh group: placement group, N ranks, rendezvous, shards, peers (blocking).
+
+        Returns (ranks, placement group, rank info); only a fully started group is published.
+        """
         import ray
 
-        n = actor_cfg.tensor_parallel
-        pg = _reserve_placement_group(actor_cfg, ready_timeout_s)
-        ranks = [_rank_actor(actor_cfg, pg, i).remote(
-            model_cfg, i, n, max(1, int(actor_cfg.num_cpus)), actor_cfg.batching) for i in range(n)]
-        group = cls(ranks, pg, n)
+        n = self.tp_size
+        pg = _reserve_placement_group(self.actor_cfg, self.ready_timeout_s)
+        ranks = [_rank_actor(self.actor_cfg, pg, i).remote(
+            self.model_cfg, i, n, max(1, int(self.actor_cfg.num_cpus)), self.actor_cfg.batching)
+            for i in range(n)]
         try:
             addr, port = ray.get(ranks[0].master_address.remote())
             ray.get([r.init_distributed.remote(addr, port) for r in ranks])
             ray.get(ranks[0].prepare_source.remote())
-            group.rank_info = ray.get([r.load_model.remote() for r in ranks])
+            info = ray.get([r.load_model.remote() for r in ranks])
             ray.get(ranks[0].set_peers.remote(ranks[1:]))
         except BaseException:
-            group.shutdown()
+            _release(ranks, pg)
             raise
-        return group
+        return ranks, pg, info
+
+    def restart(self, seen_epoch: int | None = None, reason: str = "requested") -> int:
+        """Replace the whole group (new placement group, all ranks); returns the new epoch.
+
+        Blocking. `seen_epoch`: the epoch whose failure the caller saw; when the group has
+        restarted since, nothing is done (many calls fail together, one restart serves them).
+        """
+        with self._restart_lock:
+            if seen_epoch is not None and seen_epoch != self.epoch:
+                return self.epoch
+            t0 = time.perf_counter()
+            self.shutdown()  # callers meanwhile find no ranks, wait on this lock, then retry
+            ranks, pg, info = self._start()
+            self.ranks, self.placement_group, self.rank_info = ranks, pg, info
+            self.epoch += 1
+            self.restarts.append({"epoch": self.epoch, "reason": reason[:300],
+                                  "seconds": round(time.perf_counter() - t0, 3)})
+            return self.epoch
+
+    async def _lead(self, method: str, *args):
+        """Call rank 0; on a dead rank 0 or a broken group, restart the group and raise TargetGroupBroken."""
+        from ray.exceptions import RayActorError
+
+        epoch, ranks = self.epoch, self.ranks
+        try:
+            if not ranks:
+                raise TargetGroupBroken("target group has no ranks (its last start failed)")
+            return await getattr(ranks[0], method).remote(*args)
+        except (RayActorError, TargetGroupBroken) as e:
+            cause = getattr(e, "cause", None)  # a RayTaskError carries the remote exception
+            cause = cause if isinstance(cause, BaseException) else e
+            reason = f"{type(cause).__name__}: {cause}".splitlines()[0]
+            await asyncio.to_thread(self.restart, epoch, reason)
+            raise TargetGroupBroken(f"target group restarted after a rank failure ({reason}); "
+                                    "send the call again") from e
 
     async def generate_step(self, req: StepRequest) -> StepOutput:
         """One step for one chain (dynamically batched with concurrent callers)."""
-        return await self.ranks[0].generate_step.remote(req)
+        return await self._lead("generate_step", req)
 
     async def generate_steps(self, reqs: list[StepRequest]) -> list[StepOutput]:
         """One step for each request, as one explicit batch."""
-        return await self.ranks[0].generate_steps.remote(list(reqs))
+        return await self._lead("generate_steps", list(reqs))
 
     async def logits(self, prompts: list[str]) -> torch.Tensor:
         """Next-token logits after each raw prompt, [B, V] float32 (tests, diagnostics)."""
-        return await self.ranks[0].logits.remote(list(prompts))
+        return await self._lead("logits", list(prompts))
 
     def health(self, timeout_s: float = 10.0) -> dict[str, Any]:
         """{"healthy": bool, "ranks": [per-rank status]}; any dead, silent or broken rank -> unhealthy."""
@@ -660,7 +766,9 @@ class TargetGroup:
                 ranks.append({**info, "rank": i, "status": status})
             except Exception as e:  # RayActorError: the rank's process is gone
                 ranks.append({"rank": i, "status": "dead", "error": f"{type(e).__name__}: {e}".splitlines()[0]})
-        return {"healthy": all(r["status"] == "ok" for r in ranks), "tp_size": self.tp_size, "ranks": ranks}
+        return {"healthy": bool(ranks) and all(r["status"] == "ok" for r in ranks), "tp_size": self.tp_size,
+                "ranks": ranks,
+                "epoch": self.epoch, "restarts": list(self.restarts)}
 
     def stats(self) -> dict[str, Any]:
         """Rank 0's batch-size histogram and busy time, and what each rank holds."""
@@ -668,24 +776,87 @@ class TargetGroup:
 
         out = ray.get(self.ranks[0].stats.remote(), timeout=30)
         out["ranks"] = self.rank_info
+        out["epoch"] = self.epoch
         return out
 
     def shutdown(self) -> None:
         """Kill the ranks and remove the placement group (idempotent)."""
-        import ray
-        from ray.util.placement_group import remove_placement_group
+        ranks, pg = self.ranks, self.placement_group
+        self.ranks, self.placement_group = [], None
+        _release(ranks, pg)
 
-        for r in self.ranks:
-            try:
-                ray.kill(r)
-            except Exception:  # already gone
-                pass
-        if self.placement_group is not None:
-            try:
-                remove_placement_group(self.placement_group)
-            except Exception:  # already removed
-                pass
-            self.placement_group = None
+
+def _release(ranks: list, pg) -> None:
+    """Kill rank actors and remove their placement group, ignoring what is already gone."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    for r in ranks:
+        try:
+            ray.kill(r)
+        except Exception:  # already gone
+            pass
+    if pg is not None:
+        try:
+            remove_placement_group(pg)
+        except Exception:  # already removed
+            pass
+
+
+class TargetGroupHost:
+    """A `TargetGroup` inside its own (restartable) Ray actor: the one owner of its restarts.
+
+    Coordinators share this actor's handle like a ModelActor's; a call costs one extra hop
+    to rank 0. Created by `make_target_group_actor`.
+    """
+
+    def __init__(self, cfg: ArbitrageConfig | dict, ready_timeout_s: float = 600.0):
+        from actors.model_actor import as_config
+
+        self.group = TargetGroup.create(as_config(cfg), ready_timeout_s)
+
+    async def generate_step(self, req: StepRequest) -> StepOutput:
+        """One step for one chain, batched on rank 0 with concurrent callers."""
+        return await self.group.generate_step(req)
+
+    async def generate_steps(self, reqs: list[StepRequest]) -> list[StepOutput]:
+        """One step for each request, as one batch."""
+        return await self.group.generate_steps(reqs)
+
+    async def logits(self, prompts: list[str]) -> torch.Tensor:
+        """Next-token logits after each raw prompt (tests, diagnostics)."""
+        return await self.group.logits(prompts)
+
+    async def health(self) -> dict[str, Any]:
+        """The group's health (per-rank status, epoch, restarts); `ready` when every rank is ok."""
+        h = await asyncio.to_thread(self.group.health)
+        return {"role": "target", "ready": h["healthy"], **h}
+
+    async def stats(self) -> dict[str, Any]:
+        """Rank 0's batch statistics and what each rank holds."""
+        return await asyncio.to_thread(self.group.stats)
+
+    def rank_handles(self) -> list:
+        """The current ranks' actor handles (fault-injection tests)."""
+        return list(self.group.ranks)
+
+    async def restart(self) -> int:
+        """Restart the whole group now; returns the new epoch."""
+        return await asyncio.to_thread(self.group.restart, None, "requested")
+
+    def shutdown(self) -> None:
+        """Kill the ranks and remove the placement group."""
+        self.group.shutdown()
+
+
+def make_target_group_actor(cfg: ArbitrageConfig, ready_timeout_s: float = 600.0):
+    """A `TargetGroupHost` actor (no resources of its own: the ranks hold them), restarted by
+    Ray per `runtime.target.max_restarts`. Its constructor builds the group; wait on `health`."""
+    import ray
+
+    return ray.remote(TargetGroupHost).options(
+        num_cpus=0, max_restarts=cfg.runtime.target.max_restarts, max_task_retries=0,
+        max_concurrency=1000).remote(cfg.model_dump(), ready_timeout_s)
 
 
 def _bundles(actor_cfg: ActorConfig) -> list[dict[str, float]]:

@@ -46,8 +46,17 @@ stop rules, sampling RNG, counters and `next_token_logits`) built for speed:
   steps the scheduler admits waiting requests (prefills them into the running batch) and
   retires finished rows, so no request waits for the slowest member of another's batch.
 
-Not supported: tensor-parallel shards (use StepEngine), sliding-window layers, and rope
-types that recompute frequencies per call ("dynamic", "longrope").
+- **Tensor parallel.** Given a shard built by DeepSpeed AutoTP (`actors/target_group.py`:
+  q/k/v and gate/up split by output rows, o_proj/down and lm_head by input columns) and its
+  process group (`tp=TensorParallel(group, lm_head_cols)`), the same forward runs on the
+  rank's heads and MLP columns and all-reduces after o_proj, down and lm_head (NCCL
+  collectives are captured in the CUDA graphs too). Every rank must see the same requests in
+  the same order: with `tp` the scheduler runs one submitted batch to completion before it
+  takes the next (no mid-decode admission), so all ranks run the same forward sequence and,
+  since the reduced logits are equal on every rank, decode the same tokens.
+
+Not supported: sliding-window layers, and rope types that recompute frequencies per call
+("dynamic", "longrope").
 """
 
 from __future__ import annotations
@@ -90,6 +99,18 @@ class _Layer:
     post_eps: float
     gate_up: list[Linear]  # [gate, up], or one fused [gate; up]
     down: Linear
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """How a rank's shard is split: its process group, and its columns of lm_head's input."""
+
+    group: object  # torch.distributed ProcessGroup (None: the default world)
+    lm_head_cols: tuple[int, int] | None = None  # [start, stop) of the hidden dim; None: lm_head unsplit
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(x, group=self.group)
+        return x
 
 
 def _layer_weights(layer, fuse: bool) -> _Layer:
@@ -233,13 +254,22 @@ def _compiled(fn: Callable) -> Callable:
 class _FastLM:
     """Llama / Qwen2 forward over the HF model's own weights and a static slot KV cache."""
 
-    def __init__(self, model, n_slots: int, max_context: int, compiled: bool = False, fuse: bool = False):
+    def __init__(self, model, n_slots: int, max_context: int, compiled: bool = False, fuse: bool = False,
+                 tp: TensorParallel | None = None):
         check_supported(model)
         cfg, inner = model.config, model.model
-        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # Heads and MLP columns from the weights: a tensor-parallel shard holds a share of them.
+        attn, mlp = inner.layers[0].self_attn, inner.layers[0].mlp
+        self.n_heads = attn.q_proj.weight.shape[0] // self.head_dim
+        self.n_kv = attn.k_proj.weight.shape[0] // self.head_dim
+        if (self.n_heads, self.n_kv) != (cfg.num_attention_heads, cfg.num_key_value_heads) and tp is None:
+            raise ValueError("the model's attention is a tensor-parallel shard; pass tp=TensorParallel(...)")
+        if self.n_kv == 0 or self.n_heads * cfg.num_key_value_heads != self.n_kv * cfg.num_attention_heads:
+            raise ValueError(f"shard holds {self.n_heads} query / {self.n_kv} KV heads: not whole GQA groups")
+        self.tp = tp
         self.qkv_sizes = [self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2
-        self.mlp_sizes = [cfg.intermediate_size] * 2
+        self.mlp_sizes = [mlp.gate_proj.weight.shape[0]] * 2
         self.embed = model.get_input_embeddings().weight  # [V, E]
         self.lm_head = model.get_output_embeddings().weight  # [V, E] (tied: the same tensor)
         self.norm, self.norm_eps = inner.norm.weight, _eps(inner.norm)
@@ -304,12 +334,23 @@ class _FastLM:
             a = self._attention(i, layer, h, (cos, sin, mask), (write_slots, pos, read_slots, window), ops)
             x, h = ops.add_norm(x, a, layer.post_norm, layer.post_eps)
             gate, up = _linears(h, layer.gate_up, self.mlp_sizes)
-            m = F.linear(ops.swiglu(gate, up), *layer.down)
+            m = self._row_linear(ops.swiglu(gate, up), layer.down)
             nxt = (layers[i + 1].in_norm, layers[i + 1].in_eps) if i + 1 < len(layers) else (self.norm, self.norm_eps)
             x, h = ops.add_norm(x, m, *nxt)  # h: the next layer's input (after the last: the final norm)
         h = h.view(B, S, -1)
         h = h[:, -1] if last is None else h[torch.arange(B, device=h.device), last]  # [B, E]
+        if self.tp is not None and self.tp.lm_head_cols is not None:  # row-parallel head
+            a, b = self.tp.lm_head_cols
+            return self.tp.all_reduce(F.linear(h[:, a:b], self.lm_head)).float()  # [B, V]
         return F.linear(h, self.lm_head).float()  # [B, V]
+
+    def _row_linear(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
+        """o_proj / down_proj: on a TP shard, sum the ranks' partial outputs, then add the bias once."""
+        w, b = linear
+        if self.tp is None:
+            return F.linear(x, w, b)
+        out = self.tp.all_reduce(F.linear(x, w))
+        return out if b is None else out + b
 
     def _mask(self, pos: torch.Tensor, window: int) -> torch.Tensor:
         """Additive mask: query at position p sees cache positions <= p. Repeated per query head of a group."""
@@ -335,7 +376,7 @@ class _FastLM:
         q = q.view(B, S, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * S, D)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, Hkv, G*S, D]
         out = out.view(B, Hkv, G, S, D).permute(0, 3, 1, 2, 4).reshape(B * S, H * D)
-        return F.linear(out, *layer.o)  # [N, E]
+        return self._row_linear(out, layer.o)  # [N, E]
 
     def decode(self, inp: torch.Tensor, window: int, graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step. inp: [3, B] (token, position, slot); returns logits [B, V], stats [3, B].
@@ -489,7 +530,8 @@ class FastStepEngine:
 
     def __init__(self, model, tokenizer, max_context: int = 4096, max_slots: int = 64,
                  kv_cache_tokens: int | None = None, use_cuda_graphs: bool = True,
-                 compile_ops: bool | None = None, fuse_weights: bool | None = None):
+                 compile_ops: bool | None = None, fuse_weights: bool | None = None,
+                 tp: TensorParallel | None = None):
         """Args:
             model: an HF Llama or Qwen2 causal LM (its weights are used in place).
             tokenizer: the model's tokenizer.
@@ -503,6 +545,8 @@ class FastStepEngine:
             fuse_weights: concatenate q/k/v and gate/up weights into one GEMM each; the model's
                 parameters are re-pointed at views of the fused tensors (no second copy; the
                 model still works, e.g. for a StepEngine or PRM sharing it); default: on CUDA only.
+            tp: the model is this rank's AutoTP shard (see TensorParallel); every rank must
+                submit the same requests in the same order, one batch at a time.
         """
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -518,7 +562,8 @@ class FastStepEngine:
         on_cuda = next(model.parameters()).device.type == "cuda"
         compiled = on_cuda if compile_ops is None else compile_ops
         fuse = on_cuda if fuse_weights is None else fuse_weights
-        self.lm = _FastLM(model, n_slots, max_context, compiled=compiled, fuse=fuse)
+        self.lm = _FastLM(model, n_slots, max_context, compiled=compiled, fuse=fuse, tp=tp)
+        self.continuous = tp is None  # TP ranks run each batch alone, in lockstep
         self.device = self.lm.device
         self.slots = SlotPool(n_slots)
         use_graphs = use_cuda_graphs and self.device.type == "cuda"
@@ -605,7 +650,10 @@ class FastStepEngine:
         """Admit waiting requests, run one decode step, retire finished rows; repeat."""
         dev = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with torch.inference_mode(), dev:
-            while self._pull(block=not self._running and not self._waiting):
+            while True:
+                idle = not self._running and not self._waiting
+                if (idle or self.continuous) and not self._pull(block=idle):
+                    break
                 try:
                     self._admit()
                     if self._running:

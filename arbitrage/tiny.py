@@ -37,6 +37,10 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama-3.1-8b": ("LlamaConfig", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                                          max_position_embeddings=8192, rope_theta=500000.0)),
+    # all-MiniLM-L6-v2's shape (the offline router backbone), as a 2-label classifier for
+    # router-overhead benchmarks with random weights
+    "minilm-l6": ("BertConfig", dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                                     num_attention_heads=12, vocab_size=30522, max_position_embeddings=512)),
     "llama-3.1-70b": ("LlamaConfig", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                                           num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
                                           max_position_embeddings=8192, rope_theta=500000.0)),

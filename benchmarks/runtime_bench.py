@@ -10,7 +10,7 @@ on -- it runs over the very same actors.
 
     python benchmarks/runtime_bench.py --out benchmarks/results/runtime_h200.json
     python benchmarks/runtime_bench.py --device cpu --draft tiny-llama --target tiny-llama-wide \
-        --chains 1,4 --steps 3 --step-tokens 8 --out /tmp/runtime_smoke.json   # smoke test
+        --router tiny-llama --chains 1,4 --steps 3 --step-tokens 8 --out /tmp/runtime_smoke.json   # smoke test
 """
 
 from __future__ import annotations
@@ -27,21 +27,27 @@ from configs.schema import ArbitrageConfig
 
 
 def bench_config(a) -> ArbitrageConfig:
-    gpu = 0.5 if a.device == "cuda" else 0.0
+    gpu = 0.45 if a.device == "cuda" else 0.0
     model = lambda shape, seed: {"source": {"kind": "random", "name": shape}, "dtype": a.dtype,
                                  "device": a.device, "max_context": a.max_context, "seed": seed,
                                  "engine": a.engine, "max_slots": max(64, a.max_chains)}
     batching = {"max_batch_size": max(64, a.max_chains), "max_wait_ms": a.max_wait_ms}
+    models = {"draft": model(a.draft, 1), "target": model(a.target, 2)}
+    if a.router:  # a random-weight classifier at a real router shape, for the overhead figure
+        models["router"] = {"kind": "classifier", "source": {"kind": "random", "name": a.router},
+                            "device": a.device, "max_length": 512}
     return ArbitrageConfig.model_validate({
         "name": "runtime-bench",
-        "models": {"draft": model(a.draft, 1), "target": model(a.target, 2)},
+        "models": models,
         "generation": {"forced_step_tokens": a.step_tokens, "max_step_tokens": a.step_tokens,
                        "max_steps": a.steps, "max_total_tokens": a.step_tokens * a.steps},
         "policy": {"name": "fixed_rate", "threshold": a.rate},
         "prompt": {"use_chat_template": True, "system_prompt": "Please reason step by step."},
         "runtime": {"num_cpus": a.num_cpus, "max_concurrent_chains": a.max_chains,
                     "draft": {"num_cpus": 1, "num_gpus": gpu, "batching": batching},
-                    "target": {"num_cpus": 1, "num_gpus": gpu, "batching": batching}},
+                    "target": {"num_cpus": 1, "num_gpus": gpu, "batching": batching},
+                    "router": {"num_cpus": 1, "num_gpus": 0.1 if a.device == "cuda" else 0.0,
+                               "batching": batching}},
     })
 
 
@@ -138,6 +144,31 @@ def latency(rt, a) -> dict:
     return out
 
 
+def router_overhead(rt, a, lat: dict) -> dict:
+    """The router's cost per step: the `router` policy at a threshold it never exceeds (so it
+    asks the router at every step and never escalates) against `draft_only`, one chain at a
+    time; the difference per step, as a share of a draft step and of a mean step at the
+    `--rate` escalation rate."""
+    n, per = a.latency_chains, {}
+    for name, policy, tau in [("draft_only", "draft_only", 0.0), ("router_never", "router", 1.0)]:
+        lats, steps = [], 0
+        for i in range(n):
+            dt, st, _ = run_coordinator(rt, problems(1, f"ovh-{name}-{i}"), policy, tau)
+            lats.append(dt)
+            steps += st
+        per[name] = statistics.mean(lats) / (steps / n)  # s per step
+    over = per["router_never"] - per["draft_only"]
+    fixed = lat["by_policy"].get(f"fixed_{a.rate:g}")
+    step_at_rate = fixed["latency_s"] / fixed["steps_per_chain"] if fixed else None
+    out = {"router": a.router, "draft_step_s": per["draft_only"], "router_step_s": per["router_never"],
+           "overhead_s_per_step": over, "share_of_draft_step": over / per["draft_only"],
+           "share_of_step_at_rate": over / step_at_rate if step_at_rate else None}
+    print(f"router overhead ({a.router}): {over * 1e3:.2f} ms/step = {out['share_of_draft_step']:.1%} of a "
+          f"draft step" + (f", {out['share_of_step_at_rate']:.1%} of a step at rate {a.rate:g}"
+                           if step_at_rate else ""), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -154,7 +185,9 @@ def main() -> None:
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     ap.add_argument("--latency-chains", type=int, default=4)
     ap.add_argument("--num-cpus", type=int, default=8)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: throughput,latency")
+    ap.add_argument("--router", default="minilm-l6",
+                    help="random classifier shape for the router-overhead part ('' to skip it)")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: throughput,latency,router")
     ap.add_argument("--out", default="benchmarks/results/runtime.json")
     a = ap.parse_args()
     a.chain_counts = [int(c) for c in a.chains.split(",")]
@@ -171,6 +204,8 @@ def main() -> None:
             result["throughput"] = throughput(rt, cfg, a)
         if "latency" not in a.skip:
             result["latency"] = latency(rt, a)
+            if a.router and "router" not in a.skip:
+                result["router_overhead"] = router_overhead(rt, a, result["latency"])
         result["actor_stats"] = rt.stats()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2, default=str))

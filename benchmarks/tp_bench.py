@@ -8,13 +8,16 @@ on its own device (no host copy of the whole model). One process per rank, start
 For each TP size and batch size it prefills a random prompt and times greedy decode steps
 (one token per row per step), eager with a dynamic KV cache; with `--modes eager,compile` it
 also times a static KV cache + `torch.compile` decode (`--compile-mode`, e.g.
-"reduce-overhead" for CUDA graphs; errors are recorded, not raised). It also measures the
+"reduce-overhead" for CUDA graphs; errors are recorded, not raised). Mode `fast` serves the
+shard with `FastStepEngine` exactly as a target-group rank with `engine: fast` does (own
+forward, all-reduces inside CUDA graphs, lockstep batches) and times decode steps as
+`benchmarks/engine_bench.py` does: (t(steps forced tokens) - t(1)) / (steps - 1). It also measures the
 device copy bandwidth (read + write bytes of a large tensor copy) and reports the
 weight-streaming floor = weight bytes per rank / copy bandwidth, the lower bound on a decode
 step that reads every weight once.
 
 GPU (H200 node):  python benchmarks/tp_bench.py --shape llama-3.1-70b --tp 4,8 --out benchmarks/results/tp_70b.json
-CPU smoke test:   python benchmarks/tp_bench.py --device cpu --shape tiny-llama --tp 1,2 --out /tmp/tp_smoke.json
+CPU smoke test:   python benchmarks/tp_bench.py --device cpu --shape tiny-llama-wide --tp 1,2 --modes eager,fast --out /tmp/tp_smoke.json
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=32, help="timed decode steps")
     p.add_argument("--warmup", type=int, default=4, help="untimed decode steps first")
-    p.add_argument("--modes", default="eager", help="comma list of: eager, compile")
+    p.add_argument("--modes", default="eager", help="comma list of: eager, compile, fast")
+    p.add_argument("--max-context", type=int, default=1024, help="fast mode: KV slot length")
+    p.add_argument("--reps", type=int, default=3, help="fast mode: timing repetitions (min taken)")
     p.add_argument("--compile-mode", default="reduce-overhead")
     p.add_argument("--cpu-threads", type=int, default=1, help="torch threads per rank on CPU")
     p.add_argument("--seed", type=int, default=0)
@@ -170,6 +175,9 @@ def measure(model, args, device: torch.device, tp: int) -> list[dict]:
     """
     rows, eager_logits = [], {}
     for mode in args.mode_list:
+        if mode == "fast":
+            rows += measure_fast(model, args, device, tp)
+            continue
         for b in args.batches:
             row = {"mode": mode, "batch": b}
             try:
@@ -186,6 +194,28 @@ def measure(model, args, device: torch.device, tp: int) -> list[dict]:
                 if tp > 1 and mode == "eager":
                     raise  # ranks may be out of step: stop rather than hang
             rows.append(row)
+    return rows
+
+
+def measure_fast(model, args, device: torch.device, tp: int) -> list[dict]:
+    """FastStepEngine on this rank's shard: ms per decode step per batch size (slowest rank)."""
+    from actors.target_group import tp_layout
+    from arbitrage.fast_engine import FastStepEngine
+    from arbitrage.tiny import byte_tokenizer
+    from benchmarks.engine_bench import decode_ms
+
+    engine = FastStepEngine(model, byte_tokenizer(), max_context=args.max_context,
+                            max_slots=max(args.batches), tp=tp_layout(model, tp))
+    rows = []
+    try:
+        for b in args.batches:
+            r = decode_ms(engine, b, args)
+            rows.append({"mode": "fast", "batch": b, "ms_per_step": max_over_ranks(r["ms_per_step"], device, tp),
+                         "prefill_ms": r["prefill_ms"], "warmup_s": r["warmup_s"],
+                         "graphs": len(engine.graphs.graphs) if engine.graphs else 0})
+            rows[-1]["tokens_per_s"] = b / rows[-1]["ms_per_step"] * 1e3
+    finally:
+        engine.close()
     return rows
 
 

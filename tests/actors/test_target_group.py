@@ -154,6 +154,31 @@ def test_local_checkpoint_loads_per_rank_slices_and_dead_rank_is_unhealthy(ray_l
         g.shutdown()
 
 
+def test_fast_engine_tp2_matches_unsplit_fast_engine(ray_local, random_cfg):
+    """engine: fast on the ranks (own forward on each shard, all-reduce after o_proj, down and
+    lm_head, one batch at a time in lockstep) equals the unsplit model in FastStepEngine,
+    also for a chain's second step served from each rank's slot KV."""
+    from arbitrage.fast_engine import FastStepEngine
+
+    data = random_cfg.model_dump()
+    data["models"]["target"]["engine"] = "fast"
+    cfg = ArbitrageConfig.model_validate(data)
+    model, tok = load_tp_causal_lm(cfg.models.target, tp_size=1)
+    first = [StepRequest(problem=p, params=SamplingParams(max_tokens=8), chain_id=f"f{i}")
+             for i, p in enumerate(PROBLEMS)]
+    second = [StepRequest(problem=r.problem, steps=("First, think.",), params=r.params, chain_id=r.chain_id)
+              for r in first]
+    g = TargetGroup.create(cfg, ready_timeout_s=60)
+    try:
+        with FastStepEngine(model, tok, max_context=cfg.models.target.max_context) as ref:
+            for batch in (first, second):
+                outs, want = asyncio.run(g.generate_steps(batch)), ref.generate_steps(batch)
+                assert [(o.text, o.num_tokens) for o in outs] == [(w.text, w.num_tokens) for w in want]
+            assert g.stats()["reused_tokens"] == ref.reused_tokens > 0
+    finally:
+        g.shutdown()
+
+
 # ---- shard construction, without Ray ---------------------------------------------------
 def test_random_weights_are_the_same_whatever_the_split(monkeypatch):
     import actors.target_group as tg
