@@ -6,6 +6,16 @@ awaitable, so nothing blocks the caller's event loop. A request that names its c
 KV cache between steps; other requests are spread round-robin over the replicas. A role's
 "handle" may also be an in-process object with async methods of the same names (e.g.
 `actors.target_group.TargetGroup`, which fans out to its ranks).
+
+Faults. A call lost to a dead actor (RayActorError: the actor process died, or is
+restarting) or to a failure the callee marks `retryable` (a broken tensor-parallel group,
+which restarts itself before raising) is sent again, up to `runtime.retry.attempts` tries
+with doubling backoff. This is the only retry layer (the actors have `max_task_retries=0`),
+and it is safe: a request carries the chain's whole text prefix and its sampling seed
+(`generation.seed` + step index), so a restarted actor that lost the chain's cached KV
+computes the same step, and the loop receives exactly one result per call. Each retry is
+recorded under its key (role, chain id, step index) in `retries`, for stats and tests.
+Model errors (e.g. a prompt over `max_context`) are not retried.
 """
 
 from __future__ import annotations
@@ -13,14 +23,38 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import time
 import zlib
 from collections import Counter
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError, WorkerCrashedError
 
 from actors.model_actor import ROLE_METHOD
 from arbitrage.backend import ModelBackend
+from configs.schema import RetryConfig
+
+MAX_RETRY_LOG = 1000  # retries kept in RayBackend.retries (the count is exact beyond it)
+
+
+def is_retryable(err: BaseException) -> bool:
+    """A failure of the callee's process, not of the request: sending it again can succeed."""
+    return isinstance(err, (RayActorError, WorkerCrashedError)) or bool(getattr(err, "retryable", False))
+
+
+def step_key(role: str, req) -> tuple[str, str | None, int]:
+    """(role, chain id, step index) of a request: what a retry is keyed and logged by.
+
+    StepRequest: the steps accepted so far; PRMRequest: its steps end with the scored one;
+    RouterRequest: the history before the candidate.
+    """
+    if hasattr(req, "history"):
+        index = len(req.history)
+    else:
+        steps = getattr(req, "steps", ())
+        index = len(steps) - 1 if role == "prm" else len(steps)
+    return role, getattr(req, "chain_id", None), index
 
 
 async def call_handle(handle, method: str, *args):
@@ -63,8 +97,13 @@ def merge_role_stats(role: str, per_actor: list[dict]) -> dict[str, Any]:
 class RayBackend(ModelBackend):
     """Awaits Ray actor handles per role: chain-sticky, else round-robin across replicas."""
 
-    def __init__(self, handles: dict[str, Any]):
-        """Args: handles: role -> a handle or a list of replica handles (roles may be missing)."""
+    def __init__(self, handles: dict[str, Any], retry: RetryConfig | None = None):
+        """Args: handles: role -> a handle or a list of replica handles (roles may be missing);
+        retry: how often and how patiently a call lost to a dead actor is sent again."""
+        self.retry = retry or RetryConfig()
+        self.retries: list[dict[str, Any]] = []  # one entry per re-sent call (the last MAX_RETRY_LOG)
+        self.retry_count = 0
+        self.failed_calls = 0  # calls that exhausted their retries
         self.handles: dict[str, list] = {}
         for role, hs in handles.items():
             if role not in ROLE_METHOD:
@@ -84,8 +123,36 @@ class RayBackend(ModelBackend):
         return hs[next(self._rr[role]) % len(hs)]
 
     async def _call(self, role: str, req):
-        handle = self._pick(role, getattr(req, "chain_id", None))
-        return await call_handle(handle, ROLE_METHOD[role], req)
+        """One call, re-sent while its actor is dead or restarting (at most retry.attempts tries)."""
+        r = self.retry
+        for attempt in range(1, r.attempts + 1):
+            handle = self._pick(role, getattr(req, "chain_id", None))
+            try:
+                return await call_handle(handle, ROLE_METHOD[role], req)
+            except Exception as e:
+                if not is_retryable(e):
+                    raise
+                if attempt == r.attempts:
+                    self.failed_calls += 1
+                    raise
+                wait = min(r.max_backoff_s, r.backoff_s * 2 ** (attempt - 1))
+                self._log_retry(step_key(role, req), attempt, e, wait)
+                await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _log_retry(self, key: tuple, attempt: int, err: BaseException, wait: float) -> None:
+        role, chain_id, step = key
+        cause = getattr(err, "cause", None)  # a RayTaskError carries the remote exception
+        cause = cause if isinstance(cause, BaseException) else err
+        self.retry_count += 1
+        self.retries.append({"role": role, "chain_id": chain_id, "step": step, "attempt": attempt,
+                             "error": f"{type(cause).__name__}: {cause}".splitlines()[0][:300],
+                             "wait_s": wait, "at": time.time()})
+        del self.retries[:-MAX_RETRY_LOG]
+
+    def retry_stats(self) -> dict[str, Any]:
+        """Re-sent calls: how many, how many gave up, and the recent ones by key."""
+        return {"count": self.retry_count, "failed_calls": self.failed_calls, "recent": list(self.retries)}
 
     async def draft_step(self, req):
         return await self._call("draft", req)

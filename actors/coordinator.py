@@ -37,7 +37,7 @@ class Coordinator:
     def __init__(self, cfg, handles: dict[str, Any]):
         """Args: cfg: ArbitrageConfig or its dict; handles: role -> actor handle(s)."""
         self.cfg = as_config(cfg)
-        self.backend = RayBackend(handles)
+        self.backend = RayBackend(handles, self.cfg.runtime.retry)
         settings = LoopSettings.from_config(self.cfg)
         self.settings = replace(settings, has_prm=settings.has_prm and "prm" in self.backend.handles)
         self.max_concurrent = self.cfg.runtime.max_concurrent_chains
@@ -158,7 +158,7 @@ class Coordinator:
     async def stats(self) -> dict[str, Any]:
         """Per-role batch histograms from the model actors, and this coordinator's chain counts."""
         return {"roles": await self.backend.astats(), "in_flight": sum(len(t) for t in self._tasks.values()),
-                "finished": dict(self._stops)}
+                "finished": dict(self._stops), "retries": self.backend.retry_stats()}
 
     def health(self) -> dict[str, Any]:
         """Readiness and placement of this coordinator."""

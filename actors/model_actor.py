@@ -5,6 +5,12 @@ same-named methods through a `DynamicBatcher`, so concurrent requests from many 
 (and many coordinators) share one forward pass. `make_model_actor` applies
 `ray.remote(...).options(...)` from the role's `runtime.<role>` ActorConfig.
 
+Faults: Ray restarts a dead actor (`runtime.<role>.max_restarts`, default always), which
+reloads its model; the calls it had in flight fail with RayActorError and are re-sent by
+`actors.backend.RayBackend` (every method is idempotent: greedy, or sampling seeded per
+step, and the request carries the whole text prefix, so a fresh actor without the chain's
+cached KV computes the same step).
+
 A judge PRM with `reuse_target: true` lives inside the TARGET actor (it reads the
 target's weights): that actor then also answers `score`, and the PRM handle is the
 target handle (`prm_on_target(cfg)`).
@@ -24,7 +30,9 @@ MODEL_ROLES = ("draft", "target", "prm", "router")
 # role -> the actor method that serves it
 ROLE_METHOD = {"draft": "generate_step", "target": "generate_step", "prm": "score", "router": "predict"}
 MAX_CONCURRENCY = 1000  # async actor: requests in flight per actor (they wait in the batcher)
-MAX_TASK_RETRIES = 3  # every method is idempotent (greedy, or sampling seeded per prompt)
+# Ray does not re-send a lost call itself: RayBackend retries it (actors/backend.py), so a
+# step is sent again exactly where we count and log it.
+MAX_TASK_RETRIES = 0
 
 
 def as_config(cfg: ArbitrageConfig | dict) -> ArbitrageConfig:
@@ -146,7 +154,7 @@ def actor_options(role: str, cfg: ArbitrageConfig, name: str | None = None) -> d
         Keyword arguments for `ray.remote(ModelActor).options(...)`.
     """
     a: ActorConfig = getattr(cfg.runtime, role)
-    opts: dict[str, Any] = dict(num_cpus=a.num_cpus, num_gpus=a.num_gpus, max_restarts=-1,
+    opts: dict[str, Any] = dict(num_cpus=a.num_cpus, num_gpus=a.num_gpus, max_restarts=a.max_restarts,
                                 max_task_retries=MAX_TASK_RETRIES, max_concurrency=MAX_CONCURRENCY)
     if a.resources:
         opts["resources"] = dict(a.resources)

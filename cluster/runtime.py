@@ -13,7 +13,8 @@ finishes. `shutdown()` kills what `start()` created. Use it as a context manager
         print(summarize(rows))          # arbitrage.metrics.summarize
 
 Placement: the target is one ModelActor when `runtime.target.tensor_parallel == 1`, else
-an `actors.target_group.TargetGroup` (N rank actors in one placement group). A judge
+an `actors.target_group.TargetGroupHost` actor owning a `TargetGroup` (N rank actors in one
+placement group), which restarts the whole group when a rank dies. A judge
 PRM with `reuse_target` is served by the target actor itself (no second copy of the
 weights); with a tensor-parallel target that cannot score, a separate PRM actor loads
 the judge from `models.prm.source`.
@@ -65,7 +66,7 @@ class Runtime:
         self.handles: dict[str, list] = {}
         self.coordinators: list = []
         self._owned: list[tuple[str, Any]] = []  # (role, actor handle) created here
-        self._group = None  # TargetGroup when tensor_parallel > 1
+        self._group = None  # TargetGroupHost actor when tensor_parallel > 1
         self._owns_ray = False
         self._started = False
 
@@ -123,10 +124,11 @@ class Runtime:
         return callable(getattr(TargetGroup, "score", None))
 
     def _create_target_group(self) -> None:
-        from actors.target_group import TargetGroup  # lazy: DeepSpeed / torch.distributed
+        from actors.target_group import make_target_group_actor  # lazy: DeepSpeed / torch.distributed
 
-        try:
-            self._group = TargetGroup.create(self.cfg)
+        self._group = make_target_group_actor(self.cfg, self.ready_timeout_s)
+        try:  # the host's constructor starts the group and loads every rank's shard
+            ray.get(self._group.health.remote(), timeout=self.ready_timeout_s + 60)
         except Exception as e:
             raise RuntimeStartError(f"target tensor-parallel group failed to start: {_first_line(e)}") from e
         self.handles["target"] = [self._group]
@@ -254,9 +256,10 @@ class Runtime:
             _kill(h)
         if self._group is not None:
             try:
-                call_handle_sync(self._group, "shutdown")
+                ray.get(self._group.shutdown.remote(), timeout=60)
             except Exception:  # best effort: its ranks may already be gone
                 pass
+            _kill(self._group)
         self.coordinators, self._owned, self.handles, self._group = [], [], {}, None
         self._started = False
         if self._owns_ray and ray.is_initialized():

@@ -59,7 +59,8 @@ def test_actor_options_follow_actor_config(tiny_config):
     assert opts["num_gpus"] == 0.5 and opts["num_cpus"] == 0.25
     assert opts["resources"] == {"small_gpu_node": 0.01}
     assert opts["label_selector"] == {"node-pool": "small_gpu"}
-    assert opts["max_restarts"] == -1 and opts["max_task_retries"] > 0
+    assert opts["max_restarts"] == -1 and opts["max_task_retries"] == 0  # RayBackend re-sends lost calls
+    assert actor_options("draft", tiny_config(**{"runtime.draft.max_restarts": 2}))["max_restarts"] == 2
     assert opts["max_concurrency"] == MAX_CONCURRENCY and opts["name"] == "draft-0"
     assert "label_selector" not in actor_options("target", cfg)
     assert prm_on_target(cfg)
