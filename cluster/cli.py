@@ -123,6 +123,21 @@ def _execute(cfg, items: list[dict], on_result, in_process: bool) -> None:
         rt.run(items, cfg.policy.name, cfg.policy.threshold, on_result=on_result)
 
 
+def _thresholds(text: str) -> list[float] | dict[str, list[float]]:
+    """`0.3,0.5,0.7` (every policy) or `rsd=0.65,0.7;router=0.4,0.5` (a list per policy)."""
+    if "=" not in text:
+        return _floats(text)
+    out: dict[str, list[float]] = {}
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        name, sep, vals = part.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--thresholds: expected policy=t1,t2,... separated by ';', got {part!r}")
+        out[name.strip()] = _floats(vals)
+    return out
+
+
 def _floats(text: str) -> list[float]:
     try:
         vals = [float(t) for t in text.split(",") if t.strip()]
@@ -141,7 +156,8 @@ def eval_cmd(
     dataset: Optional[str] = typer.Option(None), split: Optional[str] = typer.Option(None),
     limit: Optional[int] = typer.Option(None),
     policies: str = typer.Option("rsd,router", help="Comma-separated policies."),
-    thresholds: str = typer.Option("0.5", help="Comma-separated thresholds in [0, 1]."),
+    thresholds: str = typer.Option("0.5", help="Comma-separated thresholds in [0, 1] for every policy, "
+                                   "or per policy: 'rsd=0.65,0.7;router=0.45,0.55'."),
     address: Optional[str] = typer.Option(None, help="Ray address to join."),
     in_process: bool = typer.Option(False, "--in-process", help="Run without Ray."),
     step_cache: bool = typer.Option(True, "--step-cache/--no-step-cache",
@@ -155,7 +171,7 @@ def eval_cmd(
         unknown = [p for p in names if p not in POLICY_NAMES]
         if unknown:
             raise ValueError(f"unknown policy {unknown[0]!r}; choose from {', '.join(POLICY_NAMES)}")
-        taus = _floats(thresholds)
+        taus = _thresholds(thresholds)
         cfg = load_cli_config(config, **{"data.dataset": dataset, "data.split": split,
                                          "data.limit": limit, "runtime.address": address,
                                          "generation.step_cache": step_cache})

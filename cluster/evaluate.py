@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 THRESHOLD_FREE = ("draft_only", "target_only")
 RETRY_STOPS = ("error", "timeout", "cancelled")
@@ -34,11 +34,23 @@ class Group:
         return self.policy if self.policy in THRESHOLD_FREE else f"{self.policy}@{self.threshold:g}"
 
 
-def sweep_groups(policies: Iterable[str], thresholds: Iterable[float]) -> list[Group]:
-    """Policies x thresholds; threshold-free baselines appear once (threshold 0)."""
+def sweep_groups(policies: Iterable[str], thresholds: Iterable[float] | Mapping[str, Iterable[float]]) -> list[Group]:
+    """Policies x thresholds; threshold-free baselines appear once (threshold 0).
+
+    `thresholds` is one list for every policy, or a list per policy name (a policy
+    missing from the mapping is an error unless it is threshold-free).
+    """
     out: list[Group] = []
     for p in policies:
-        for t in ([0.0] if p in THRESHOLD_FREE else thresholds):
+        if p in THRESHOLD_FREE:
+            taus: Iterable[float] = [0.0]
+        elif isinstance(thresholds, Mapping):
+            if p not in thresholds:
+                raise ValueError(f"no thresholds given for policy {p!r}; add {p}=... to --thresholds")
+            taus = thresholds[p]
+        else:
+            taus = thresholds
+        for t in taus:
             if Group(p, float(t)) not in out:
                 out.append(Group(p, float(t)))
     return out

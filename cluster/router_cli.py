@@ -171,16 +171,21 @@ def eval_router(
     split: str = typer.Option("validation", help="validation (held-out problems) | train | all"),
     out: Optional[Path] = typer.Option(None, "--out", help="JSON file (default: <router>/eval_<split>.json)."),
     batch_size: int = typer.Option(32, help="Router batch size."),
+    cv: int = typer.Option(0, "--cv", help="K > 1: K-fold cross-validation by problem, retraining the "
+                           "router's kind and settings per fold (every step held out once)."),
 ) -> None:
     """Spearman(router prob, A) and ROC-AUC(y) on held-out steps, beside the draft-PRM ranking (RSD)."""
     cli = _cli()
     try:
-        from arbitrage.router_train import evaluate_folder, format_table
+        from arbitrage.router_train import cross_validate_folder, evaluate_folder, format_table
 
-        report = evaluate_folder(router, data, split=split, batch_size=batch_size)
+        if cv:
+            report = cross_validate_folder(router, data, folds=cv, log=lambda m: typer.echo(m, err=True))
+        else:
+            report = evaluate_folder(router, data, split=split, batch_size=batch_size)
     except cli.USER_ERRORS as e:
         cli.fail(str(e))
-    out = out or router / f"eval_{split}.json"
+    out = out or router / (f"eval_cv{cv}.json" if cv else f"eval_{split}.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     typer.echo(format_table(report))
     typer.echo(f"wrote {out}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESET_DIR = Path(__file__).resolve().parent
 
@@ -107,6 +107,16 @@ class RouterConfig(_Base):
         if self.kind in ("classifier", "probe") and self.path is None and self.source is None:
             raise ValueError(f"router kind {self.kind!r} needs `path` (or `source`)")
         return self
+
+    @field_validator("path")
+    @classmethod
+    def _shipped_router(cls, v: str | None) -> str | None:
+        """A relative path missing from the working directory but shipped in the project
+        (e.g. `routers/local-probe`) resolves against the project root, so presets work from anywhere."""
+        if v is None or Path(v).is_absolute() or Path(v).exists():
+            return v
+        shipped = PRESET_DIR.parent / v
+        return str(shipped) if shipped.exists() else v
 
 
 class ModelsConfig(_Base):

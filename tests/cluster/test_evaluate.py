@@ -47,6 +47,19 @@ def test_sweep_groups():
     assert [g.label for g in gs] == ["draft_only", "rsd@0.2", "rsd@0.5", "target_only"]
 
 
+def test_thresholds_per_policy():
+    from cluster.cli import _thresholds
+
+    taus = _thresholds("rsd=0.65,0.7; router=0.45")
+    assert taus == {"rsd": [0.65, 0.7], "router": [0.45]}
+    gs = sweep_groups(["draft_only", "rsd", "router"], taus)
+    assert [g.label for g in gs] == ["draft_only", "rsd@0.65", "rsd@0.7", "router@0.45"]
+    with pytest.raises(ValueError, match="oracle"):
+        sweep_groups(["oracle"], taus)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        _thresholds("rsd=1.5")
+
+
 def test_one_row_per_cell_then_resume_is_a_no_op(slow_tiny, tmp_path):
     cfg, probs = slow_tiny
     out = tmp_path / "run"
