@@ -36,6 +36,9 @@ from arbitrage.backend import ModelBackend
 from configs.schema import RetryConfig
 
 MAX_RETRY_LOG = 1000  # retries kept in RayBackend.retries (the count is exact beyond it)
+# ChainResult.error of a chain whose model actor stayed unreachable through every retry starts
+# with this: a transient failure (the Serve app answers 503, not 500; a sweep redoes the chain).
+UNAVAILABLE = "unavailable: "
 
 
 def is_retryable(err: BaseException) -> bool:

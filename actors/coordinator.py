@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Iterable
 
 import ray
 
-from actors.backend import RayBackend
+from actors.backend import UNAVAILABLE, RayBackend, is_retryable
 from actors.model_actor import as_config
 from arbitrage.loop import ChainInput, LoopSettings, failed_chain, run_chain
 from arbitrage.policies import DecisionPolicy, make_policy
@@ -174,6 +174,8 @@ def _outcome(task: asyncio.Task, item: ChainInput, policy: DecisionPolicy, timeo
     exc = task.exception()
     if isinstance(exc, asyncio.TimeoutError):
         return failed_chain(item, policy, "timeout", f"chain exceeded runtime.chain_timeout_s={timeout_s}s")
+    if exc is not None and is_retryable(exc):  # a model actor stayed down through every retry
+        return failed_chain(item, policy, "error", f"{UNAVAILABLE}{type(exc).__name__}: {exc}".splitlines()[0])
     if exc is not None:  # one broken chain must not take down the others
         return failed_chain(item, policy, "error", f"{type(exc).__name__}: {exc}")
     return task.result()

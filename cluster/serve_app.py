@@ -44,6 +44,15 @@ API choices:
   503 "Request dropped due to backpressure (...)" as plain text.
 - With `serve.api_key` set, `/v1/*` needs `Authorization: Bearer <key>` (401 otherwise);
   `/health` stays open. Errors use OpenAI's body: `{"error": {"message", "type", ...}}`.
+- Faults: a model replica that dies is replaced by Serve, and the coordinator re-sends the
+  steps it had in flight (`actors.backend.RayBackend`). A coordinator replica that dies under
+  a request is replaced too: the ingress runs the request again on another replica (chains
+  are deterministic for a given seed) if nothing was sent to the client yet, else ends the
+  stream with an in-band error. When that does not succeed within `CHAIN_ATTEMPTS`, or a
+  model stayed down through every retry, the client gets 503 with `Retry-After`, never a
+  hang and never a 500.
+- `GET /openapi.json` documents both request bodies (the pydantic models above, `model`
+  restricted to `serve.model_id`), so schema-driven fuzzers (schemathesis) can exercise them.
 """
 
 from __future__ import annotations
@@ -65,6 +74,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from actors.backend import UNAVAILABLE, is_retryable
 from actors.model_actor import MAX_CONCURRENCY, ModelActor, as_config, prm_on_target
 from configs.schema import ArbitrageConfig, ConfigError, PolicyName, load_config
 
@@ -74,6 +84,8 @@ MAX_BODY_BYTES = 8 * 1024 * 1024  # request bodies beyond this get 413
 MAX_TOKENS_LIMIT = 1_048_576  # same bound as generation.max_total_tokens
 INGRESS_HEADROOM = 32  # ingress slots beyond the in-app limit, so overflow reaches the 503 path
 HEALTH_TIMEOUT_S = 10.0
+CHAIN_ATTEMPTS = 3  # tries of one request when its coordinator replica dies before answering
+CHAIN_RETRY_WAIT_S = 1.0  # wait before the next try (times the try number)
 
 
 # ---- request models ------------------------------------------------------------------------
@@ -85,7 +97,7 @@ class ArbitrageOptions(_Strict):
     """Per-request ARBITRAGE settings: the `arbitrage` object of a request body."""
 
     policy: PolicyName | None = Field(default=None, description="Escalation policy; default policy.name.")
-    threshold: float | None = Field(default=None, ge=0.0, le=1.0,
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False,
                                     description="tau in [0, 1]; default policy.threshold.")
     max_steps: int | None = Field(default=None, ge=1, le=4096,
                                   description="Step limit of the chain; default generation.max_steps.")
@@ -105,16 +117,20 @@ class _CompletionBase(_Strict):
                                    description="Total token budget of the chain (generation.max_total_tokens).")
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT,
                                               description="OpenAI's newer name for max_tokens.")
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 = greedy; default from config.")
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus mass; default from config.")
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False,
+                                      description="0 = greedy; default from config.")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False,
+                                description="Nucleus mass; default from config.")
     seed: int | None = Field(default=None, ge=0, le=2**62, description="Sampling seed; default from config.")
     stream: bool = Field(default=False, description="Server-sent events, one chunk per decided step.")
     stream_options: StreamOptions | None = Field(default=None, description="Accepted; usage is always sent.")
     n: int = Field(default=1, ge=1, le=1, description="Choices per request; only 1.")
     stop: str | list[str] | None = Field(default=None, description="Unsupported: must be unset or empty.")
     user: str | None = Field(default=None, description="End-user id; accepted and ignored.")
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, description="Only 0 is supported.")
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, description="Only 0 is supported.")
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False,
+                                           description="Only 0 is supported.")
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False,
+                                            description="Only 0 is supported.")
     arbitrage: ArbitrageOptions = Field(default_factory=ArbitrageOptions, description="Policy, tau, max_steps.")
 
     @model_validator(mode="after")
@@ -574,20 +590,35 @@ class OpenAIIngress:
         self.active += 1
 
     async def _complete(self, body: _CompletionBase, chat: bool):
-        """Admit, start the chain on the coordinator, answer as JSON or as server-sent events."""
+        """Admit, start the chain on the coordinator, answer as JSON or as server-sent events.
+
+        A coordinator replica lost before anything reached the client: the request runs again
+        (up to CHAIN_ATTEMPTS tries), then 503.
+        """
         job = self._job(body, chat)
         self._admit()
         stream, handed_off = None, False  # once the SSE generator owns the slot, it releases it
         try:
-            stream = self.chains.options(stream=True).solve_request.remote(job)
-            first = await stream.__anext__()
-            if first["event"] == "error":
-                raise APIError(first["status"], first["message"])
-            view = _View(job.id, self.model_id, int(time.time()), chat, self.separator, first["prompt_tokens"])
-            if body.stream:
-                handed_off = True
-                return StreamingResponse(self._sse(stream, view), media_type="text/event-stream")
-            result = await _final_result(stream)
+            for attempt in range(1, CHAIN_ATTEMPTS + 1):
+                try:
+                    stream = self.chains.options(stream=True).solve_request.remote(job)
+                    first = await stream.__anext__()
+                    if first["event"] == "error":
+                        raise APIError(first["status"], first["message"])
+                    view = _View(job.id, self.model_id, int(time.time()), chat, self.separator,
+                                 first["prompt_tokens"])
+                    if body.stream:
+                        handed_off = True
+                        return StreamingResponse(self._sse(stream, view), media_type="text/event-stream")
+                    result = await _final_result(stream)
+                    break
+                except Exception as e:
+                    if not is_retryable(e):
+                        raise
+                    stream.cancel()
+                    if attempt == CHAIN_ATTEMPTS:
+                        raise _unavailable(e) from e
+                    await asyncio.sleep(CHAIN_RETRY_WAIT_S * attempt)
             _raise_for_chain(result)
             return JSONResponse(view.completion(result))
         finally:
@@ -607,8 +638,9 @@ class OpenAIIngress:
                     yield _sse(view.final_chunk(r) if r["error"] is None else _chain_error_body(r))
             yield "data: [DONE]\n\n"
         except Exception as e:  # the status line is gone: report in-band
-            yield _sse({"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error",
-                                  "param": None, "code": None}})
+            err = _unavailable(e) if is_retryable(e) else APIError(500, f"internal error: {type(e).__name__}: {e}")
+            yield _sse({"error": {"message": err.message, "type": APIError.TYPES.get(err.status, "server_error"),
+                                  "param": None, "code": err.code}})
             yield "data: [DONE]\n\n"
         finally:
             stream.cancel()
@@ -629,7 +661,45 @@ def build_fastapi_app(ingress: OpenAIIngress) -> FastAPI:
     install_error_handlers(app)
     for name, (path, methods) in INGRESS_ROUTES.items():
         app.add_api_route(path, getattr(ingress, name), methods=methods, name=name)
+    schema = openapi_schema(app, ingress.model_id, ingress.cfg.serve.api_key is not None)
+    app.openapi = lambda: schema
     return app
+
+
+REQUEST_BODIES = {"/v1/chat/completions": "ChatCompletionRequest", "/v1/completions": "CompletionRequest"}
+
+
+def openapi_schema(app: FastAPI, model_id: str, with_key: bool) -> dict:
+    """FastAPI's OpenAPI document plus what the raw-Request routes hide: their JSON bodies
+    (from the pydantic request models, `model` fixed to `model_id`), the bearer key, and
+    the error statuses (OpenAI error body)."""
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    error = {"description": "OpenAI error body", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["message", "type"],
+            "properties": {"message": {"type": "string"}, "type": {"type": "string"}}}}}}}}
+    models = {"ChatCompletionRequest": ChatCompletionRequest, "CompletionRequest": CompletionRequest}
+    for name, model in models.items():
+        js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(js.pop("$defs", {}))
+        js["properties"]["model"] = {"type": "string", "enum": [model_id], "description": "serve.model_id."}
+        schemas[name] = js
+    for path, name in REQUEST_BODIES.items():
+        op = doc["paths"][path]["post"]
+        op["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{name}"}}}}
+        op["responses"] = {"200": {"description": "A completion (JSON), or server-sent events when stream is true"},
+                           **{str(c): error for c in (400, 401, 404, 413, 503)}}
+    if with_key:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path, methods in doc["paths"].items():
+            if path.startswith("/v1/"):
+                for op in methods.values():
+                    op["security"] = [{"bearer": []}]
+    return doc
 
 
 def make_ingress(cls: type = OpenAIIngress) -> type:
@@ -705,7 +775,18 @@ def _chain_error_body(r: dict) -> dict:
                       "param": None, "code": r["stop_reason"]}}
 
 
+def _unavailable(err: BaseException) -> APIError:
+    """503 for a replica lost under a request: transient, the client should retry."""
+    cause = getattr(err, "cause", None)
+    cause = cause if isinstance(cause, BaseException) else err
+    return APIError(503, f"service temporarily unavailable: a replica serving this request was lost "
+                         f"({type(cause).__name__}); retry", code="replica_unavailable", headers={"Retry-After": "1"})
+
+
 def _raise_for_chain(r: dict) -> None:
+    if r["error"] is not None and r["error"].startswith(UNAVAILABLE):
+        raise APIError(503, f"service temporarily unavailable: {r['error']}; retry", code="replica_unavailable",
+                       headers={"Retry-After": "1"})
     if r["error"] is not None:
         raise APIError(504 if r["stop_reason"] == "timeout" else 500, _chain_error_body(r)["error"]["message"],
                        code=r["stop_reason"])

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -183,6 +184,11 @@ def _chat(**fields) -> dict:
     return {"model": "arbitrage", "messages": USER, **fields}
 
 
+def _raw(extra: str) -> bytes:
+    """A chat body with `extra` spliced in as raw JSON text (for NaN, Infinity, 400-digit numbers)."""
+    return ('{"model": "arbitrage", "messages": [{"role": "user", "content": "hi"}], ' + extra + "}").encode()
+
+
 BAD_REQUESTS = [  # (id, path, body (dict, or raw bytes), status, words in the message)
     ("unknown model", "/v1/chat/completions", _chat(model="gpt-9"), 404, "does not exist"),
     ("messages not a list", "/v1/chat/completions", _chat(messages="hi"), 400, "messages"),
@@ -212,6 +218,38 @@ BAD_REQUESTS = [  # (id, path, body (dict, or raw bytes), status, words in the m
     ("two prompts", "/v1/completions", {"model": "arbitrage", "prompt": ["a", "b"]}, 400, "one prompt"),
     ("empty prompt", "/v1/completions", {"model": "arbitrage", "prompt": ""}, 400, "prompt"),
     ("missing prompt", "/v1/completions", {"model": "arbitrage"}, 400, "prompt"),
+    # numbers: NaN / infinities (Python's JSON extensions), negative, huge, wrong kind
+    ("NaN temperature", "/v1/chat/completions", _raw('"temperature": NaN'), 400, "temperature: input should be a finite"),
+    ("Infinity threshold", "/v1/chat/completions", _raw('"arbitrage": {"threshold": Infinity}'), 400,
+     "arbitrage.threshold: input should be a finite"),
+    ("1e999 top_p", "/v1/chat/completions", _raw('"top_p": 1e999'), 400, "top_p"),
+    ("negative temperature", "/v1/chat/completions", _chat(temperature=-1), 400, "temperature"),
+    ("negative max_steps", "/v1/chat/completions", _chat(arbitrage={"max_steps": -1}), 400, "arbitrage.max_steps"),
+    ("huge seed", "/v1/chat/completions", _chat(seed=2**70), 400, "seed"),
+    ("400-digit max_tokens", "/v1/chat/completions", _raw('"max_tokens": ' + "9" * 400), 400, "max_tokens"),
+    ("fractional max_tokens", "/v1/chat/completions", _chat(max_tokens=10.5), 400, "max_tokens"),
+    # wrong JSON types
+    ("bool max_tokens", "/v1/chat/completions", _chat(max_tokens=True), 400, "max_tokens"),
+    ("null messages", "/v1/chat/completions", _chat(messages=None), 400, "messages"),
+    ("arbitrage a string", "/v1/chat/completions", _chat(arbitrage="fast"), 400, "arbitrage"),
+    ("model a number", "/v1/chat/completions", _chat(model=7), 400, "model"),
+    ("image content part", "/v1/chat/completions",
+     _chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400, "content"),
+    ("string body", "/v1/chat/completions", b'"hello"', 400, "object"),
+    ("null body", "/v1/chat/completions", b"null", 400, "object"),
+    # text and encoding
+    ("blank user message", "/v1/chat/completions", _chat(messages=[{"role": "user", "content": "  "}]), 400, "empty"),
+    ("invalid UTF-8 in content", "/v1/chat/completions",
+     b'{"model": "arbitrage", "messages": [{"role": "user", "content": "\xc3\x28"}]}', 400, "UTF-8"),
+    ("lone surrogate escape", "/v1/chat/completions",
+     b'{"model": "arbitrage", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, "JSON"),
+    ("JSON nested 100k deep", "/v1/chat/completions",
+     b'{"model": "arbitrage", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "JSON"),
+    ("body over 8 MiB", "/v1/chat/completions",
+     b'{"model": "arbitrage", "messages": [{"role": "user", "content": "' + b"x" * (9 << 20) + b'"}]}', 413, "bytes"),
+    ("unknown field, completions", "/v1/completions", {"model": "arbitrage", "prompt": "1+1", "best_of": 2}, 400,
+     "best_of"),
+    ("unknown model, completions", "/v1/completions", {"model": "gpt-9", "prompt": "1+1"}, 404, "does not exist"),
 ]
 
 
@@ -241,6 +279,45 @@ def test_api_key_is_required_on_v1_only(app):
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
     assert httpx.get(f"{app.base}/health", timeout=30).status_code == 200
+
+
+# ---- generated requests (schemathesis) ---------------------------------------------------------
+# (path, method, generation mode, cases): valid bodies per the OpenAPI document (they may still
+# break a semantic rule, e.g. no user message) and deliberately invalid ones.
+FUZZ_PLAN = [("/v1/chat/completions", "POST", "positive", 90), ("/v1/chat/completions", "POST", "negative", 90),
+             ("/v1/completions", "POST", "positive", 60), ("/v1/completions", "POST", "negative", 60),
+             ("/v1/models", "GET", "positive", 5), ("/health", "GET", "positive", 5)]
+
+
+def test_schemathesis_generated_requests_never_get_5xx(app):
+    """>= 300 requests generated from GET /openapi.json: every answer is 2xx or a 4xx with a message."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    _wait_idle(app)
+    schema = schemathesis.openapi.from_url(f"{app.base}/openapi.json")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    seen: list[tuple[str, str, int, str]] = []
+    for path, method, mode, n in FUZZ_PLAN:
+        strategy = schema[path][method].as_strategy(generation_mode=schemathesis.GenerationMode(mode))
+
+        @settings(max_examples=n, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(case=strategy)
+        def send(case):
+            r = case.call(base_url=app.base, headers=auth, timeout=60)
+            seen.append((path, mode, r.status_code, r.text[:300]))
+
+        send()
+    by_status = sorted({(p, m, c) for p, m, c, _ in seen})
+    print("schemathesis cases:", len(seen), dict(Counter(f"{p} {m} {c}" for p, m, c, _ in seen)))
+    assert len(seen) >= 300, len(seen)
+    assert not [x for x in seen if x[2] >= 500], [x for x in seen if x[2] >= 500][:5]
+    for path, mode, code, text in seen:
+        if 400 <= code < 500:
+            assert json.loads(text)["error"]["message"], (path, mode, code, text)
+    codes = {c for _, _, c in by_status}
+    assert 200 in codes and 400 in codes, by_status  # both valid chains and rejected bodies were exercised
 
 
 # ---- backpressure ------------------------------------------------------------------------------
