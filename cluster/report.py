@@ -3,7 +3,9 @@
 Reads `results.jsonl` (and `segments.jsonl` for throughput) written by
 `cluster.evaluate.run_sweep`; writes `summary.json`, `report.md` and three PNG plots:
 accuracy vs acceptance rate, accuracy vs mean latency, wasted-escalation share vs
-acceptance rate.
+acceptance rate. When the sweep ran with the step cache, `report.md` also has a table of
+the model calls it answered per group (latencies of groups with cache hits are lower than
+an uncached run of the same group would measure).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from arbitrage.metrics import summarize
-from cluster.evaluate import THRESHOLD_FREE, load_results
+from cluster.evaluate import THRESHOLD_FREE, cache_totals, load_results
 
 COLUMNS = [("accuracy", "{:.3f}"), ("acceptance_rate", "{:.3f}"), ("target_calls", "{}"),
            ("wasted_escalations", "{}"), ("wasted_share", "{:.3f}"), ("draft_tokens", "{}"),
@@ -60,6 +62,36 @@ def markdown_table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cache_table(run_dir: Path) -> str | None:
+    """Markdown table of step-cache hits / lookups per group and role, or None without a cache."""
+    groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for r in load_results(run_dir / "results.jsonl").values():
+        groups[(r["policy"], float(r["threshold"]))].append(r)
+    roles = ("draft", "target", "prm")
+    lines = ["| policy | tau | " + " | ".join(f"{r} hits / calls" for r in roles) + " | tokens saved | calls saved |",
+             "|" + "---|" * (len(roles) + 4)]
+    all_rows: list[dict] = []
+    for (policy, tau), rs in sorted(groups.items()):
+        all_rows += rs
+        lines.append(_cache_line(policy, tau, cache_totals(rs), roles))
+    tot = cache_totals(all_rows)
+    if not tot["hits"] and not tot["misses"]:
+        return None
+    lines.append(_cache_line("**all**", None, tot, roles))
+    return "\n".join(lines)
+
+
+def _cache_line(policy: str, tau: float | None, tot: dict, roles: tuple[str, ...]) -> str:
+    cells = []
+    for role in roles:
+        h, m = tot["hits"].get(role, 0), tot["misses"].get(role, 0)
+        cells.append(f"{h} / {h + m}" if h + m else "-")
+    hits, calls = sum(tot["hits"].values()), sum(tot["hits"].values()) + sum(tot["misses"].values())
+    share = f"{hits / calls:.0%}" if calls else "-"
+    tau_s = "-" if tau is None or policy in THRESHOLD_FREE else f"{tau:g}"
+    return f"| {policy} | {tau_s} | " + " | ".join(cells) + f" | {sum(tot['tokens_saved'].values())} | {share} |"
+
+
 def plot(summaries: list[dict], out_dir: Path) -> list[Path]:
     """The three plots, one line per policy across thresholds; baselines as single markers."""
     import matplotlib
@@ -104,6 +136,10 @@ def write_report(run_dir: Path) -> tuple[str, list[Path]]:
     (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2))
     table = markdown_table(summaries)
     plots = plot(summaries, run_dir)
-    (run_dir / "report.md").write_text(f"# Report: {run_dir.name}\n\n{table}\n\n" +
+    cache = cache_table(run_dir)
+    cache_md = ("## Step cache\n\nModel calls answered from the step cache (greedy steps and PRM scores "
+                "repeated across groups); groups with hits ran faster than they would uncached.\n\n"
+                f"{cache}\n\n") if cache else ""
+    (run_dir / "report.md").write_text(f"# Report: {run_dir.name}\n\n{table}\n\n{cache_md}" +
                                        "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
     return table, plots

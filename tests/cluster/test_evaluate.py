@@ -70,6 +70,10 @@ def test_one_row_per_cell_then_resume_is_a_no_op(slow_tiny, tmp_path):
                 [("draft_only", 0.0), ("router", 0.3), ("router", 0.7), ("rsd", 0.3), ("rsd", 0.7)]}
     assert sorted(keys) == sorted(expected)
     assert (out / "report.md").exists() and (out / "accuracy_vs_acceptance.png").stat().st_size > 1000
+    # the step cache is on by default: rsd and router reuse draft_only's first steps
+    assert "## Step cache" in (out / "report.md").read_text() and "model calls answered from cache" in r.stdout
+    segs = [json.loads(line) for line in (out / "segments.jsonl").read_text().splitlines()]
+    assert sum(s["cache"]["hits"].get("draft", 0) for s in segs) >= 6
     r = subprocess.run(_eval(cfg, probs, out), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and sorted(_keys(out)) == sorted(expected)
 
