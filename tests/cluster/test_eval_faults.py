@@ -1,0 +1,107 @@
+"""Batch evaluation survives a SIGKILLed driver and a damaged results file, losing no work.
+
+`arbitrage eval` runs as a subprocess and is killed with SIGKILL once some rows are on disk;
+then the results file is damaged the way a crash or a bad disk leaves it (the last line
+truncated mid-write, another line overwritten with garbage) and the same command is run
+again. The file must end with exactly one row per (problem, policy, threshold) cell -- none
+lost, none duplicated -- and every row (the redone ones included) must equal the row of an
+undisturbed run of the same sweep. The in-process variant runs by default; the Ray-backed
+one (the driver of a local Ray runtime is killed) is opt-in (`slow`).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from configs.schema import PRESET_DIR
+
+CLI = [sys.executable, "-m", "cluster.cli"]
+CELLS = 3 * 3  # 3 problems x (draft_only, router@0.3, router@0.7)
+COMPARED = ("final_text", "stop_reason", "answer", "correct", "draft_calls", "target_calls", "prm_calls",
+            "router_calls", "draft_tokens", "target_tokens")
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """A small sweep on the tiny preset, one chain at a time (so a kill lands between rows)."""
+    data = yaml.safe_load((PRESET_DIR / "tiny.yaml").read_text())
+    data["runtime"]["max_concurrent_chains"] = 1
+    data["data"]["limit"] = None
+    data["generation"].update(max_steps=6, max_step_tokens=16, max_total_tokens=96)
+    cfg = tmp_path / "tiny_sweep.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    probs = tmp_path / "probs.jsonl"
+    probs.write_text("".join(json.dumps({"id": f"e{i}", "problem": f"What is {i} plus 9?", "answer": str(i + 9)})
+                             + "\n" for i in range(3)))
+
+    def command(out, *extra):
+        return CLI + ["eval", "--config", str(cfg), "--dataset", str(probs), "--policies", "draft_only,router",
+                      "--thresholds", "0.3,0.7", "--out", str(out), *extra]
+
+    return command
+
+
+def _rows(path) -> dict[str, dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)), "duplicated rows"
+    return {r["key"]: r for r in rows}
+
+
+def _kill_after(cmd: list[str], results, rows: int, timeout_s: float = 600) -> None:
+    """Start `cmd`, SIGKILL it once `rows` rows are on disk."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not results.exists() or len(results.read_bytes().splitlines()) < rows:
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            assert time.monotonic() < deadline, "no rows appeared"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def _damage(results) -> list[str]:
+    """Truncate the last line mid-write and overwrite the first with garbage; returns their keys."""
+    lines = results.read_bytes().splitlines()
+    keys = [json.loads(lines[0])["key"]]
+    try:  # the kill may already have cut the last line
+        keys.append(json.loads(lines[-1])["key"])
+    except ValueError:
+        pass
+    lines[0] = b'{"key": "e0|draft_on\x00\xff garbage'
+    results.write_bytes(b"\n".join(lines[:-1]) + b"\n" + lines[-1][: len(lines[-1]) // 2])
+    return keys
+
+
+@pytest.mark.parametrize("mode", ["in-process", pytest.param("ray", marks=pytest.mark.slow)])
+def test_sigkilled_sweep_and_damaged_file_rerun_equal_an_undisturbed_sweep(sweep, tmp_path, mode):
+    extra = ["--in-process"] if mode == "in-process" else []
+    ref = subprocess.run(sweep(tmp_path / "ref", "--in-process"), capture_output=True, text=True, timeout=900)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    reference = _rows(tmp_path / "ref" / "results.jsonl")
+    assert len(reference) == CELLS
+
+    out = tmp_path / "run"
+    results = out / "results.jsonl"
+    _kill_after(sweep(out, *extra), results, rows=3)
+    killed_at = len(results.read_bytes().splitlines())
+    assert 3 <= killed_at < CELLS, killed_at
+    damaged = _damage(results)
+
+    again = subprocess.run(sweep(out, *extra), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    rows = _rows(results)  # one row per cell: none lost, none duplicated
+    assert sorted(rows) == sorted(reference)
+    for key, row in rows.items():
+        assert [s["text"] for s in row["steps"]] == [s["text"] for s in reference[key]["steps"]], key
+        assert {k: row[k] for k in COMPARED} == {k: reference[key][k] for k in COMPARED}, key
+    assert set(damaged) <= set(rows)  # the corrupt and the truncated rows were redone
