@@ -83,6 +83,8 @@ def test_killed_target_actor_restarts_and_every_chain_finishes_unchanged(tiny_ru
     _same_as_undisturbed(rows, undisturbed)
     assert ray.get(target.health.remote())["pid"] != pid  # Ray restarted the actor (a new process)
     retried = _retries_since(coord, before)
+    print(f"target kill: {len(rows)} chains, {sum(r['num_steps'] for r in rows)} steps, "
+          f"{len(retried)} calls re-sent: {sorted({(r['role'], r['step']) for r in retried})}")
     assert retried, "the kill hit no call in flight"
     ids = {p.id: r["num_steps"] for p, r in zip(PROBLEMS, rows)}
     for r in retried:  # keyed by (role, chain, step index): a real step of a chain of this batch
@@ -115,4 +117,6 @@ def test_killed_tp_rank_restarts_the_whole_group_and_every_chain_finishes_unchan
         with pytest.raises(ray.exceptions.RayActorError):  # rank 0 went too: the whole group was replaced
             ray.get(old_ranks[0].ping.remote(), timeout=30)
         retried = _retries_since(coord, before)
+        print(f"TP rank kill: {len(rows)} chains, {sum(r['num_steps'] for r in rows)} steps, {len(retried)} calls "
+              f"re-sent, group restart {h['restarts'][0]['seconds']} s ({reason})")
         assert retried and all(r["role"] == "target" and "TargetGroupBroken" in r["error"] for r in retried)
