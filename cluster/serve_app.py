@@ -615,7 +615,9 @@ class OpenAIIngress:
                 except Exception as e:
                     if not is_retryable(e):
                         raise
-                    stream.cancel()
+                    if stream is not None:
+                        stream.cancel()
+                        stream = None
                     if attempt == CHAIN_ATTEMPTS:
                         raise _unavailable(e) from e
                     await asyncio.sleep(CHAIN_RETRY_WAIT_S * attempt)
