@@ -18,6 +18,7 @@ target handle (`prm_on_target(cfg)`).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any
@@ -30,6 +31,7 @@ MODEL_ROLES = ("draft", "target", "prm", "router")
 # role -> the actor method that serves it
 ROLE_METHOD = {"draft": "generate_step", "target": "generate_step", "prm": "score", "router": "predict"}
 MAX_CONCURRENCY = 1000  # async actor: requests in flight per actor (they wait in the batcher)
+MAX_HANDED_BATCHES = MAX_CONCURRENCY  # continuous engines: batches handed over and awaited at once
 # Ray does not re-send a lost call itself: RayBackend retries it (actors/backend.py), so a
 # step is sent again exactly where we count and log it.
 MAX_TASK_RETRIES = 0
@@ -106,10 +108,19 @@ class ModelActor:
             raise RuntimeError(f"the {self.role} actor does not serve {method!r}")
         if method not in self._batchers:  # created inside the actor's event loop
             b = self._batching
-            # Engines with continuous admission take several batches at once (see DynamicBatcher).
-            inflight = 8 if getattr(self.engine, "continuous", False) and method == "generate_step" else 1
+            inflight = 1
+            if method == "generate_step" and getattr(self.engine, "continuous", False):
+                # Continuous admission: every batch is handed over at once (its rows join the
+                # running batch; the engine queues rows beyond its slots) and awaited without
+                # a thread, so the running batch can hold every chain in flight.
+                fn, inflight = self._submit_steps, MAX_HANDED_BATCHES
             self._batchers[method] = DynamicBatcher(fn, b.max_batch_size, b.max_wait_ms, max_inflight=inflight)
         return self._batchers[method]
+
+    async def _submit_steps(self, reqs: list) -> list:
+        """A continuous engine's batch: queue it (prompt rendering in a thread), await its rows."""
+        futures = await asyncio.to_thread(self.engine.submit_steps, reqs)
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
 
     # ---- served methods -------------------------------------------------------------
     async def generate_step(self, req):
@@ -140,7 +151,7 @@ class ModelActor:
         forward = sum(getattr(o, "forward_calls", 0) for o in (self.engine, self.prm, self.router) if o)
         return {"role": self.role, "node_id": ray.get_runtime_context().get_node_id(),
                 "methods": methods, "busy_s": sum(m["busy_s"] for m in methods.values()),
-                "forward_calls": forward}
+                "forward_calls": forward, "engine": dict(getattr(self.engine, "stats", None) or {})}
 
 
 def actor_options(role: str, cfg: ArbitrageConfig, name: str | None = None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ both use it; it records a batch-size histogram.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections import Counter
 from typing import Any, Callable, Generic, TypeVar
@@ -25,7 +26,7 @@ class DynamicBatcher(Generic[T, R]):
                  max_wait_ms: float = 5.0, run_in_thread: bool = True, max_inflight: int = 1):
         """
         Args:
-            batch_fn: the batched call.
+            batch_fn: the batched call; a coroutine function is awaited on the event loop.
             max_batch_size, max_wait_ms: how a batch forms.
             run_in_thread: run batch_fn in a worker thread (never block the event loop).
             max_inflight: batches handed to batch_fn at once. 1 for engines that run one
@@ -94,7 +95,9 @@ class DynamicBatcher(Generic[T, R]):
         self.batch_sizes[len(items)] += 1
         t0 = time.perf_counter()
         try:
-            if self.run_in_thread:
+            if inspect.iscoroutinefunction(self.batch_fn):  # e.g. hands rows to a continuous engine
+                results = await self.batch_fn(items)
+            elif self.run_in_thread:
                 results = await asyncio.to_thread(self.batch_fn, items)
             else:
                 results = self.batch_fn(items)

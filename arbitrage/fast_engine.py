@@ -64,6 +64,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 import warnings
 from collections import OrderedDict, deque
 from concurrent.futures import Future
@@ -80,6 +81,7 @@ from arbitrage.types import SamplingParams, StepOutput, StepRequest
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 WINDOW_BLOCK = 256  # decode attends over the cache rounded up to a multiple of this
 PREFILL_TOKENS = 8192  # padded tokens per prefill forward (rows x longest tail)
+PREFILL_BLOCK = 32  # a prefill's tail length is padded up to a multiple of this
 _DYNAMIC_ROPE = ("dynamic", "longrope")
 
 
@@ -568,7 +570,10 @@ class FastStepEngine:
         self.slots = SlotPool(n_slots)
         use_graphs = use_cuda_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(self.lm, self.pad_id) if use_graphs else None
-        self.stats = {"decode_steps": 0, "admitted_mid_decode": 0, "max_running": 0}
+        # Counters; the *_s entries are scheduler-thread seconds (prefill: forward + first token;
+        # decode: forward or graph replay + sampling bookkeeping; idle: waiting for requests).
+        self.stats = {"decode_steps": 0, "admitted_mid_decode": 0, "max_running": 0,
+                      "prefill_s": 0.0, "decode_s": 0.0, "idle_s": 0.0}
         self._queue: queue.Queue = queue.Queue()  # lists of _Job; None closes
         self._waiting: deque[_Job] = deque()  # queued, not yet holding a slot
         self._running: list[_Job] = []  # holding a slot (being prefilled or decoded)
@@ -590,13 +595,21 @@ class FastStepEngine:
         Returns:
             One StepOutput per request, in order.
         """
+        return [f.result() for f in self.submit_steps(requests)]
+
+    def submit_steps(self, requests: list[StepRequest]) -> list[Future]:
+        """Queue one step per request and return at once: one future per request (its StepOutput).
+
+        For async callers (the model actors): the rows join the running batch, and the caller
+        awaits the futures without holding a thread per batch.
+        """
         if not requests:
             return []
         prompts = [render_prompt(self.tokenizer, r) for r in requests]
         keys = _unique_keys([r.chain_id if self.reuse else None for r in requests])
         jobs = [self._step_job(p, r.params, k) for p, r, k in zip(prompts, requests, keys)]
         self._submit(jobs)
-        return [j.future.result() for j in jobs]
+        return [j.future for j in jobs]
 
     def next_token_logits(self, token_ids: list[list[int]], keys: list[str | None]) -> torch.Tensor:
         """Logits of the token after each prompt, reusing and then extending chains' cached KV.
@@ -652,12 +665,18 @@ class FastStepEngine:
         with torch.inference_mode(), dev:
             while True:
                 idle = not self._running and not self._waiting
+                t0 = time.perf_counter()
                 if (idle or self.continuous) and not self._pull(block=idle):
                     break
+                t1 = time.perf_counter()
+                self.stats["idle_s"] += t1 - t0
                 try:
                     self._admit()
+                    t2 = time.perf_counter()
+                    self.stats["prefill_s"] += t2 - t1
                     if self._running:
                         self._decode_step()
+                        self.stats["decode_s"] += time.perf_counter() - t2
                 except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
                     self._fail(self._running, e, keep=False)
                     self._running = []
@@ -701,7 +720,9 @@ class FastStepEngine:
 
     def _prefill(self, group: list[tuple[_Job, int]]) -> None:
         """One forward over the uncached tails of a group of rows (right-padded)."""
-        B, S = len(group), max(len(job.ids) - n for job, n in group)
+        # Shapes are rounded (tail to PREFILL_BLOCK, window to WINDOW_BLOCK) so they repeat:
+        # every new shape costs kernel selection / planning on first use.
+        B, S = len(group), _round_up(max(len(job.ids) - n for job, n in group), PREFILL_BLOCK)
         C, dummy = self.max_context, self.lm.dummy
         tokens = torch.full((B, S), self.pad_id, dtype=torch.long)
         pos = torch.zeros((B, S), dtype=torch.long)
@@ -714,10 +735,11 @@ class FastStepEngine:
             self.slots.ids[job.slot] = list(job.ids)
         read = torch.tensor([job.slot for job, _ in group])
         last = torch.tensor([len(job.ids) - n - 1 for job, n in group])
-        window = min(C, _round_up(max(len(job.ids) for job, _ in group), 16))
+        window = min(C, _round_up(max(len(job.ids) for job, _ in group), WINDOW_BLOCK))
         dev = self.device
         self.forward_calls += 1
-        logits = self.lm.forward(tokens.to(dev), pos.to(dev), write.to(dev), read.to(dev), window, last.to(dev))
+        with _prefill_attention(dev):
+            logits = self.lm.forward(tokens.to(dev), pos.to(dev), write.to(dev), read.to(dev), window, last.to(dev))
         jobs = [job for job, _ in group]
         self._consume(jobs, token_stats(logits).cpu(), logits)
 
@@ -790,6 +812,17 @@ def _prefill_groups(admitted: list[tuple[_Job, int]]) -> list[list[tuple[_Job, i
         else:
             groups.append([(job, n)])
     return groups
+
+
+def _prefill_attention(device: torch.device):
+    """On CUDA, SDPA's memory-efficient kernel (or math) for prefill: it takes our additive
+    mask and needs no per-shape planning, whereas a backend that builds a plan per new
+    (batch, tail, window) shape pays for it on nearly every admission."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _round_up(n: int, block: int) -> int:

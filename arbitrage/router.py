@@ -188,3 +188,47 @@ def _saved_kind(path: str | Path) -> str | None:
         if f.exists():
             return json.loads(f.read_text()).get("kind")
     return None
+
+
+class InProcessRouter:
+    """A model-free router (kind `probe`) served inside the caller's process: no actor, no RPC.
+
+    It has a router actor's interface (async `predict`, `health`, `stats`), so the runtime
+    hands it to each coordinator as the router "handle" and `RayBackend` awaits it like an
+    actor. The probe reads only features the draft step already carries, so asking it costs
+    microseconds, where a router actor costs a round trip per step. It pickles as its config
+    and builds the router on first use, in the process that uses it.
+    """
+
+    def __init__(self, cfg):
+        if cfg.kind != "probe":
+            raise ValueError(f"only the model-free probe router runs in-process, not kind {cfg.kind!r}")
+        self.cfg = cfg
+        self._router: Router | None = None
+        self.calls = 0
+        self.busy_s = 0.0
+
+    def __getstate__(self) -> dict:
+        return {"cfg": self.cfg}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["cfg"])
+
+    async def predict(self, req: RouterRequest) -> float:
+        import time
+
+        t0 = time.perf_counter()
+        if self._router is None:
+            self._router = build_router(self.cfg)
+        out = self._router.predict([req])[0]
+        self.calls += 1
+        self.busy_s += time.perf_counter() - t0
+        return out
+
+    def health(self) -> dict:
+        return {"role": "router", "ready": True, "in_process": True, "methods": ["predict"]}
+
+    def stats(self) -> dict:
+        """This copy's calls (each coordinator holds its own copy)."""
+        return {"role": "router", "in_process": True, "forward_calls": 0,
+                "methods": {"predict": {"batch_sizes": {1: self.calls} if self.calls else {}, "busy_s": self.busy_s}}}

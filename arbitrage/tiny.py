@@ -76,8 +76,14 @@ def random_causal_lm(name: str, seed: int = 0, dtype: torch.dtype = torch.float3
 
 
 def byte_tokenizer(vocab_size: int = 320):
-    """A real byte-level BPE tokenizer (no merges) with ChatML specials, padded to vocab_size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A real byte-level BPE tokenizer (no merges) with ChatML specials, padded to vocab_size.
+
+    The padding ids (`<xN>`, most of a real-shape vocabulary) decode to "x", one byte, so a
+    step of random-weight tokens re-tokenizes to as many tokens as were generated, as text
+    does with a model's own tokenizer (decoded literally, each would become ~6 byte tokens
+    and a chain's context would grow ~6x faster than it does in real use).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     byte_to_char = pre_tokenizers.ByteLevel.alphabet()
@@ -92,7 +98,7 @@ def byte_tokenizer(vocab_size: int = 320):
         i += 1
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
+    tk.decoder = decoders.Sequence([decoders.Replace(Regex(r"^<x\d+>$"), "x"), decoders.ByteLevel()])
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<pad>", bos_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>", "<extra_0>"],

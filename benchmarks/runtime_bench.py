@@ -11,6 +11,9 @@ on -- it runs over the very same actors.
     python benchmarks/runtime_bench.py --out benchmarks/results/runtime_h200.json
     python benchmarks/runtime_bench.py --device cpu --draft tiny-llama --target tiny-llama-wide \
         --router tiny-llama --chains 1,4 --steps 3 --step-tokens 8 --out /tmp/runtime_smoke.json   # smoke test
+    # 70B target over 4 GPUs (TP=4, 0.8 GPU per rank) with an 8B draft on the rest of GPU 0..3:
+    python benchmarks/runtime_bench.py --draft llama-3.1-8b --target llama-3.1-70b --target-tp 4 \
+        --target-gpus 0.8 --gpu-fraction 0.2 --router "" --out benchmarks/results/runtime_70b_tp4.json
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from configs.schema import ArbitrageConfig
 
 
 def bench_config(a) -> ArbitrageConfig:
-    gpu = 0.45 if a.device == "cuda" else 0.0
+    gpu = a.gpu_fraction if a.device == "cuda" else 0.0
     model = lambda shape, seed: {"source": {"kind": "random", "name": shape}, "dtype": a.dtype,
                                  "device": a.device, "max_context": a.max_context, "seed": seed,
                                  "engine": a.engine, "max_slots": max(64, a.max_chains)}
     batching = {"max_batch_size": max(64, a.max_chains), "max_wait_ms": a.max_wait_ms}
     models = {"draft": model(a.draft, 1), "target": model(a.target, 2)}
-    if a.router:  # a random-weight classifier at a real router shape, for the overhead figure
+    if a.router.startswith("probe:"):  # a trained probe (no model; runs inside the coordinator)
+        models["router"] = {"kind": "probe", "path": a.router.removeprefix("probe:")}
+    elif a.router:  # a random-weight classifier at a real router shape, for the overhead figure
         models["router"] = {"kind": "classifier", "source": {"kind": "random", "name": a.router},
                             "device": a.device, "max_length": 512}
     return ArbitrageConfig.model_validate({
@@ -45,7 +50,8 @@ def bench_config(a) -> ArbitrageConfig:
         "prompt": {"use_chat_template": True, "system_prompt": "Please reason step by step."},
         "runtime": {"num_cpus": a.num_cpus, "max_concurrent_chains": a.max_chains,
                     "draft": {"num_cpus": 1, "num_gpus": gpu, "batching": batching},
-                    "target": {"num_cpus": 1, "num_gpus": gpu, "batching": batching},
+                    "target": {"num_cpus": 1, "num_gpus": a.target_gpus if a.device == "cuda" else 0.0,
+                               "tensor_parallel": a.target_tp, "batching": batching},
                     "router": {"num_cpus": 1, "num_gpus": 0.1 if a.device == "cuda" else 0.0,
                                "batching": batching}},
     })
@@ -185,11 +191,20 @@ def main() -> None:
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     ap.add_argument("--latency-chains", type=int, default=4)
     ap.add_argument("--num-cpus", type=int, default=8)
+    ap.add_argument("--gpu-fraction", type=float, default=0.45,
+                    help="num_gpus of the draft and of the target actor: 0.45 shares one GPU; 1 gives "
+                    "each its own GPU (a 2-GPU machine), as the cluster layout does")
+    ap.add_argument("--target-tp", type=int, default=1,
+                    help="tensor-parallel ranks of the target (a TargetGroup; each rank takes --target-gpus)")
+    ap.add_argument("--target-gpus", type=float, default=None,
+                    help="num_gpus of the target actor, or of each TP rank (default: --gpu-fraction)")
     ap.add_argument("--router", default="minilm-l6",
-                    help="random classifier shape for the router-overhead part ('' to skip it)")
+                    help="router for the overhead part: a random classifier shape, or probe:PATH "
+                    "(a trained probe router folder); '' skips it")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: throughput,latency,router")
     ap.add_argument("--out", default="benchmarks/results/runtime.json")
     a = ap.parse_args()
+    a.target_gpus = a.gpu_fraction if a.target_gpus is None else a.target_gpus
     a.chain_counts = [int(c) for c in a.chains.split(",")]
     a.max_chains = max(a.chain_counts)
     a.rates = [float(r) for r in a.rates.split(",")]

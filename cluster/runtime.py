@@ -17,7 +17,9 @@ an `actors.target_group.TargetGroupHost` actor owning a `TargetGroup` (N rank ac
 placement group), which restarts the whole group when a rank dies. A judge
 PRM with `reuse_target` is served by the target actor itself (no second copy of the
 weights); with a tensor-parallel target that cannot score, a separate PRM actor loads
-the judge from `models.prm.source`.
+the judge from `models.prm.source`. A probe router (`models.router.kind: probe`) has no
+model, so it gets no actor: each coordinator asks its own `arbitrage.router.InProcessRouter`
+(no RPC per step).
 """
 
 from __future__ import annotations
@@ -104,6 +106,11 @@ class Runtime:
         prm_rides = "prm" in roles and self._prm_rides_on_target(as_group)
         for role in roles:
             if (role == "target" and as_group) or (role == "prm" and prm_rides):
+                continue
+            if role == "router" and self.cfg.models.router.kind == "probe":
+                from arbitrage.router import InProcessRouter
+
+                self.handles[role] = [InProcessRouter(self.cfg.models.router)]  # inside each coordinator
                 continue
             hs = make_model_actor(role, self.cfg)
             self.handles[role] = hs

@@ -71,3 +71,23 @@ def test_tensor_parallel_target_group_serves_chains(ray_local, tiny_config):
         rows = rt.run([{"id": f"t{i}", "problem": f"{i} + 1?"} for i in range(3)], policy="fixed_rate", threshold=0.5)
         assert all(r["error"] is None for r in rows) and sum(r["target_calls"] for r in rows) > 0
         assert rt.stats()["roles"]["target"]["batch_sizes"]
+
+
+def test_probe_router_runs_inside_the_coordinator_without_an_actor(ray_local, tiny_config):
+    """kind: probe needs no model, so no router actor: each coordinator asks its own copy
+    (no RPC per step); chains equal the in-process loop's."""
+    from arbitrage.router import InProcessRouter
+    from arbitrage.runner import run_in_process
+    from cluster.runtime import PROJECT_ROOT, Runtime
+
+    probe = {"kind": "probe", "path": str(PROJECT_ROOT / "routers" / "local-probe")}
+    cfg = tiny_config(**{"models.router": probe, "models.prm": None})
+    items = [{"id": f"p{i}", "problem": f"What is {i} plus 4?"} for i in range(3)]
+    with Runtime(cfg, ready_timeout_s=120) as rt:
+        assert isinstance(rt.handles["router"][0], InProcessRouter)
+        assert "router" not in {role for role, _ in rt._owned}
+        assert rt.health()["router"][0]["in_process"]
+        rows = rt.run(items, policy="router", threshold=0.5)
+    want = run_in_process(cfg, items, "router", 0.5)
+    assert all(r["error"] is None and r["router_calls"] == r["num_steps"] > 0 for r in rows)
+    assert [(r["final_text"], r["escalations"]) for r in rows] == [(w["final_text"], w["escalations"]) for w in want]

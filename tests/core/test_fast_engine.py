@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 
@@ -63,7 +62,7 @@ def test_separator_eos_and_forced_stops_match(pair):
     _same(out, ref.generate_steps(reqs))
     assert out[0].stop_reason == "separator" and out[1].num_tokens == 7
     # EOS: declare a byte the step generates (byte tokenizer: id == byte) an EOS id on both engines.
-    plain = re.sub(r"<x\d+>", "", probe.text)[2:]  # without the padding tokens' names
+    plain = probe.text.replace("x", "")[2:]  # without padding tokens (they decode to "x")
     byte = next(ord(c) for c in plain if c.isascii() and c.isprintable())
     old_ref, old_fast = ref.eos, fast.eos
     ref.eos = fast.eos = old_ref | {byte}
