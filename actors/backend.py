@@ -7,10 +7,11 @@ KV cache between steps; other requests are spread round-robin over the replicas.
 "handle" may also be an in-process object with async methods of the same names (e.g.
 `actors.target_group.TargetGroup`, which fans out to its ranks).
 
-Faults. A call lost to a dead actor (RayActorError: the actor process died, or is
-restarting) or to a failure the callee marks `retryable` (a broken tensor-parallel group,
-which restarts itself before raising) is sent again, up to `runtime.retry.attempts` tries
-with doubling backoff. This is the only retry layer (the actors have `max_task_retries=0`),
+Faults. A call lost to a dead actor (RayActorError) or to a failure the callee marks
+`retryable` (a broken tensor-parallel group, which restarts itself before raising) is sent
+again, up to `runtime.retry.attempts` tries, with doubling backoff. While the actor is
+restarting (ActorUnavailableError: Ray is reloading it and its model) the call keeps
+waiting for it, up to `runtime.retry.restart_wait_s`, without using attempts. This is the only retry layer (the actors have `max_task_retries=0`),
 and it is safe: a request carries the chain's whole text prefix and its sampling seed
 (`generation.seed` + step index), so a restarted actor that lost the chain's cached KV
 computes the same step, and the loop receives exactly one result per call. Each retry is
@@ -29,7 +30,7 @@ from collections import Counter
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, WorkerCrashedError
+from ray.exceptions import ActorUnavailableError, RayActorError, WorkerCrashedError
 
 from actors.model_actor import ROLE_METHOD
 from arbitrage.backend import ModelBackend
@@ -126,19 +127,27 @@ class RayBackend(ModelBackend):
         return hs[next(self._rr[role]) % len(hs)]
 
     async def _call(self, role: str, req):
-        """One call, re-sent while its actor is dead or restarting (at most retry.attempts tries)."""
+        """One call, re-sent while its actor is dead or restarting (see the module docstring)."""
         r = self.retry
-        for attempt in range(1, r.attempts + 1):
+        lost, restarting_since = 0, None
+        for attempt in itertools.count(1):
             handle = self._pick(role, getattr(req, "chain_id", None))
             try:
                 return await call_handle(handle, ROLE_METHOD[role], req)
             except Exception as e:
                 if not is_retryable(e):
                     raise
-                if attempt == r.attempts:
+                now = time.monotonic()
+                if isinstance(e, ActorUnavailableError):  # restarting: wait for it, within restart_wait_s
+                    restarting_since = restarting_since or now
+                    give_up = now - restarting_since > r.restart_wait_s
+                else:  # the call was lost (the actor died, or a TP group broke and restarted)
+                    lost += 1
+                    give_up = lost >= r.attempts
+                if give_up:
                     self.failed_calls += 1
                     raise
-                wait = min(r.max_backoff_s, r.backoff_s * 2 ** (attempt - 1))
+                wait = min(r.max_backoff_s, r.backoff_s * 2 ** min(attempt - 1, 16))
                 self._log_retry(step_key(role, req), attempt, e, wait)
                 await asyncio.sleep(wait)
         raise AssertionError("unreachable")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.backend import RayBackend, call_handle_sync
 from actors.coordinator import make_coordinator
@@ -71,6 +72,7 @@ class Runtime:
         self._group = None  # TargetGroupHost actor when tensor_parallel > 1
         self._owns_ray = False
         self._started = False
+        self.resubmitted: list[dict[str, Any]] = []  # chains re-run after their coordinator died
 
     # ---- bring-up -----------------------------------------------------------------------
     def start(self) -> "Runtime":
@@ -207,30 +209,60 @@ class Runtime:
             on_result: called in this process with each result dict as soon as it finishes.
         Returns:
             `ChainResult.to_dict()` rows in input order.
+
+        A coordinator that dies mid-run is restarted by Ray; the chains it had not returned
+        run again on it (chains are deterministic, and each result is delivered once), up to
+        `runtime.retry.attempts` tries; each resubmission is logged in `resubmitted`.
         """
         self._require_started()
         inputs = [as_input(i) for i in items]
         n = len(self.coordinators)
-        pending: dict[int, tuple[Any, list[int]]] = {}
-        for k, coord in enumerate(self.coordinators):
+        pending: dict[int, tuple[Any, int, list[int], int]] = {}  # id -> (stream, coordinator, inputs, try)
+
+        def submit(k: int, idxs: list[int], tries: int) -> None:
+            # A restarting coordinator (max_restarts=-1) takes the call once it is back.
+            gen = self.coordinators[k].stream.remote([inputs[i] for i in idxs], policy, threshold)
+            pending[id(gen)] = (gen, k, idxs, tries)
+
+        for k in range(n):
             idxs = list(range(k, len(inputs), n))
             if idxs:
-                gen = coord.stream.remote([inputs[i] for i in idxs], policy, threshold)
-                pending[id(gen)] = (gen, idxs)
+                submit(k, idxs, 1)
         results: list[dict | None] = [None] * len(inputs)
         while pending:
-            ready, _ = ray.wait([g for g, _ in pending.values()], num_returns=1)
-            gen, idxs = pending.pop(id(ready[0]))
+            ready, _ = ray.wait([g for g, *_ in pending.values()], num_returns=1)
+            gen, k, idxs, tries = pending.pop(id(ready[0]))
             try:
-                ref = next(gen)
+                local_i, row = ray.get(next(gen))
             except StopIteration:
                 continue
-            local_i, row = ray.get(ref)
+            except RayActorError as e:  # the coordinator died: its unfinished chains run again
+                lost = [i for i in idxs if results[i] is None]
+                if tries >= self.cfg.runtime.retry.attempts:
+                    raise RuntimeError(f"coordinator {k} died {tries} times under this run; {len(lost)} "
+                                       f"chains unfinished: {_first_line(e)}") from e
+                self.resubmitted.append({"coordinator": k, "chains": len(lost), "try": tries + 1,
+                                         "error": _first_line(e)})
+                self._await_restart(self.coordinators[k])
+                submit(k, lost, tries + 1)
+                continue
             results[idxs[local_i]] = row
             if on_result is not None:
                 on_result(row)
-            pending[id(gen)] = (gen, idxs)
+            pending[id(gen)] = (gen, k, idxs, tries)
         return results  # type: ignore[return-value]
+
+    def _await_restart(self, actor) -> None:
+        """Block until a restarting actor answers `health` (within runtime.retry.restart_wait_s)."""
+        deadline = time.monotonic() + self.cfg.runtime.retry.restart_wait_s
+        while True:
+            try:
+                ray.get(actor.health.remote(), timeout=30)
+                return
+            except (ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def cancel(self, chain_id: str) -> int:
         """Cancel in-flight chains with this id on every coordinator; returns how many."""

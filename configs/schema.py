@@ -216,7 +216,11 @@ class ActorConfig(_Base):
 class RetryConfig(_Base):
     """Retries of a model call whose actor died (the step is re-sent, keyed by chain and step index)."""
 
-    attempts: int = Field(default=4, ge=1, le=100, description="Tries per call, the first included (1: no retry).")
+    attempts: int = Field(default=4, ge=1, le=100,
+                          description="Tries per call lost to a dead actor or a broken TP group, the first included.")
+    restart_wait_s: float = Field(default=600.0, ge=0.0, le=86_400.0,
+                                  description="How long a call waits for its actor to finish restarting "
+                                              "(it reloads its model); these waits use no attempts.")
     backoff_s: float = Field(default=0.5, ge=0.0, le=60.0, description="Wait before the first retry; doubles.")
     max_backoff_s: float = Field(default=5.0, ge=0.0, le=600.0, description="Cap on the wait between retries.")
 

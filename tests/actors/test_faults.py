@@ -92,6 +92,27 @@ def test_killed_target_actor_restarts_and_every_chain_finishes_unchanged(tiny_ru
         assert ids[r["chain_id"].split("#")[0]] > r["step"] >= 0
 
 
+def test_killed_coordinator_restarts_and_its_unfinished_chains_run_again(tiny_runtime, undisturbed):
+    coord = tiny_runtime.coordinators[0]
+    pid = ray.get(coord.health.remote())["pid"]
+    seen: list[str] = []
+
+    def on_result(row: dict) -> None:  # the first result is back, the other 15 are in flight: kill
+        seen.append(row["problem_id"])
+        if len(seen) == 1:
+            ray.kill(coord, no_restart=False)
+
+    resubmitted_before = len(tiny_runtime.resubmitted)
+    rows = tiny_runtime.run(PROBLEMS, POLICY, THRESHOLD, on_result=on_result)
+
+    _same_as_undisturbed(rows, undisturbed)
+    assert sorted(seen) == sorted(p.id for p in PROBLEMS)  # every result delivered exactly once
+    (again,) = tiny_runtime.resubmitted[resubmitted_before:]
+    print(f"coordinator kill: {again['chains']} unfinished chains ran again ({again['error'][:80]})")
+    assert 0 < again["chains"] < len(PROBLEMS) and again["try"] == 2
+    assert ray.get(coord.health.remote())["pid"] != pid
+
+
 def test_killed_tp_rank_restarts_the_whole_group_and_every_chain_finishes_unchanged(ray_local, tiny_config):
     from cluster.runtime import Runtime
 
