@@ -59,8 +59,9 @@ dead or the group broken kills every rank, removes the placement group, reserves
 starts and loads all ranks again (once per failure, however many calls saw it: `epoch`), then
 raises `TargetGroupBroken` (`retryable`) so the caller -- `actors.backend.RayBackend` -- sends
 the step again to the new group. One process owns a group's restarts: `TargetGroupHost`, a
-restartable Ray actor (`make_target_group_actor`) that the Runtime hands to its coordinators,
-or the Serve replica `cluster.serve_app.TargetGroupServer`. If that owner dies, its ranks and
+restartable Ray actor (`make_target_group_actor`) that the Runtime hands to its coordinators
+(the Serve replica `cluster.serve_app.TargetGroupServer` holds one in-process); its watchdog
+also restarts a group whose rank died while idle. If that owner dies, its ranks and
 placement group die with it (Ray fate-sharing) and its restart builds a new group.
 
 Imports: torch only at module level; Ray, DeepSpeed, transformers and the config schema are
@@ -803,32 +804,61 @@ def _release(ranks: list, pg) -> None:
             pass
 
 
+WATCHDOG_INTERVAL_S = 5.0  # how often TargetGroupHost pings the ranks
+
+
 class TargetGroupHost:
     """A `TargetGroup` inside its own (restartable) Ray actor: the one owner of its restarts.
 
     Coordinators share this actor's handle like a ModelActor's; a call costs one extra hop
-    to rank 0. Created by `make_target_group_actor`.
+    to rank 0. Created by `make_target_group_actor` (and held by the Serve replica
+    `TargetGroupServer`). A watchdog pings the ranks every WATCHDOG_INTERVAL_S and restarts
+    the group when one is dead, so an idle group heals before the next call, and a call
+    stuck in a collective with a dead peer (NCCL may wait for its timeout) is freed: the
+    restart kills its rank 0, the call fails and is re-sent.
     """
 
     def __init__(self, cfg: ArbitrageConfig | dict, ready_timeout_s: float = 600.0):
         from actors.model_actor import as_config
 
         self.group = TargetGroup.create(as_config(cfg), ready_timeout_s)
+        self._watchdog: asyncio.Task | None = None
+
+    def _watch(self) -> None:
+        """Start the watchdog on the actor's event loop (on the first call)."""
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch_loop())
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(WATCHDOG_INTERVAL_S)
+            epoch = self.group.epoch
+            try:
+                h = await asyncio.to_thread(self.group.health)
+                dead = [r["rank"] for r in h["ranks"] if r["status"] == "dead"]
+                if dead:
+                    await asyncio.to_thread(self.group.restart, epoch, f"watchdog: rank(s) {dead} dead")
+            except Exception as e:  # a failed restart: the next round or the next call tries again
+                print(f"target group watchdog: {type(e).__name__}: {e}".splitlines()[0])
 
     async def generate_step(self, req: StepRequest) -> StepOutput:
         """One step for one chain, batched on rank 0 with concurrent callers."""
+        self._watch()
         return await self.group.generate_step(req)
 
     async def generate_steps(self, reqs: list[StepRequest]) -> list[StepOutput]:
         """One step for each request, as one batch."""
+        self._watch()
         return await self.group.generate_steps(reqs)
 
     async def logits(self, prompts: list[str]) -> torch.Tensor:
         """Next-token logits after each raw prompt (tests, diagnostics)."""
+        self._watch()
         return await self.group.logits(prompts)
 
     async def health(self) -> dict[str, Any]:
         """The group's health (per-rank status, epoch, restarts); `ready` when every rank is ok."""
+        self._watch()
         h = await asyncio.to_thread(self.group.health)
         return {"role": "target", "ready": h["healthy"], **h}
 

@@ -466,28 +466,31 @@ def chain_server_class() -> type:
 
 
 class TargetGroupServer:
-    """A tensor-parallel target (`actors.target_group.TargetGroup`) behind one Serve replica."""
+    """A tensor-parallel target (`actors.target_group.TargetGroupHost`) behind one Serve replica.
+
+    The host restarts the whole group when a rank dies (and a watchdog does so while idle).
+    """
 
     def __init__(self, cfg: dict):
-        from actors.target_group import TargetGroup  # lazy: DeepSpeed / torch.distributed
+        from actors.target_group import TargetGroupHost  # lazy: DeepSpeed / torch.distributed
 
-        self.group = TargetGroup.create(as_config(cfg))
+        self.host = TargetGroupHost(cfg)
 
     async def generate_step(self, req):
         """Decode one step on every rank (StepRequest -> StepOutput)."""
-        return await self.group.generate_step(req)
+        return await self.host.generate_step(req)
 
     async def health(self) -> dict:
-        """The group's health (its ranks' readiness)."""
-        return await asyncio.to_thread(self.group.health)
+        """The group's health (its ranks' readiness, epoch and restarts)."""
+        return await self.host.health()
 
     async def stats(self) -> dict:
         """The group's batch statistics."""
-        return await asyncio.to_thread(self.group.stats)
+        return await self.host.stats()
 
     def __del__(self):
         try:
-            self.group.shutdown()
+            self.host.shutdown()
         except Exception:  # best effort: its ranks may already be gone
             pass
 

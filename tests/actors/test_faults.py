@@ -114,6 +114,8 @@ def test_killed_coordinator_restarts_and_its_unfinished_chains_run_again(tiny_ru
 
 
 def test_killed_tp_rank_restarts_the_whole_group_and_every_chain_finishes_unchanged(ray_local, tiny_config):
+    """Rank 1 killed under load: the call that sees it restarts the group. Then rank 0 of the
+    new group killed while idle: the host's watchdog restarts the group before any call."""
     from cluster.runtime import Runtime
 
     cfg = tiny_config(**{"runtime.target.tensor_parallel": 2, "models.router": None, "policy.name": POLICY})
@@ -132,7 +134,8 @@ def test_killed_tp_rank_restarts_the_whole_group_and_every_chain_finishes_unchan
         h = ray.get(host.health.remote())
         assert h["ready"] and h["epoch"] == 1 and len(h["restarts"]) == 1  # one restart, however many calls saw it
         reason = h["restarts"][0]["reason"]
-        assert reason.startswith(("TargetGroupBroken: target group is broken (rank failure", "ActorDiedError")), reason
+        assert reason.startswith(("TargetGroupBroken: target group is broken (rank failure", "ActorDiedError",
+                                  "watchdog: rank(s) [1] dead")), reason  # whichever noticed first
         new_ranks = ray.get(host.rank_handles.remote())
         assert len(new_ranks) == 2 and not {r._actor_id for r in new_ranks} & {r._actor_id for r in old_ranks}
         with pytest.raises(ray.exceptions.RayActorError):  # rank 0 went too: the whole group was replaced
@@ -141,3 +144,12 @@ def test_killed_tp_rank_restarts_the_whole_group_and_every_chain_finishes_unchan
         print(f"TP rank kill: {len(rows)} chains, {sum(r['num_steps'] for r in rows)} steps, {len(retried)} calls "
               f"re-sent, group restart {h['restarts'][0]['seconds']} s ({reason})")
         assert retried and all(r["role"] == "target" and "TargetGroupBroken" in r["error"] for r in retried)
+
+        ray.kill(new_ranks[0], no_restart=False)  # idle now: the host's watchdog must notice and restart
+        deadline = time.monotonic() + 120
+        while (h := ray.get(host.health.remote(), timeout=60))["epoch"] < 2 or not h["ready"]:
+            assert time.monotonic() < deadline, h
+            time.sleep(1)
+        assert h["restarts"][1]["reason"] == "watchdog: rank(s) [0] dead", h["restarts"]
+        again = ray.get(coord.run_batch.remote(PROBLEMS[:4], POLICY, THRESHOLD), timeout=300)
+        assert [(r["error"], r["final_text"]) for r in again] == [(None, r["final_text"]) for r in undisturbed[:4]]
