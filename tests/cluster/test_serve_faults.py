@@ -1,7 +1,7 @@
 """Serve replicas killed under load: every client gets a correct 200 or a clean 503, none hangs.
 
-A live tiny-model app (its own, on the session Ray) takes non-streamed greedy chat requests
-from 12 client threads (httpx, 60 s timeout each) while we kill, one after another, the
+A live tiny-model app (its own, on the session Ray) takes greedy chat requests from 12
+non-streaming and 3 streaming client threads (httpx, 60 s timeout each) while we kill, one after another, the
 target replica (the coordinator re-sends its in-flight steps once Serve has replaced it),
 the coordinator replica (the ingress re-runs the requests it lost) and the ingress replica.
 Every answer must be 200 with the same content as the undisturbed answer to that problem,
@@ -26,7 +26,8 @@ import pytest
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 APP = "arbitrage-faults"
-CLIENTS = 12
+CLIENTS = 12  # non-streamed
+STREAM_CLIENTS = 3
 CLIENT_TIMEOUT_S = 60.0
 PROBLEMS = [f"A box holds {i + 3} eggs. How many eggs are in {i + 2} boxes?" for i in range(4)]
 
@@ -107,7 +108,26 @@ def test_replicas_killed_under_load_give_200_or_503_and_never_hang(app):
                     results.append((i, type(e).__name__, time.monotonic() - t0, str(e)))
                 n += 1
 
+    def stream_client(k: int) -> None:
+        """Streamed requests: after the headers, a lost replica can only be reported in-band."""
+        with httpx.Client(base_url=app, timeout=CLIENT_TIMEOUT_S) as http:
+            n = k
+            while not stop.is_set():
+                i = n % len(PROBLEMS)
+                try:
+                    with http.stream("POST", "/v1/chat/completions", json={**_body(i), "stream": True}) as r:
+                        if r.status_code != 200:
+                            streams.append((i, r.status_code, r.read().decode()))
+                        else:
+                            events = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+                            streams.append((i, 200, events))
+                except Exception as e:  # a timeout here is a hang
+                    streams.append((i, type(e).__name__, str(e)))
+                n += 1
+
+    streams: list[tuple[int, int | str, object]] = []
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(CLIENTS)]
+    threads += [threading.Thread(target=stream_client, args=(k,), daemon=True) for k in range(STREAM_CLIENTS)]
     for t in threads:
         t.start()
     kills: dict[str, int] = {}  # deployment -> answers received before its kill
@@ -152,3 +172,23 @@ def test_replicas_killed_under_load_give_200_or_503_and_never_hang(app):
     with httpx.Client(base_url=app, timeout=CLIENT_TIMEOUT_S) as http:
         r = http.post("/v1/chat/completions", json=_body(0))
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == reference[0]
+
+    # Streams: complete and equal to the reference, or ended in-band by a `replica_unavailable`
+    # error event; always closed by [DONE]; before the headers, the same statuses as above.
+    outcomes = Counter()
+    for i, code, events in streams:
+        if code != 200:
+            assert code in (503, 500), (code, events)
+            outcomes[str(code)] += 1
+            continue
+        assert events[-1] == "[DONE]", events[-3:]
+        chunks = [json.loads(e) for e in events[:-1]]
+        if "error" in chunks[-1]:
+            assert chunks[-1]["error"]["code"] == "replica_unavailable", chunks[-1]
+            outcomes["in-band unavailable"] += 1
+        else:
+            assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+            assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == reference[i]
+            outcomes["complete"] += 1
+    print("streams:", dict(outcomes))
+    assert outcomes["complete"] > 0
