@@ -11,12 +11,13 @@ Faults. A call lost to a dead actor (RayActorError) or to a failure the callee m
 `retryable` (a broken tensor-parallel group, which restarts itself before raising) is sent
 again, up to `runtime.retry.attempts` tries, with doubling backoff. While the actor is
 restarting (ActorUnavailableError: Ray is reloading it and its model) the call keeps
-waiting for it, up to `runtime.retry.restart_wait_s`, without using attempts. This is the only retry layer (the actors have `max_task_retries=0`),
-and it is safe: a request carries the chain's whole text prefix and its sampling seed
-(`generation.seed` + step index), so a restarted actor that lost the chain's cached KV
-computes the same step, and the loop receives exactly one result per call. Each retry is
-recorded under its key (role, chain id, step index) in `retries`, for stats and tests.
-Model errors (e.g. a prompt over `max_context`) are not retried.
+waiting for it, up to `runtime.retry.restart_wait_s`, without using attempts. This is the
+only retry layer (the actors have `max_task_retries=0`), and it is safe: a request carries
+the chain's whole text prefix and its sampling seed (`generation.seed` + step index), so a
+restarted actor that lost the chain's cached KV computes the same step, and the loop
+receives exactly one result per call. Each retry is recorded under its key (role, chain
+id, step index) in `retries`, for stats and tests. Model errors (e.g. a prompt over
+`max_context`) are not retried.
 """
 
 from __future__ import annotations
