@@ -162,6 +162,9 @@ def eval_cmd(
     in_process: bool = typer.Option(False, "--in-process", help="Run without Ray."),
     step_cache: bool = typer.Option(True, "--step-cache/--no-step-cache",
                                     help="Reuse greedy steps and PRM scores across the sweep's groups."),
+    groups_arg: Optional[str] = typer.Option(
+        None, "--groups", help="Explicit cells in run order instead of --policies x --thresholds, "
+        "e.g. 'draft_only,rsd@0.7,router@0.55,target_only' (interleave policies so a partial run compares them)."),
 ) -> None:
     """Resumable sweep over policies x thresholds; one JSONL row per finished chain."""
     from configs.schema import POLICY_NAMES
@@ -176,10 +179,10 @@ def eval_cmd(
                                          "data.limit": limit, "runtime.address": address,
                                          "generation.step_cache": step_cache})
         from arbitrage.data import load_problems
-        from cluster.evaluate import cache_line, run_sweep, sweep_groups
+        from cluster.evaluate import cache_line, parse_groups, run_sweep, sweep_groups
 
         problems = load_problems(cfg.data)
-        groups = sweep_groups(names, taus)
+        groups = parse_groups(groups_arg) if groups_arg else sweep_groups(names, taus)
         for g in groups:  # each policy's models must be configured
             cfg.with_overrides(**{"policy.name": g.policy, "policy.threshold": g.threshold})
     except USER_ERRORS as e:

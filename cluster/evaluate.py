@@ -56,6 +56,37 @@ def sweep_groups(policies: Iterable[str], thresholds: Iterable[float] | Mapping[
     return out
 
 
+def parse_groups(text: str) -> list[Group]:
+    """Explicit cells in run order: 'draft_only,rsd@0.7,router@0.55,target_only'.
+
+    Threshold-free baselines take no '@tau'; every other policy needs one in [0, 1].
+    """
+    from configs.schema import POLICY_NAMES
+
+    out: list[Group] = []
+    for cell in (c.strip() for c in text.split(",")):
+        if not cell:
+            continue
+        policy, _, tau = cell.partition("@")
+        if policy not in POLICY_NAMES:
+            raise ValueError(f"--groups: unknown policy {policy!r}; choose from {', '.join(POLICY_NAMES)}")
+        if policy in THRESHOLD_FREE:
+            g = Group(policy, 0.0)
+        else:
+            try:
+                t = float(tau)
+            except ValueError:
+                raise ValueError(f"--groups: {cell!r} needs a threshold, e.g. {policy}@0.5") from None
+            if not 0.0 <= t <= 1.0:
+                raise ValueError(f"--groups: thresholds must lie in [0, 1], got {cell!r}")
+            g = Group(policy, t)
+        if g not in out:
+            out.append(g)
+    if not out:
+        raise ValueError("--groups is empty")
+    return out
+
+
 def row_key(problem_id: str, policy: str, threshold: float) -> str:
     return f"{problem_id}|{policy}|{float(threshold):g}"
 

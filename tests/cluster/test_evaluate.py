@@ -60,6 +60,16 @@ def test_thresholds_per_policy():
         _thresholds("rsd=1.5")
 
 
+def test_explicit_groups_in_run_order():
+    from cluster.evaluate import parse_groups
+
+    gs = parse_groups("rsd@0.65, router@0.55,draft_only,rsd@0.65")
+    assert [g.label for g in gs] == ["rsd@0.65", "router@0.55", "draft_only"]
+    for bad in ("rsd", "rsd@1.5", "nope@0.5", ""):
+        with pytest.raises(ValueError, match="--groups"):
+            parse_groups(bad)
+
+
 def test_one_row_per_cell_then_resume_is_a_no_op(slow_tiny, tmp_path):
     cfg, probs = slow_tiny
     out = tmp_path / "run"
