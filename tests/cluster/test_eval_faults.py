@@ -34,7 +34,7 @@ def sweep(tmp_path):
     data = yaml.safe_load((PRESET_DIR / "tiny.yaml").read_text())
     data["runtime"]["max_concurrent_chains"] = 1
     data["data"]["limit"] = None
-    data["generation"].update(max_steps=6, max_step_tokens=16, max_total_tokens=96)
+    data["generation"].update(max_steps=4, max_step_tokens=8, max_total_tokens=32)
     cfg = tmp_path / "tiny_sweep.yaml"
     cfg.write_text(yaml.safe_dump(data))
     probs = tmp_path / "probs.jsonl"
@@ -82,11 +82,25 @@ def _damage(results) -> list[str]:
     return keys
 
 
+def _run(cmd: list[str]) -> None:
+    """Run an `arbitrage eval` command line to completion: in this process when it is
+    --in-process (no interpreter start-up), else as a subprocess (it starts its own Ray)."""
+    if "--in-process" in cmd:
+        from typer.testing import CliRunner
+
+        from cluster.cli import app
+
+        result = CliRunner().invoke(app, cmd[len(CLI):])
+        assert result.exit_code == 0, (result.output[-2000:], result.exception)
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("mode", ["in-process", pytest.param("ray", marks=pytest.mark.slow)])
 def test_sigkilled_sweep_and_damaged_file_rerun_equal_an_undisturbed_sweep(sweep, tmp_path, mode):
     extra = ["--in-process"] if mode == "in-process" else []
-    ref = subprocess.run(sweep(tmp_path / "ref", "--in-process"), capture_output=True, text=True, timeout=900)
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    _run(sweep(tmp_path / "ref", "--in-process"))
     reference = _rows(tmp_path / "ref" / "results.jsonl")
     assert len(reference) == CELLS
 
@@ -97,8 +111,7 @@ def test_sigkilled_sweep_and_damaged_file_rerun_equal_an_undisturbed_sweep(sweep
     assert 3 <= killed_at < CELLS, killed_at
     damaged = _damage(results)
 
-    again = subprocess.run(sweep(out, *extra), capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stderr[-2000:]
+    _run(sweep(out, *extra))
     rows = _rows(results)  # one row per cell: none lost, none duplicated
     assert sorted(rows) == sorted(reference)
     for key, row in rows.items():
