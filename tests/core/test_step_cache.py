@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 
@@ -73,6 +75,17 @@ def test_cached_sweep_rows_equal_uncached_rows(cfg):
         sizes = backend.batchers[role].stats()["batch_sizes"]
         assert sum(size * count for size, count in sizes.items()) == tot["misses"][role], role
     assert "model calls answered from cache" in cache_line(cached)
+    # benchmarks/cache_replay.py counts, from the traces alone, exactly the hits the live cache had
+    spec = importlib.util.spec_from_file_location(
+        "cache_replay", Path(__file__).resolve().parents[2] / "benchmarks" / "cache_replay.py")
+    cache_replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cache_replay)
+    from cluster.evaluate import Group
+
+    replayed = cache_replay.replay({str(i): r for i, r in enumerate(cached)}, [Group(p, t) for p, t in GROUPS])
+    for label, rep in replayed.items():
+        for kind in ("hits", "misses"):
+            assert rep[kind] == {k: n for k, n in rep["recorded"][kind].items() if n}, (label, kind)
 
 
 def test_no_cache_when_sampling(cfg):
