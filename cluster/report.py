@@ -105,19 +105,25 @@ def plot(summaries: list[dict], out_dir: Path) -> list[Path]:
     by_policy: dict[str, list[dict]] = defaultdict(list)
     for s in summaries:
         by_policy[s["policy"]].append(s)
+    n_full = max(s["problems"] for s in summaries)  # a group with fewer rows is unfinished: say so on the plot
     paths = []
     for x, y, name, xl, yl in specs:
         fig, ax = plt.subplots(figsize=(6, 4.2))
         for policy, ss in by_policy.items():
-            pts = sorted((s[x], s[y], s["threshold"]) for s in ss if s[y] is not None)
+            pts = sorted((s[x], s[y], s["threshold"], s["problems"]) for s in ss if s[y] is not None)
             if not pts:
                 continue
-            xs, ys, ts = zip(*pts)
+            xs, ys, ts, ns = zip(*pts)
             style = "*" if policy in THRESHOLD_FREE else "o-"
             ax.plot(xs, ys, style, label=policy, markersize=10 if policy in THRESHOLD_FREE else 5)
             if policy not in THRESHOLD_FREE:
-                for xv, yv, t in pts:
-                    ax.annotate(f"{t:g}", (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                for xv, yv, t, n in pts:
+                    note = f"{t:g}" + (f" (n={n})" if n < n_full else "")
+                    ax.annotate(note, (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            else:
+                for xv, yv, _, n in pts:
+                    if n < n_full:
+                        ax.annotate(f"n={n}", (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
         ax.grid(alpha=0.3)
