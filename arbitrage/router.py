@@ -12,6 +12,7 @@ which reads the draft's own step features instead of running a model.
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,8 +216,6 @@ class InProcessRouter:
         self.__init__(state["cfg"])
 
     async def predict(self, req: RouterRequest) -> float:
-        import time
-
         t0 = time.perf_counter()
         if self._router is None:
             self._router = build_router(self.cfg)

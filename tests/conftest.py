@@ -103,3 +103,23 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_teardown(item, nextitem):
     if nextitem is None or "tiny_runtime" not in nextitem.fixturenames:
         item.config.stash[RUNTIME_KEY].close()
+
+
+def one_chain_sweep_inputs(tmp_path: Path, name: str, generation: dict, problems: list[dict]) -> tuple[Path, Path]:
+    """configs/tiny.yaml run one chain at a time (so a kill lands between rows) with `generation`
+    overrides, written as tmp_path/name.yaml, and `problems` as a JSONL dataset; returns both paths."""
+    import json
+
+    import yaml
+
+    from configs.schema import PRESET_DIR
+
+    data = yaml.safe_load((PRESET_DIR / "tiny.yaml").read_text())
+    data["runtime"]["max_concurrent_chains"] = 1
+    data["data"]["limit"] = None
+    data["generation"].update(generation)
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    probs = tmp_path / "probs.jsonl"
+    probs.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    return cfg, probs

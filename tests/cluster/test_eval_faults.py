@@ -18,9 +18,8 @@ import sys
 import time
 
 import pytest
-import yaml
 
-from configs.schema import PRESET_DIR
+from tests.conftest import one_chain_sweep_inputs
 
 CLI = [sys.executable, "-m", "cluster.cli"]
 CELLS = 3 * 3  # 3 problems x (draft_only, router@0.3, router@0.7)
@@ -31,15 +30,9 @@ COMPARED = ("final_text", "stop_reason", "answer", "correct", "draft_calls", "ta
 @pytest.fixture
 def sweep(tmp_path):
     """A small sweep on the tiny preset, one chain at a time (so a kill lands between rows)."""
-    data = yaml.safe_load((PRESET_DIR / "tiny.yaml").read_text())
-    data["runtime"]["max_concurrent_chains"] = 1
-    data["data"]["limit"] = None
-    data["generation"].update(max_steps=4, max_step_tokens=8, max_total_tokens=32)
-    cfg = tmp_path / "tiny_sweep.yaml"
-    cfg.write_text(yaml.safe_dump(data))
-    probs = tmp_path / "probs.jsonl"
-    probs.write_text("".join(json.dumps({"id": f"e{i}", "problem": f"What is {i} plus 9?", "answer": str(i + 9)})
-                             + "\n" for i in range(3)))
+    cfg, probs = one_chain_sweep_inputs(
+        tmp_path, "tiny_sweep", dict(max_steps=4, max_step_tokens=8, max_total_tokens=32),
+        [{"id": f"e{i}", "problem": f"What is {i} plus 9?", "answer": str(i + 9)} for i in range(3)])
 
     def command(out, *extra):
         return CLI + ["eval", "--config", str(cfg), "--dataset", str(probs), "--policies", "draft_only,router",

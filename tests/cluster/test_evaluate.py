@@ -9,10 +9,9 @@ import sys
 import time
 
 import pytest
-import yaml
 
 from cluster.evaluate import load_results, row_key, sweep_groups
-from configs.schema import PRESET_DIR
+from tests.conftest import one_chain_sweep_inputs
 
 CLI = [sys.executable, "-m", "cluster.cli"]
 
@@ -20,16 +19,9 @@ CLI = [sys.executable, "-m", "cluster.cli"]
 @pytest.fixture
 def slow_tiny(tmp_path):
     """The tiny preset, one chain at a time, so a run can be killed between rows."""
-    data = yaml.safe_load((PRESET_DIR / "tiny.yaml").read_text())
-    data["runtime"]["max_concurrent_chains"] = 1
-    data["data"]["limit"] = None
-    data["generation"].update(max_steps=6, max_step_tokens=16, max_total_tokens=96)
-    p = tmp_path / "slow_tiny.yaml"
-    p.write_text(yaml.safe_dump(data))
-    probs = tmp_path / "probs.jsonl"
-    probs.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"What is {i} times 7?", "answer": str(7 * i)}) + "\n"
-                             for i in range(6)))
-    return p, probs
+    return one_chain_sweep_inputs(
+        tmp_path, "slow_tiny", dict(max_steps=6, max_step_tokens=16, max_total_tokens=96),
+        [{"id": f"q{i}", "problem": f"What is {i} times 7?", "answer": str(7 * i)} for i in range(6)])
 
 
 def _eval(cfg, probs, out, *extra):
