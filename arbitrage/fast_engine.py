@@ -30,14 +30,16 @@ stop rules, sampling RNG, counters and `next_token_logits`) built for speed:
 - **Prefill** writes the uncached tail of each admitted row into its slot, rows batched
   right-padded (padding writes go to the dummy slot), at most `PREFILL_TOKENS` padded
   tokens per forward.
-- **Decode** feeds one token for every running row. Attention gathers the rows' slots
-  (index_select) over a window of the cache rounded up to `WINDOW_BLOCK` positions and
-  masks each row by its own position, so its cost follows the batch's context, not
-  max_context. On CUDA the decode step (forward, log-softmax, entropy, argmax) is
-  captured once per (batch bucket, window) into a `torch.cuda.CUDAGraph` over static
-  input buffers (tokens, positions, slots), lazily, and replayed; a batch is padded to its
-  bucket (1, 2, 4, ..., 64) with the dummy slot. At most 7 x max_context / WINDOW_BLOCK
-  graphs exist (112 at 4096), each captured when first needed (a fraction of a second;
+- **Decode** feeds one token for every running row. On CUDA its attention is one Triton
+  kernel per layer (`arbitrage.decode_attention`) that reads each row's own slot in place,
+  positions 0..pos only. Elsewhere (and with `decode_kernel=False`) attention gathers the
+  rows' slots (index_select) over a window of the cache rounded up to `WINDOW_BLOCK`
+  positions and masks each row by its own position (a copy of B x window positions per
+  layer, which dominates at large batches and long contexts). On CUDA the decode step
+  (forward, log-softmax, entropy, argmax) is captured once per batch bucket (and per window
+  on the gather path) into a `torch.cuda.CUDAGraph` over static input buffers (tokens,
+  positions, slots), lazily, and replayed; a batch is padded to its bucket (1, 2, 4, ...,
+  64) with the dummy slot. Graphs are captured when first needed (a fraction of a second;
   they share one memory pool). On CPU the step runs eagerly.
 - **Numerics.** float32 matches StepEngine to ~1e-6 in log-probs; in bf16 results differ
   from HF's by rounding (other kernels, fused norms), like any two engines.
@@ -74,6 +76,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from arbitrage import decode_attention
 from arbitrage.engine import (_Row, _row_generator, _sample, _unique_keys, eos_ids, find_separator,
                               render_prompt)
 from arbitrage.types import SamplingParams, StepOutput, StepRequest
@@ -257,7 +260,7 @@ class _FastLM:
     """Llama / Qwen2 forward over the HF model's own weights and a static slot KV cache."""
 
     def __init__(self, model, n_slots: int, max_context: int, compiled: bool = False, fuse: bool = False,
-                 tp: TensorParallel | None = None):
+                 tp: TensorParallel | None = None, decode_kernel: bool | None = None):
         check_supported(model)
         cfg, inner = model.config, model.model
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -286,6 +289,12 @@ class _FastLM:
         self.k_cache = [kv[:, 0] for kv in self.kv_cache]  # views [slots + 1, Hkv, C, D]
         self.v_cache = [kv[:, 1] for kv in self.kv_cache]
         self.cos, self.sin = self._rope_table(inner.rotary_emb)  # [C, D] each
+        # Decode attention in place over the slots (Triton) instead of gather + SDPA.
+        can = decode_attention.supported(self.device, self.head_dim)
+        if decode_kernel and not can:
+            raise ValueError("decode_kernel needs CUDA, Triton and a power-of-two head_dim >= 16 "
+                             f"(device {self.device}, head_dim {self.head_dim})")
+        self.decode_kernel = can if decode_kernel is None else decode_kernel
 
     @property
     def bytes_per_slot(self) -> int:
@@ -330,7 +339,8 @@ class _FastLM:
         ops, layers = ops or self.eager_ops, self.layers
         x = F.embedding(tokens, self.embed).view(B * S, -1)  # x: [N, E], N = B * S
         cos, sin = self.cos[pos].view(B * S, 1, -1), self.sin[pos].view(B * S, 1, -1)  # [N, 1, D]
-        mask = self._mask(pos, window)  # [B, 1, G*S, W]
+        # [B, 1, G*S, W]; a decode step with the kernel needs none (it reads positions <= pos).
+        mask = None if S == 1 and self.decode_kernel else self._mask(pos, window)
         h = ops.norm(x, layers[0].in_norm, layers[0].in_eps)
         for i, layer in enumerate(layers):
             a = self._attention(i, layer, h, (cos, sin, mask), (write_slots, pos, read_slots, window), ops)
@@ -371,6 +381,9 @@ class _FastLM:
         q, kv = ops.rope_qkv(q.view(B * S, H, D), k.view(B * S, Hkv, D), v.view(B * S, Hkv, D), cos, sin)
         cache = self.kv_cache[i]  # [slots + 1, 2, Hkv, C, D]: keys and values in one tensor,
         cache[write_slots, :, :, pos] = kv.view(B, S, 2, Hkv, D)  # so one write (indexed: [B, S, 2, Hkv, D])
+        if mask is None:  # decode with the kernel: attend in place over each row's slot
+            out = decode_attention.decode_attention(q.view(B, H, D), cache, read_slots, pos[:, 0])
+            return self._row_linear(out.view(B, H * D), layer.o)
         kv = cache[:, :, :, :window].index_select(0, read_slots)  # and one gather: [B, 2, Hkv, W, D]
         keys, values = kv[:, 0], kv[:, 1]  # [B, Hkv, W, D] each
         # GQA without repeating K/V: the G query heads of a KV head act as G*S query rows.
@@ -413,6 +426,8 @@ class DecodeGraphs:
         """Replay the graph for this batch; returns (stats [3, B] on CPU, logits [B, V] on device)."""
         B = len(toks)
         Bb = next(b for b in self.buckets if b >= B)
+        if self.lm.decode_kernel:  # the kernel reads each row's own length: one graph per bucket
+            window = self.lm.max_context
         g = self.graphs.get((Bb, window)) or self._capture(Bb, window)
         pad = Bb - B  # padding rows: the dummy slot at position 0
         host = torch.tensor([toks + [self.pad_id] * pad, pos + [0] * pad, slots + [self.lm.dummy] * pad])
@@ -533,7 +548,7 @@ class FastStepEngine:
     def __init__(self, model, tokenizer, max_context: int = 4096, max_slots: int = 64,
                  kv_cache_tokens: int | None = None, use_cuda_graphs: bool = True,
                  compile_ops: bool | None = None, fuse_weights: bool | None = None,
-                 tp: TensorParallel | None = None):
+                 tp: TensorParallel | None = None, decode_kernel: bool | None = None):
         """Args:
             model: an HF Llama or Qwen2 causal LM (its weights are used in place).
             tokenizer: the model's tokenizer.
@@ -549,6 +564,8 @@ class FastStepEngine:
                 model still works, e.g. for a StepEngine or PRM sharing it); default: on CUDA only.
             tp: the model is this rank's AutoTP shard (see TensorParallel); every rank must
                 submit the same requests in the same order, one batch at a time.
+            decode_kernel: decode attention with the Triton kernel of arbitrage.decode_attention
+                (in place over the slots) instead of gather + SDPA; default: where it can run.
         """
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -564,7 +581,8 @@ class FastStepEngine:
         on_cuda = next(model.parameters()).device.type == "cuda"
         compiled = on_cuda if compile_ops is None else compile_ops
         fuse = on_cuda if fuse_weights is None else fuse_weights
-        self.lm = _FastLM(model, n_slots, max_context, compiled=compiled, fuse=fuse, tp=tp)
+        self.lm = _FastLM(model, n_slots, max_context, compiled=compiled, fuse=fuse, tp=tp,
+                          decode_kernel=decode_kernel)
         self.continuous = tp is None  # TP ranks run each batch alone, in lockstep
         self.device = self.lm.device
         self.slots = SlotPool(n_slots)

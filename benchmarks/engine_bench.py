@@ -4,7 +4,8 @@ For each random-weight shape (built directly on the device in bf16) it measures,
 - the device copy bandwidth (read + written bytes of a large tensor copy, CUDA events);
 - the floor per decode step = weight bytes / copy bandwidth (every weight read once);
 - ms per decode step at each batch size for each engine: `hf` (StepEngine, eager, dynamic
-  cache), `fast` (FastStepEngine with CUDA graphs), `fast_eager` (FastStepEngine without).
+  cache), `fast` (FastStepEngine with CUDA graphs), `fast_eager` (FastStepEngine without),
+  `fast_gather` (CUDA graphs, decode attention as gather + SDPA instead of the Triton kernel).
   A decode step is timed as (t(forced_tokens=steps) - t(forced_tokens=1)) / (steps - 1):
   both runs prefill the same prompts, so the difference is `steps - 1` decode steps (with
   each engine's per-step sampling and bookkeeping).
@@ -12,6 +13,9 @@ It prints a table and writes JSON (`--out`). Each model and engine is freed befo
 
 GPU (H200):  python benchmarks/engine_bench.py
 CPU smoke:   python benchmarks/engine_bench.py --device cpu --shapes tiny-llama --out /tmp/engine_smoke.json
+Long contexts, decode kernel vs gather (H200):
+             python benchmarks/engine_bench.py --engines fast,fast_gather --batch-sizes 1,8,32,64 \
+                 --prompt-len 1536 --max-context 2048 --steps 32 --out benchmarks/results/decode_kernel_h200.json
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from arbitrage.tiny import SHAPES, byte_tokenizer, random_causal_lm  # noqa: E40
 from arbitrage.types import SamplingParams, StepRequest  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ENGINES = ("hf", "fast", "fast_eager")
+ENGINES = ("hf", "fast", "fast_eager", "fast_gather")
 GOALS = {"llama-3.1-8b": 1.6, "llama-3.2-1b": 3.0}  # fast engine, batch 1: ms / floor at most
 
 
@@ -137,7 +141,7 @@ def build_engine(kind: str, model, tokenizer, args):
     if kind == "hf":
         return StepEngine(model, tokenizer, max_context=args.max_context)
     return FastStepEngine(model, tokenizer, max_context=args.max_context, max_slots=max(args.batches),
-                          use_cuda_graphs=kind == "fast")
+                          use_cuda_graphs=kind != "fast_eager", decode_kernel=False if kind == "fast_gather" else None)
 
 
 def run_engine(kind: str, model, tokenizer, args, floor_ms: float) -> list[dict]:

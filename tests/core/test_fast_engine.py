@@ -241,10 +241,12 @@ def test_cuda_graphs_match_step_engine(shape, tokenizer):
         _same(fast.generate_steps(reqs[:1]), ref.generate_steps(reqs[:1]))
         _same(_run_chains(fast), _run_chains(ref))
         assert fast.graphs is not None and len(fast.graphs.graphs) >= 2
-        # A window past the first 256 positions: a second length bucket.
+        # A window past the first 256 positions: a second length bucket on the gather path;
+        # the decode kernel reads each row's own length, so its graphs are per bucket only.
         long = [_req("long " * 60, forced_tokens=40)]
         _same(fast.generate_steps(long), ref.generate_steps(long))
-        assert len({w for _, w in fast.graphs.graphs}) >= 2
+        windows = {w for _, w in fast.graphs.graphs}
+        assert windows == {1024} if fast.lm.decode_kernel else len(windows) >= 2
 
 
 @pytest.mark.gpu
@@ -282,3 +284,46 @@ def test_compiled_ops_match_eager_in_bf16(n):
     want, got = eager.stats(logits), compiled.stats(logits)
     assert torch.equal(want[0], got[0])  # greedy ids
     torch.testing.assert_close(got[1:], want[1:], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_kernel_off_cuda_is_a_clear_error(tokenizer):
+    model = random_causal_lm("tiny-llama", seed=3)
+    with pytest.raises(ValueError, match="decode_kernel needs CUDA"):
+        FastStepEngine(model, tokenizer, max_context=64, max_slots=1, decode_kernel=True)
+    with FastStepEngine(model, tokenizer, max_context=64, max_slots=1) as eng:
+        assert eng.lm.decode_kernel is (torch.cuda.is_available() and eng.lm.device.type == "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,G,D", [(torch.float32, 2, 16), (torch.bfloat16, 4, 64), (torch.bfloat16, 8, 128)])
+def test_decode_kernel_equals_attention_in_float64(dtype, G, D):
+    from arbitrage.decode_attention import decode_attention
+
+    torch.manual_seed(0)
+    Hkv, C, n_slots = 2, 700, 6
+    cache = torch.randn(n_slots + 1, 2, Hkv, C, D, device="cuda", dtype=dtype)
+    slots = torch.tensor([3, 0, 5, 3, 1, 6], device="cuda")
+    pos = torch.tensor([0, 63, 64, 699, 200, 1], device="cuda")  # block edges, the last position
+    q = torch.randn(len(slots), Hkv * G, D, device="cuda", dtype=dtype)
+    got = decode_attention(q, cache, slots, pos)
+    for i in range(len(slots)):
+        k, v = cache[slots[i], :, :, : pos[i] + 1].double()  # [Hkv, T, D] each
+        w = torch.softmax(q[i].double().view(Hkv, G, D) @ k.transpose(-1, -2) / D**0.5, dim=-1)
+        want = (w @ v).view(Hkv * G, D)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got[i].double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_kernel_engine_equals_gather_engine(tokenizer):
+    model = random_causal_lm("tiny-llama-wide", seed=5, device="cuda")  # float32
+    reqs = [_req("long " * 60, forced_tokens=40), _req("short", forced_tokens=12),
+            _req("mid " * 20, ("one", "two"), max_tokens=30)]
+    with FastStepEngine(model, tokenizer, max_context=1024, max_slots=4, decode_kernel=True) as kern, \
+            FastStepEngine(model, tokenizer, max_context=1024, max_slots=4, decode_kernel=False) as gather:
+        _same(kern.generate_steps(reqs), gather.generate_steps(reqs))
+        _same(_run_chains(kern), _run_chains(gather))  # second steps decode from slot KV
+        assert {w for _, w in kern.graphs.graphs} == {1024}  # one graph per bucket, not per window
+        assert len({w for _, w in gather.graphs.graphs}) >= 2  # the gather path: per window too
