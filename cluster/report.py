@@ -100,12 +100,13 @@ def plot(summaries: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     specs = [("acceptance_rate", "accuracy", "accuracy_vs_acceptance.png", "acceptance rate (draft steps kept)", "accuracy"),
-             ("latency_mean_s", "accuracy", "accuracy_vs_latency.png", "mean latency per problem (s)", "accuracy"),
+             ("latency_mean_s", "accuracy", "accuracy_vs_latency.png", "mean wall time per problem (s), under the run's own load", "accuracy"),
              ("acceptance_rate", "wasted_share", "wasted_vs_acceptance.png", "acceptance rate", "wasted-escalation share")]
     by_policy: dict[str, list[dict]] = defaultdict(list)
     for s in summaries:
         by_policy[s["policy"]].append(s)
     n_full = max(s["problems"] for s in summaries)  # a group with fewer rows is unfinished: say so on the plot
+    colors = {policy: f"C{i}" for i, policy in enumerate(sorted(by_policy))}  # one colour per policy in every plot
     paths = []
     for x, y, name, xl, yl in specs:
         fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -115,7 +116,8 @@ def plot(summaries: list[dict], out_dir: Path) -> list[Path]:
                 continue
             xs, ys, ts, ns = zip(*pts)
             style = "*" if policy in THRESHOLD_FREE else "o-"
-            ax.plot(xs, ys, style, label=policy, markersize=10 if policy in THRESHOLD_FREE else 5)
+            ax.plot(xs, ys, style, label=policy, color=colors[policy],
+                    markersize=10 if policy in THRESHOLD_FREE else 5)
             if policy not in THRESHOLD_FREE:
                 for xv, yv, t, n in pts:
                     note = f"{t:g}" + (f" (n={n})" if n < n_full else "")
