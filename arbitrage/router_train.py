@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from arbitrage.router import ClassifierRouter, Router, RouterRequest
@@ -224,7 +225,6 @@ def predict_batched(router: Router, examples: list[RouterExample], batch_size: i
 
 def roc_auc(scores, labels) -> float | None:
     """ROC-AUC of `scores` for binary `labels` (Mann-Whitney U / (n1 n0), ties averaged); None if one class is empty."""
-    import numpy as np
     from scipy.stats import rankdata
 
     s, y = np.asarray(scores, dtype=float), np.asarray(labels, dtype=int)
@@ -257,6 +257,25 @@ def ranking_metrics(scores: list[float], examples: list[RouterExample]) -> dict:
     return {"spearman": rho, "spearman_p": p, "auc": roc_auc(scores, [e.label for e in examples])}
 
 
+def label_quality(examples: list[RouterExample]) -> dict:
+    """How far the PRM separates the two steps it compares, i.e. how much signal A can carry.
+
+    A = PRM(target step) - PRM(draft step) on the same prefix. When the PRM mostly scores the
+    prefix (draft and target scores rank alike and |A| is small against the spread of the
+    scores), A is mostly PRM noise and no ranking can predict it well.
+
+    Returns:
+        {"spearman_draft_target", "abs_advantage_median", "abs_advantage_p90", "draft_score_sd", "ties"}.
+    """
+    draft = [e.draft_score for e in examples]
+    target = [e.draft_score + e.advantage for e in examples]  # a tie (A = 0) scores as the draft
+    gaps = np.abs([e.advantage for e in examples])
+    rho, _ = spearman(draft, target)
+    return {"spearman_draft_target": rho, "abs_advantage_median": float(np.median(gaps)),
+            "abs_advantage_p90": float(np.quantile(gaps, 0.9)), "draft_score_sd": float(np.std(draft)),
+            "ties": int(sum(e.advantage == 0 for e in examples))}
+
+
 def evaluate(router: Router, examples: list[RouterExample], batch_size: int = 32) -> dict:
     """The router's ranking and the draft-PRM ranking (RSD's) on the same steps.
 
@@ -273,7 +292,8 @@ def evaluate(router: Router, examples: list[RouterExample], batch_size: int = 32
     return {"steps": len(examples), "problems": len({e.problem_id for e in examples}),
             "positive_rate": sum(e.label for e in examples) / len(examples),
             "rankings": {"router": ranking_metrics(probs, examples),
-                         "draft_prm": ranking_metrics([-e.draft_score for e in examples], examples)}}
+                         "draft_prm": ranking_metrics([-e.draft_score for e in examples], examples)},
+            "labels": label_quality(examples)}
 
 
 def evaluate_folder(router_dir: str | Path, data: str | Path, split: str = "validation",
@@ -368,7 +388,7 @@ def cross_validate(rows: list[dict], ts: TrainSettings, folds: int = 5, margin: 
     return {"steps": len(examples), "problems": len(ids), "positive_rate": sum(e.label for e in examples) / len(examples),
             "rankings": {"router": ranking_metrics(scores, examples),
                          "draft_prm": ranking_metrics([-e.draft_score for e in examples], examples)},
-            "folds": per_fold}
+            "labels": label_quality(examples), "folds": per_fold}
 
 
 def cross_validate_folder(router_dir: str | Path, data: str | Path, folds: int = 5,
@@ -408,4 +428,12 @@ def format_table(report: dict) -> str:
     for n, m in rows:
         lines.append(f"{n:<{width}}  {_fmt(m['spearman']):>13}  {_fmt(m['spearman_p'], '.3g'):>8}  "
                      f"{_fmt(m['auc'], '.3f'):>10}")
+    q = report.get("labels")
+    if q:
+        line = (f"labels: Spearman(draft PRM, target PRM) {_fmt(q['spearman_draft_target'], '+.2f')}; |A| median "
+                f"{q['abs_advantage_median']:.3f}, p90 {q['abs_advantage_p90']:.3f} (draft score sd "
+                f"{q['draft_score_sd']:.3f}); {q['ties']} ties")
+        if (q["spearman_draft_target"] or 0) > 0.8 and q["abs_advantage_median"] < 0.25 * q["draft_score_sd"]:
+            line += "\n  the PRM scores both steps of a prefix alike: A is mostly PRM noise (see docs/BENCHMARKS.md s.7)"
+        lines.append(line)
     return "\n".join(lines)

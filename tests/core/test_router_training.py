@@ -101,6 +101,7 @@ def test_classifier_trains_saves_and_reloads(dataset, collected, tmp_path):
     report = evaluate_folder(tmp_path / "cls", collected)
     assert report["steps"] == len(dataset.validation) and set(report["rankings"]) == {"router", "draft_prm"}
     assert "draft PRM score, negated (RSD)" in format_table(report)
+    assert report["labels"]["ties"] <= report["steps"] and "labels: Spearman" in format_table(report)
     with pytest.raises(ValueError, match="kind: classifier"):
         build_router(RouterConfig(kind="probe", path=str(tmp_path / "cls")))
 
@@ -174,3 +175,25 @@ def test_identical_target_step_is_a_tie():
     row["targets"] = row["targets"][:1]
     ex = example_from_row(row)
     assert ex.advantage == 0.0 and ex.label == 0
+
+
+def test_label_quality_flags_a_prm_that_scores_both_steps_alike():
+    from arbitrage.router_data import RouterExample
+    from arbitrage.router_train import label_quality
+
+    def examples(gaps):
+        return [RouterExample(f"p{i}", 0, None, a, int(a > 0), 0.1 + 0.02 * i) for i, a in enumerate(gaps)]
+
+    report = {"split": "all", "steps": 40, "problems": 40, "positive_rate": 0.5, "margin": 0.0, "kind": "probe",
+              "rankings": {"router": {"spearman": 0.1, "spearman_p": 0.5, "auc": 0.55},
+                           "draft_prm": {"spearman": 0.1, "spearman_p": 0.5, "auc": 0.55}}}
+    alike = label_quality(examples([0.001 * (-1) ** i for i in range(40)]))  # A: noise around equal scores
+    assert alike["spearman_draft_target"] > 0.99 and alike["abs_advantage_median"] == pytest.approx(0.001)
+    assert alike["ties"] == 0 and alike["draft_score_sd"] == pytest.approx(statistics.pstdev(
+        [0.1 + 0.02 * i for i in range(40)]))
+    assert "mostly PRM noise" in format_table({**report, "labels": alike})
+    g = torch.Generator().manual_seed(0)
+    apart = label_quality(examples((torch.rand(40, generator=g) - 0.5).tolist()))  # the PRM separates steps
+    assert apart["spearman_draft_target"] < 0.8
+    table = format_table({**report, "labels": apart})
+    assert "labels: Spearman(draft PRM, target PRM)" in table and "mostly PRM noise" not in table
