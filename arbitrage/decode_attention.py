@@ -52,6 +52,7 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, 
     G = H // Hkv
     if q.stride(-1) != 1 or cache.stride(-1) != 1:
         raise ValueError("decode_attention needs the head dimension contiguous in q and the cache")
+    slots, pos = slots.contiguous(), pos.contiguous()  # the kernel indexes them with stride 1
     out = torch.empty_like(q)
     _kernel[(B, Hkv)](
         q, cache, slots, pos, out, 1.0 / math.sqrt(D),
