@@ -339,8 +339,8 @@ class _FastLM:
         ops, layers = ops or self.eager_ops, self.layers
         x = F.embedding(tokens, self.embed).view(B * S, -1)  # x: [N, E], N = B * S
         cos, sin = self.cos[pos].view(B * S, 1, -1), self.sin[pos].view(B * S, 1, -1)  # [N, 1, D]
-        # [B, 1, G*S, W]; a decode step with the kernel needs none (it reads positions <= pos).
-        mask = None if S == 1 and self.decode_kernel else self._mask(pos, window)
+        # [B, 1, G*S, W]; the decode kernel needs none (it reads positions <= pos itself).
+        mask = None if self._uses_kernel(S) else self._mask(pos, window)
         h = ops.norm(x, layers[0].in_norm, layers[0].in_eps)
         for i, layer in enumerate(layers):
             a = self._attention(i, layer, h, (cos, sin, mask), (write_slots, pos, read_slots, window), ops)
@@ -355,6 +355,10 @@ class _FastLM:
             a, b = self.tp.lm_head_cols
             return self.tp.all_reduce(F.linear(h[:, a:b], self.lm_head)).float()  # [B, V]
         return F.linear(h, self.lm_head).float()  # [B, V]
+
+    def _uses_kernel(self, S: int) -> bool:
+        """Whether attention of S new tokens per row runs the decode kernel (decode steps only)."""
+        return S == 1 and self.decode_kernel
 
     def _row_linear(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
         """o_proj / down_proj: on a TP shard, sum the ranks' partial outputs, then add the bias once."""
@@ -381,7 +385,7 @@ class _FastLM:
         q, kv = ops.rope_qkv(q.view(B * S, H, D), k.view(B * S, Hkv, D), v.view(B * S, Hkv, D), cos, sin)
         cache = self.kv_cache[i]  # [slots + 1, 2, Hkv, C, D]: keys and values in one tensor,
         cache[write_slots, :, :, pos] = kv.view(B, S, 2, Hkv, D)  # so one write (indexed: [B, S, 2, Hkv, D])
-        if mask is None:  # decode with the kernel: attend in place over each row's slot
+        if self._uses_kernel(S):  # decode: attend in place over each row's slot
             out = decode_attention.decode_attention(q.view(B, H, D), cache, read_slots, pos[:, 0])
             return self._row_linear(out.view(B, H * D), layer.o)
         kv = cache[:, :, :, :window].index_select(0, read_slots)  # and one gather: [B, 2, Hkv, W, D]

@@ -257,6 +257,12 @@ def ranking_metrics(scores: list[float], examples: list[RouterExample]) -> dict:
     return {"spearman": rho, "spearman_p": p, "auc": roc_auc(scores, [e.label for e in examples])}
 
 
+# When draft and target PRM scores rank this alike and the median |A| is this small a share of the
+# scores' spread, A is mostly PRM noise (`format_table` says so).
+NOISY_LABELS_SPEARMAN = 0.8
+NOISY_LABELS_GAP_SHARE = 0.25
+
+
 def label_quality(examples: list[RouterExample]) -> dict:
     """How far the PRM separates the two steps it compares, i.e. how much signal A can carry.
 
@@ -433,7 +439,8 @@ def format_table(report: dict) -> str:
         line = (f"labels: Spearman(draft PRM, target PRM) {_fmt(q['spearman_draft_target'], '+.2f')}; |A| median "
                 f"{q['abs_advantage_median']:.3f}, p90 {q['abs_advantage_p90']:.3f} (draft score sd "
                 f"{q['draft_score_sd']:.3f}); {q['ties']} ties")
-        if (q["spearman_draft_target"] or 0) > 0.8 and q["abs_advantage_median"] < 0.25 * q["draft_score_sd"]:
+        if ((q["spearman_draft_target"] or 0) > NOISY_LABELS_SPEARMAN
+                and q["abs_advantage_median"] < NOISY_LABELS_GAP_SHARE * q["draft_score_sd"]):
             line += "\n  the PRM scores both steps of a prefix alike: A is mostly PRM noise (see docs/BENCHMARKS.md s.7)"
         lines.append(line)
     return "\n".join(lines)
