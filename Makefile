@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml requirements-offline.txt
 	$(PIP) install -q --upgrade pip
 	# torch first and exactly: here this takes the local CPU wheel instead of a CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,cpu]"
 	$(PIP) install -q --no-deps -r requirements-offline.txt
 	touch $@
 
