@@ -5,12 +5,21 @@ items for up to `max_wait_ms` (or until `max_batch_size`), runs the batch functi
 a worker thread so the event loop never blocks, and resolves each caller's future.
 While one batch runs, the next fills. The model actors and the in-process backend
 both use it; it records a batch-size histogram.
+
+Per-request isolation: when a batch of several requests fails, the fault may be one
+request's (a prompt over the context, parameters that cannot be sampled), so the batch is
+split in halves and each half runs again, down to single requests; only the requests that
+fail on their own get the error, the rest get their results (`isolated` counts the splits).
+A failure of the process behind the call (a dead Ray actor, a broken tensor-parallel group:
+anything `retryable`) is not the requests' fault and reaches every caller at once, for the
+caller's retry layer to send again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 import time
 from collections import Counter
 from typing import Any, Callable, Generic, TypeVar
@@ -40,6 +49,7 @@ class DynamicBatcher(Generic[T, R]):
         self.run_in_thread = run_in_thread
         self.batch_sizes: Counter[int] = Counter()
         self.busy_s = 0.0
+        self.isolated = 0  # failed batches split to find the requests at fault
         self._queue: asyncio.Queue[tuple[T, asyncio.Future]] | None = None
         self._task: asyncio.Task | None = None
 
@@ -51,7 +61,8 @@ class DynamicBatcher(Generic[T, R]):
         return await fut
 
     def stats(self) -> dict[str, Any]:
-        return {"batch_sizes": dict(sorted(self.batch_sizes.items())), "busy_s": self.busy_s}
+        return {"batch_sizes": dict(sorted(self.batch_sizes.items())), "busy_s": self.busy_s,
+                "isolated": self.isolated}
 
     def _ensure_started(self) -> None:
         if self._task is None or self._task.done():
@@ -91,25 +102,52 @@ class DynamicBatcher(Generic[T, R]):
             task.add_done_callback(lambda _: slots.release())
 
     async def _execute(self, batch: list[tuple[T, asyncio.Future]]) -> None:
+        batch = [(item, fut) for item, fut in batch if not fut.done()]  # a caller may have left
+        if not batch:
+            return
         items = [item for item, _ in batch]
         self.batch_sizes[len(items)] += 1
         t0 = time.perf_counter()
         try:
-            if inspect.iscoroutinefunction(self.batch_fn):  # e.g. hands rows to a continuous engine
-                results = await self.batch_fn(items)
-            elif self.run_in_thread:
-                results = await asyncio.to_thread(self.batch_fn, items)
-            else:
-                results = self.batch_fn(items)
+            results = await self._call(items)
             if len(results) != len(items):
                 raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
-        except Exception as e:  # every caller of this batch sees the error
-            for _, fut in batch:
+        except Exception as e:
+            self.busy_s += time.perf_counter() - t0
+            if len(batch) > 1 and not _process_failure(e):  # find the request(s) at fault
+                self.isolated += 1
+                half = len(batch) // 2
+                if inspect.iscoroutinefunction(self.batch_fn):
+                    await asyncio.gather(self._execute(batch[:half]), self._execute(batch[half:]))
+                else:
+                    await self._execute(batch[:half])
+                    await self._execute(batch[half:])
+                return
+            for _, fut in batch:  # one request's own failure, or the process behind the call
                 if not fut.done():
                     fut.set_exception(e)
             return
-        finally:
-            self.busy_s += time.perf_counter() - t0
+        self.busy_s += time.perf_counter() - t0
         for (_, fut), res in zip(batch, results):
             if not fut.done():
                 fut.set_result(res)
+
+    async def _call(self, items: list[T]) -> list[R]:
+        if inspect.iscoroutinefunction(self.batch_fn):  # e.g. hands rows to a continuous engine
+            return await self.batch_fn(items)
+        if self.run_in_thread:
+            return await asyncio.to_thread(self.batch_fn, items)
+        return self.batch_fn(items)
+
+
+def _process_failure(err: BaseException) -> bool:
+    """The process serving the call failed, not a request: a `retryable` error (e.g. a broken
+    tensor-parallel group) or a dead / restarting Ray actor or worker."""
+    if getattr(err, "retryable", False):
+        return True
+    ray_exceptions = sys.modules.get("ray.exceptions")  # no Ray imported: no Ray failure possible
+    if ray_exceptions is None:
+        return False
+    kinds = tuple(getattr(ray_exceptions, n) for n in ("RayActorError", "WorkerCrashedError", "ActorUnavailableError",
+                                                      "NodeDiedError") if hasattr(ray_exceptions, n))
+    return isinstance(err, kinds)

@@ -17,12 +17,29 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 PRESET_DIR = Path(__file__).resolve().parent
 
-PolicyName = Literal["draft_only", "target_only", "rsd", "oracle", "router", "fixed_rate"]
+PolicyName = Literal["draft_only", "target_only", "rsd", "oracle", "router", "confidence", "fixed_rate"]
 POLICY_NAMES: tuple[str, ...] = PolicyName.__args__  # type: ignore[attr-defined]
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message is one line naming the field."""
+
+
+# Sampling below these cannot be computed in float32 (logits / temperature overflow; a top-p mass
+# under one token's keeps none): such values decode greedily, as vLLM treats temperature < 1e-5.
+MIN_TEMPERATURE = 1e-5
+MIN_TOP_P = 1e-5
+
+
+def sampling_law(temperature: float, top_p: float) -> tuple[float, float]:
+    """The (temperature, top_p) to decode with: a temperature under MIN_TEMPERATURE, or a top-p
+    under MIN_TOP_P (only the most likely token is kept), is greedy decoding (0.0, and top_p 1.0
+    when it was the one too small); anything else is unchanged."""
+    if top_p < MIN_TOP_P:
+        return 0.0, 1.0
+    if temperature < MIN_TEMPERATURE:
+        return 0.0, top_p
+    return temperature, top_p
 
 
 class _Base(BaseModel):
@@ -59,16 +76,37 @@ class ModelConfig(_Base):
         default=4096, ge=16, le=1_048_576, description="Longest prompt + step, in tokens."
     )
     seed: int = Field(default=0, description="Seed for random-weight initialisation.")
+    quantization: Literal["none", "int8", "int4"] = Field(
+        default="none",
+        description="Weight-only quantization of the linear layers through torchao, applied as the "
+        "model loads and kept on the device (int8: per-channel, CPU or GPU; int4: group size 128, "
+        "CUDA only). Needs the `quant` extra.",
+    )
+    gpu_memory_gib: float | None = Field(
+        default=None, gt=0,
+        description="Memory plan: GiB of one GPU this role runs on, when no ray_cluster.yaml node "
+        "type it is pinned to says (None: the node type's, else the local GPU's).",
+    )
     kv_cache_tokens: int = Field(
         default=65536, ge=0,
         description="Tokens of per-chain KV kept between steps (LRU); 0 disables reuse.",
     )
-    engine: Literal["hf", "fast"] = Field(
+    engine: Literal["hf", "fast", "llamacpp"] = Field(
         default="hf",
         description="hf: the transformers reference engine (any causal LM); fast: our static-KV "
-        "engine with CUDA-graph decode and continuous batching (Llama / Qwen2 only).",
+        "engine with CUDA-graph decode and continuous batching (Llama / Qwen2 only); llamacpp: "
+        "llama.cpp on the CPU over a GGUF as shipped (source kind gguf or packaged; needs the "
+        "`cpu` extra).",
     )
-    max_slots: int = Field(default=64, ge=1, le=4096, description="fast engine: chains held in its KV pool.")
+    max_slots: int = Field(default=64, ge=1, le=4096,
+                           description="fast / llamacpp engines: chains held in the KV pool.")
+    threads: int | None = Field(default=None, ge=1, le=1024,
+                                description="llamacpp engine: CPU threads (default: every core).")
+    cpu_lock: bool = Field(
+        default=True,
+        description="llamacpp engine: engines on one machine take turns on the CPU (a file lock "
+        "around each decode call) instead of oversubscribing the cores with several thread pools.",
+    )
 
 
 class PRMConfig(ModelConfig):
@@ -82,6 +120,11 @@ class PRMConfig(ModelConfig):
     reuse_target: bool = Field(
         default=False,
         description="judge only: use the target model's weights instead of loading a copy.",
+    )
+    step_token: str = Field(
+        default="\n\n", min_length=1,
+        description="skywork only: the text whose last token follows each step and carries its "
+        "reward; the ARBITRAGE authors pass their step word \"\\n\\n\" (Qwen2.5 token 271).",
     )
 
 
@@ -101,6 +144,19 @@ class RouterConfig(_Base):
     )
     device: str = Field(default="auto", description="'cpu', 'cuda', 'cuda:N' or 'auto'.")
     max_length: int = Field(default=512, ge=16, description="Router input truncation (tokens).")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        default="auto", description="classifier: weights dtype; auto = float32 on CPU, bfloat16 on GPU."
+    )
+    backbone: str | None = Field(
+        default=None,
+        description="What `arbitrage train-router --backbone` starts this router from (a hub id, "
+        "folder or packaged name); sizes the memory plan before the router exists and goes into "
+        "the command a missing router's error gives.",
+    )
+    gpu_memory_gib: float | None = Field(
+        default=None, gt=0,
+        description="Memory plan: GiB of one GPU the router runs on, when no node type says.",
+    )
 
     @model_validator(mode="after")
     def _needs_weights(self) -> "RouterConfig":
@@ -150,6 +206,15 @@ class GenerationConfig(_Base):
         "and sampling parameters (arbitrage.step_cache; only at temperature 0). `arbitrage eval` "
         "turns it on: a sweep's policies and thresholds share prefixes.",
     )
+
+    @model_validator(mode="after")
+    def _sampleable(self) -> "GenerationConfig":
+        """A temperature under 1e-5 or a top_p under 1e-5 decodes greedily (see `sampling_law`)."""
+        t, p = sampling_law(self.temperature, self.top_p)
+        if (t, p) != (self.temperature, self.top_p):
+            object.__setattr__(self, "temperature", t)
+            object.__setattr__(self, "top_p", p)
+        return self
 
 
 class PolicyConfig(_Base):
@@ -240,17 +305,79 @@ class RuntimeConfig(_Base):
     router: ActorConfig = Field(default_factory=lambda: ActorConfig(num_cpus=0.5), description="Router actors.")
 
 
+class RoleScaling(_Base):
+    """Serve autoscaling of one model role's deployment. A replica is one model copy; for a
+    tensor-parallel target it is a whole group (its `tensor_parallel` ranks, one placement group)."""
+
+    min_replicas: int = Field(default=1, ge=0, le=256, description="Fewest replicas (0: scale to zero when idle).")
+    max_replicas: int = Field(default=1, ge=1, le=256, description="Most replicas.")
+    target_ongoing_requests: float | None = Field(
+        default=None, gt=0, le=100_000,
+        description="Requests in flight per replica that autoscaling aims for (steps, scores or router "
+                    "calls waiting in its batcher); default: the role's batching.max_batch_size.")
+    upscale_delay_s: float = Field(default=30.0, ge=0, le=86_400, description="Load must last this long to add one.")
+    downscale_delay_s: float = Field(default=600.0, ge=0, le=86_400,
+                                     description="Idle must last this long to remove one.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "RoleScaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class ServeAutoscaling(_Base):
+    """Autoscaling of the model roles' Serve deployments; a role left unset keeps
+    `runtime.<role>.replicas` replicas."""
+
+    draft: RoleScaling | None = Field(default=None, description="Draft deployment.")
+    target: RoleScaling | None = Field(default=None, description="Target deployment (whole TP groups).")
+    prm: RoleScaling | None = Field(default=None, description="PRM deployment (when not on the target).")
+    router: RoleScaling | None = Field(default=None, description="Router deployment.")
+
+
 class ServeConfig(_Base):
     """The Ray Serve application."""
 
     host: str = Field(default="127.0.0.1", description="Bind address.")
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
     model_id: str = Field(default="arbitrage", description="Model name served at /v1/models.")
-    api_key: str | None = Field(default=None, description="Optional bearer API key.")
+    api_key: str | None = Field(default=None, description="Optional bearer API key (unset: no auth).")
     max_queued_requests: int = Field(default=64, ge=1, description="Beyond this, 503.")
     min_replicas: int = Field(default=1, ge=0, description="Ingress autoscaling lower bound.")
     max_replicas: int = Field(default=2, ge=1, description="Ingress autoscaling upper bound.")
     target_ongoing_requests: float = Field(default=8.0, gt=0, description="Autoscaling target.")
+    autoscaling: ServeAutoscaling = Field(default_factory=ServeAutoscaling,
+                                          description="Autoscaling of the model roles' deployments.")
+    escape_special_tokens: bool = Field(
+        default=True, description="Chat: special-token text in messages (e.g. '<|im_start|>') is kept "
+                                  "as plain text, never parsed as the tokenizer's control tokens.")
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, le=1 << 30,
+                                description="Largest request body (413 beyond).")
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 << 20,
+                                  description="Largest request line + headers (431 beyond).")
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600,
+                                    description="Time from a request's first byte to the end of its headers (408).")
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600,
+                                  description="Time to receive a whole request body (408).")
+    retry_after_s: int = Field(default=1, ge=1, le=3600, description="Retry-After of every 503.")
+    metrics: bool = Field(default=True, description="Prometheus text at GET /metrics on the app's port.")
+
+    @field_validator("api_key")
+    @classmethod
+    def _real_key(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty or blank (every request would get 401); "
+                             "leave it unset to serve without a key")
+        if v is not None and v != v.strip():
+            raise ValueError("must not start or end with whitespace (a bearer token never does)")
+        return v
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> "ServeConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
 
 
 class ArbitrageConfig(_Base):

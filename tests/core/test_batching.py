@@ -1,4 +1,4 @@
-"""Dynamic batching: requests share batches, errors reach every caller, in-flight limit holds."""
+"""Dynamic batching: requests share batches, a bad request fails alone, in-flight limit holds."""
 
 from __future__ import annotations
 
@@ -37,6 +37,52 @@ def test_batch_error_reaches_every_caller():
         return await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
 
     assert all(isinstance(r, RuntimeError) for r in asyncio.run(main()))
+
+
+class Broken(RuntimeError):
+    retryable = True  # like a broken tensor-parallel group: the process failed, not the request
+
+
+@pytest.mark.parametrize("coroutine", [False, True])
+def test_one_bad_request_fails_alone(coroutine):
+    """A batch that fails is split until the bad request is alone; the others get their results."""
+    calls = []
+
+    def fn(items):
+        calls.append(list(items))
+        if 5 in items:
+            raise ValueError("item 5 cannot be sampled")
+        return [x * 10 for x in items]
+
+    async def afn(items):
+        return fn(items)
+
+    async def main():
+        b = DynamicBatcher(afn if coroutine else fn, max_batch_size=16, max_wait_ms=50)
+        out = await asyncio.gather(*(b.submit(i) for i in range(16)), return_exceptions=True)
+        return out, b.stats()
+
+    out, stats = asyncio.run(main())
+    assert [r for i, r in enumerate(out) if i != 5] == [i * 10 for i in range(16) if i != 5]
+    assert isinstance(out[5], ValueError) and "item 5" in str(out[5])
+    assert calls[0] == list(range(16)) and stats["isolated"] == 4  # 16 -> 8 -> 4 -> 2 -> 1
+    assert len(calls) == 9 and [5] in calls
+
+
+def test_process_failure_is_not_split():
+    """A retryable failure (the serving process, not a request) reaches every caller, batch run once."""
+    calls = []
+
+    def fn(items):
+        calls.append(len(items))
+        raise Broken("group broken")
+
+    async def main():
+        b = DynamicBatcher(fn, max_batch_size=8, max_wait_ms=50)
+        return await asyncio.gather(*(b.submit(i) for i in range(8)), return_exceptions=True)
+
+    out = asyncio.run(main())
+    assert all(isinstance(r, Broken) for r in out) and calls == [8]
 
 
 @pytest.mark.parametrize("inflight, expect_overlap", [(1, False), (4, True)])
