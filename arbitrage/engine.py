@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from arbitrage.types import SamplingParams, StepOutput, StepRequest
+from arbitrage.types import ContextOverflow, SamplingParams, StepOutput, StepRequest
 
 
 def render_prompt(tokenizer, req: StepRequest) -> str:
@@ -170,7 +170,7 @@ class StepEngine:
         enc = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         for e in enc:
             if len(e) >= self.max_context:
-                raise ValueError(f"prompt has {len(e)} tokens; max_context is {self.max_context}")
+                raise ContextOverflow(f"prompt has {len(e)} tokens; max_context is {self.max_context}")
         past = [self.prefix_cache.take(k, e) for k, e in zip(keys, enc)]
         self.prefill_tokens += sum(len(e) - p.length for e, p in zip(enc, past))
         self.reused_tokens += sum(p.length for p in past)

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from arbitrage import decode_attention
 from arbitrage.engine import (_Row, _row_generator, _sample, _unique_keys, eos_ids, find_separator,
                               render_prompt)
-from arbitrage.types import SamplingParams, StepOutput, StepRequest
+from arbitrage.types import ContextOverflow, SamplingParams, StepOutput, StepRequest
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 WINDOW_BLOCK = 256  # decode attends over the cache rounded up to a multiple of this
@@ -645,7 +645,7 @@ class FastStepEngine:
         keys = _unique_keys([k if self.reuse else None for k in keys])
         for e in token_ids:
             if not 0 < len(e) <= self.max_context:
-                raise ValueError(f"prompt has {len(e)} tokens; it must have 1..max_context={self.max_context}")
+                raise ContextOverflow(f"prompt has {len(e)} tokens; it must have 1..max_context={self.max_context}")
         jobs = [_Job(list(e), k, Future()) for e, k in zip(token_ids, keys)]
         self._submit(jobs)
         return torch.stack([j.future.result() for j in jobs])
@@ -670,7 +670,7 @@ class FastStepEngine:
     def _step_job(self, prompt: str, params: SamplingParams, key: str | None) -> _Job:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) >= self.max_context:
-            raise ValueError(f"prompt has {len(ids)} tokens; max_context is {self.max_context}")
+            raise ContextOverflow(f"prompt has {len(ids)} tokens; max_context is {self.max_context}")
         row = _Row(params, _row_generator(params, prompt), [], [], [])
         budget = max(1, min(params.forced_tokens or params.max_tokens, self.max_context - len(ids)))
         return _Job(ids, key, Future(), row, budget)

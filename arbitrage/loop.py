@@ -27,7 +27,7 @@ from arbitrage.policies import DecisionPolicy, StepContext
 from arbitrage.prm import PRMRequest
 from arbitrage.router import RouterRequest
 from arbitrage.step_cache import CACHED_ROLES, prm_key, step_key
-from arbitrage.types import ChainResult, SamplingParams, StepOutput, StepRequest, TraceStep
+from arbitrage.types import ChainResult, ContextOverflow, SamplingParams, StepOutput, StepRequest, TraceStep
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,11 @@ async def run_chain(item: ChainInput, backend: ModelBackend, policy: DecisionPol
         if budget <= 0:
             stop = "max_tokens"
             break
-        step = await _decide_step(item, steps, min(budget, s.max_step_tokens), backend, policy, s, counters)
+        try:
+            step = await _decide_step(item, steps, min(budget, s.max_step_tokens), backend, policy, s, counters)
+        except ContextOverflow:  # the chain's text has filled a model's context: out of room, like max_tokens
+            stop = "max_tokens"
+            break
         steps.append(step)
         total_tokens += step.num_tokens
         if on_step is not None:

@@ -14,6 +14,14 @@ StopReason = Literal["separator", "eos", "length"]
 AUTHOR_ID: dict[str, int] = {"draft": 0, "target": 1}
 
 
+class ContextOverflow(ValueError):
+    """A prompt (a chain's text so far) that no longer fits a model's `max_context`.
+
+    Engines raise it instead of decoding; the step loop ends that chain as `max_tokens` (the
+    API's finish_reason "length"), since the chain has simply run out of room.
+    """
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one step is decoded."""
