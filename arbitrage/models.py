@@ -126,7 +126,15 @@ def load_causal_lm(cfg: ModelConfig):
         model = random_causal_lm(src.name, seed=cfg.seed, dtype=dtype, device=device)
     else:
         where = model_location(src)
-        model = _from_pretrained(AutoModelForCausalLM, where, src.revision, dtype=dtype).to(device)
+        if Path(where).is_dir():
+            _check_weights(where)
+        model = _from_pretrained(AutoModelForCausalLM, where, src.revision, dtype=dtype)
+        if cfg.quantization == "none":
+            model = model.to(device)
+    if cfg.quantization != "none":  # quantized layer by layer on the device (arbitrage.quant)
+        from arbitrage.quant import quantize_weights
+
+        model = quantize_weights(model, cfg.quantization, device)
     return model.eval(), load_tokenizer(src)
 
 
@@ -171,3 +179,14 @@ def _ensure_pad(tok):
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _check_weights(folder: str) -> None:
+    """One-line ModelNotFoundError when a folder holds no weights in a layout `arbitrage.checkpoints` knows
+    (safetensors, or pytorch_model.bin / its shards, which transformers reads with weights_only=True)."""
+    from arbitrage.checkpoints import CheckpointError, weight_files
+
+    try:
+        weight_files(folder)
+    except CheckpointError as e:
+        raise ModelNotFoundError(str(e)) from e

@@ -4,8 +4,11 @@ Three kinds behind one interface (`PRM.score`, batched):
 
 - `SkyworkPRM`: the Skywork-o1-Open-PRM format (github.com/SkyworkAI/skywork-o1-prm-inference).
   A Qwen2 backbone with a value head `v_head.summary` (Linear hidden -> 1). The input is
-  `bos + problem + "\\n"`, then each step's tokens followed by the step token ("\\n");
-  the step reward is sigmoid(value) at that step token.
+  Skywork's `prepare_input`: `bos + problem + "\\n"`, then the response split at the step
+  token, each piece's tokens followed by the step token's id; the step reward is
+  sigmoid(value) at that id. The step token is `models.prm.step_token`, by default "\\n\\n"
+  (Qwen2.5 token 271), as the ARBITRAGE authors call it (SqueezeAILab/Arbitrage passes their
+  step word "\\n\\n" to `prepare_input`; Skywork's own example uses "\\n").
 - `QwenMathPRM`: the Qwen2.5-Math-PRM format. A chat (system, user = problem,
   assistant = steps joined and ended by `<extra_0>`); a 2-label token classifier; the
   step reward is softmax(logits)[1] at each `<extra_0>`.
@@ -16,14 +19,15 @@ Three kinds behind one interface (`PRM.score`, batched):
 `SkyworkPRMModel` and `QwenPRMModel` are plain modules with the released checkpoints'
 parameter names (`model.*` + `v_head.summary.*`, `model.*` + `score.{0,2}.*`), so real
 checkpoints load without `trust_remote_code`, and tiny random ones are built from a
-transformers config for tests. Only the last step of each request is scored.
+transformers config for tests. Their weights are read through `arbitrage.checkpoints`
+(safetensors, or `pytorch_model.bin` / sharded `.bin` with `torch.load(weights_only=True)`:
+Skywork ships `pytorch_model.bin` only). Only the last step of each request is scored.
 """
 
 from __future__ import annotations
 
 import abc
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +36,7 @@ from torch import nn
 
 QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 QWEN_PRM_STEP_TOKEN = "<extra_0>"
-SKYWORK_STEP_TOKEN = "\n"
+SKYWORK_STEP_TOKEN = "\n\n"  # the authors' step word; Qwen2.5 token 271
 
 
 @dataclass(frozen=True)
@@ -112,38 +116,10 @@ def _fit(encode, req: PRMRequest, max_length: int) -> tuple[list[int], list[int]
     return ids, positions
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / n for n in names]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {folder}")
-    return files
-
-
-def _read_prefixed(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """Tensors whose key starts with `prefix` (prefix removed), from a folder of safetensors."""
-    from safetensors import safe_open
-
-    out: dict[str, torch.Tensor] = {}
-    for f in _safetensors_files(folder):
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
-                if k.startswith(prefix):
-                    out[k[len(prefix):]] = sf.get_tensor(k)
-    return out
-
-
 def _checkpoint_keys(folder: Path) -> set[str]:
-    from safetensors import safe_open
+    from arbitrage.checkpoints import weight_files
 
-    keys: set[str] = set()
-    for f in _safetensors_files(folder):
-        with safe_open(str(f), framework="pt") as sf:
-            keys.update(sf.keys())
-    return keys
+    return weight_files(folder).keys()
 
 
 # ---- PRM modules with the released checkpoints' parameter names -----------------------
@@ -178,29 +154,37 @@ class _HeadModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu"):
-        """Load a checkpoint folder (config.json + safetensors with the released key names).
+        """Load a checkpoint folder: config.json + weights with the released key names.
+
+        The weights may be safetensors or `pytorch_model.bin` (sharded or not), found and read
+        by `arbitrage.checkpoints` (`.bin` with `torch.load(weights_only=True)`). Keys
+        `model.*` and `<head>.*` must all be there; `lm_head.*` (the causal LM the PRM was
+        tuned from) is ignored.
 
         Args:
-            path: folder with config.json and model*.safetensors.
+            path: the checkpoint folder.
             dtype: backbone dtype (the head stays float32); None keeps float32.
             device: where to put the model.
+        Raises:
+            CheckpointError: no weights, an unsafe `.bin`, or keys that do not match.
         """
-        from transformers import AutoModel
-        from transformers.utils import logging as hf_logging
+        from transformers import AutoConfig, AutoModel
+        from transformers.initialization import no_init_weights
+
+        from arbitrage.checkpoints import CheckpointError, read_weights
 
         folder = Path(path)
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the head and lm_head keys are "unexpected" for the backbone
-        try:
-            backbone = AutoModel.from_pretrained(folder, dtype=dtype or torch.float32,
-                                                 device_map=str(torch.device(device)),
-                                                 trust_remote_code=False)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        model = cls(backbone.config, backbone)
-        head = _read_prefixed(folder, cls.head_name + ".")
-        getattr(model, cls.head_name).load_state_dict({k: v.float() for k, v in head.items()})
-        return model.to(device).eval()
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        state = read_weights(folder, keep=lambda k: not k.startswith("lm_head."))
+        with no_init_weights(), torch.device(device):  # every parameter is overwritten below
+            backbone = AutoModel.from_config(config, dtype=dtype or torch.float32)
+            model = cls(config, backbone)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            what = [f"missing {len(missing)} keys (e.g. {missing[0]})"] if missing else []
+            what += [f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})"] if unexpected else []
+            raise CheckpointError(f"{folder} is not a {cls.architecture} checkpoint: {'; '.join(what)}")
+        return model.eval()
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write config.json and model.safetensors with the released key names."""
@@ -268,7 +252,8 @@ class SkyworkPRM(PRM):
         Args:
             model: a `SkyworkPRMModel` (or any module mapping ids -> values [B, T]).
             tokenizer: the PRM's tokenizer.
-            step_token: the step separator the PRM was trained with ("\\n" for Skywork).
+            step_token: the text after which a reward is read; its last token's id is appended
+                after each piece ("\\n\\n" -> 271 on Qwen2.5, as the ARBITRAGE authors use it).
             max_length: longest input in tokens; older steps are dropped to fit.
         """
         self.model = model.eval()
@@ -280,12 +265,20 @@ class SkyworkPRM(PRM):
         self.forward_calls = 0
 
     def encode(self, req: PRMRequest) -> tuple[list[int], list[int]]:
-        """Token ids as in Skywork's `prepare_input`, and the index of each step's reward token."""
+        """Token ids as Skywork's `prepare_input` builds them, and the index of each step's reward.
+
+        `prepare_input(problem, response, tokenizer, step_token)` encodes
+        `bos + problem + "\\n"`, splits the response at the step token and appends the step
+        token's id after every piece. The response here is the steps joined by the step
+        token, so a step that itself contains the step token is scored as the pieces
+        `prepare_input` would cut it into; the reward of a step is read at its last piece.
+        """
         enc = lambda s: self.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
         ids = enc((self.tokenizer.bos_token or "") + req.problem + "\n")
         positions = []
         for step in req.steps:
-            ids = ids + enc(step) + [self.step_token_id]
+            for piece in step.split(self.step_token):
+                ids = ids + (enc(piece) if piece else []) + [self.step_token_id]
             positions.append(len(ids) - 1)
         return ids, positions
 
@@ -514,7 +507,7 @@ def build_prm(cfg, target_engine=None) -> PRM:
         model = load_prm_model(cfg.kind, model_folder(cfg.source), dtype=dtype, device=device)
     tokenizer = load_tokenizer(cfg.source)
     if cfg.kind == "skywork":
-        return SkyworkPRM(model, tokenizer, max_length=cfg.max_context)
+        return SkyworkPRM(model, tokenizer, step_token=cfg.step_token, max_length=cfg.max_context)
     return QwenMathPRM(model, tokenizer, max_length=cfg.max_context)
 
 

@@ -60,14 +60,35 @@ def qwen_tc(tok):
 def test_skywork_encode_follows_prepare_input(skywork, tok):
     ids, positions = skywork.encode(PRMRequest(PROBLEM, STEPS))
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
-    nl = enc("\n")[-1]
+    step_id = enc("\n\n")[-1]  # the default step token is the authors' "\n\n"
+    assert skywork.step_token == "\n\n" and skywork.step_token_id == step_id
     expected = enc("<|endoftext|>" + PROBLEM + "\n")
     for s in STEPS:
-        expected += enc(s) + [nl]
+        expected += enc(s) + [step_id]
     assert ids == expected
     assert ids[0] == tok.bos_token_id
     assert len(positions) == len(STEPS) and positions[-1] == len(ids) - 1
-    assert all(ids[p] == nl for p in positions)
+    assert all(ids[p] == step_id for p in positions)
+
+
+def test_skywork_step_with_the_step_token_inside_is_cut_as_prepare_input_cuts_it(skywork, tok):
+    """prepare_input splits the whole response at the step token: a step holding one becomes two pieces."""
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    ids, positions = skywork.encode(PRMRequest(PROBLEM, ("a\n\nb", "c")))
+    sid = skywork.step_token_id
+    assert ids == enc("<|endoftext|>" + PROBLEM + "\n") + enc("a") + [sid] + enc("b") + [sid] + enc("c") + [sid]
+    assert positions == [len(ids) - 3, len(ids) - 1]  # a step's reward is read after its last piece
+
+
+def test_skywork_step_token_is_a_config_field(tok):
+    from configs.schema import PRMConfig
+
+    cfg = PRMConfig(kind="skywork", source={"kind": "random", "name": "tiny-qwen2"}, device="cpu")
+    assert cfg.step_token == "\n\n"
+    newline = build_prm(cfg.model_copy(update={"step_token": "\n"}))
+    ids, positions = newline.encode(PRMRequest(PROBLEM, STEPS))
+    assert newline.step_token_id == tok.encode("\n", add_special_tokens=False)[-1]
+    assert all(ids[p] == newline.step_token_id for p in positions)
 
 
 def test_skywork_scores_in_range_and_depend_on_last_step(skywork):
