@@ -121,6 +121,8 @@ class TensorParallel:
 def _layer_weights(layer, fuse: bool) -> _Layer:
     a, m = layer.self_attn, layer.mlp
     qkv, gate_up = [a.q_proj, a.k_proj, a.v_proj], [m.gate_proj, m.up_proj]
+    # Quantized weights (torchao tensor subclasses, arbitrage.quant) cannot be concatenated: keep them apart.
+    fuse = fuse and all(type(x.weight) in (torch.Tensor, torch.nn.Parameter) for x in qkv + gate_up)
     return _Layer(layer.input_layernorm.weight, _eps(layer.input_layernorm),
                   [_fuse_linears(qkv)] if fuse else [_linear(x) for x in qkv], _linear(a.o_proj),
                   layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm),
