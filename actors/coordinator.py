@@ -45,15 +45,14 @@ class Coordinator:
         self._sem: asyncio.Semaphore | None = None  # created in the actor's event loop
         self._tasks: dict[str, set[asyncio.Task]] = defaultdict(set)
         self._stops: Counter[str] = Counter()
+        self._steps_decided = 0  # over this actor's lifetime, for the CLI's progress bar
 
     # ---- policy and one chain ---------------------------------------------------------
     def _policy(self, name: str | None, threshold: float | None) -> DecisionPolicy:
         p = self.cfg.policy
         policy = make_policy(name or p.name, p.threshold if threshold is None else threshold,
                              seed=self.cfg.generation.seed)
-        need = (["draft"] if policy.uses_draft else []) + (["target"] if policy.name != "draft_only" else [])
-        need += ["prm"] if (policy.needs_prm_draft or policy.needs_prm_target) else []
-        need += ["router"] if policy.needs_router else []
+        need = policy.required_roles()  # what the decision itself calls (escalation scoring is optional)
         missing = [r for r in need if r not in self.backend.handles]
         if missing:
             raise ValueError(f"policy {policy.name!r} needs the {', '.join(missing)} actor(s), which this "
@@ -65,9 +64,13 @@ class Coordinator:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.max_concurrent)
 
+        def counted(step):
+            self._steps_decided += 1
+            return on_step(step) if on_step is not None else None
+
         async def guarded() -> ChainResult:
             async with self._sem:
-                return await asyncio.wait_for(run_chain(item, self.backend, policy, self.settings, on_step),
+                return await asyncio.wait_for(run_chain(item, self.backend, policy, self.settings, counted),
                                               self.timeout_s)
 
         task = asyncio.ensure_future(guarded())
@@ -159,6 +162,11 @@ class Coordinator:
         """Per-role batch histograms from the model actors, and this coordinator's chain counts."""
         return {"roles": await self.backend.astats(), "in_flight": sum(len(t) for t in self._tasks.values()),
                 "finished": dict(self._stops), "retries": self.backend.retry_stats()}
+
+    def progress(self) -> dict[str, int]:
+        """Steps decided and chains finished since this actor started (cheap; polled for progress bars)."""
+        return {"steps": self._steps_decided, "finished": sum(self._stops.values()),
+                "in_flight": sum(len(t) for t in self._tasks.values())}
 
     def health(self) -> dict[str, Any]:
         """Readiness and placement of this coordinator."""

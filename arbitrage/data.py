@@ -19,7 +19,9 @@ problem: `problem`, `question`, `input`, `prompt`; answer: `answer`, `final_answ
 `target`, `solution` (text after '####' when present, else the last \\boxed{} when
 present, else the whole value; numbers are formatted without trailing ".0"); id: `id`,
 `unique_id`, `idx` (else `<file stem>-<line>`). Every other field goes to `meta`.
-Blank lines are skipped.
+Blank lines are skipped. Only the first `limit` problems are read: a malformed line
+(not UTF-8, not JSON, not an object, no problem or answer) among them is a `DataError`
+naming the file and line; one after them is never seen.
 """
 
 from __future__ import annotations
@@ -87,10 +89,14 @@ def _read(path: Path, row_fn: RowFn, limit: int | None, prefix: str | None = Non
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     out: list[Problem] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
             if limit is not None and len(out) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
             if not line.strip():
                 continue
             try:

@@ -243,7 +243,8 @@ def failed_chain(item: ChainInput, policy: DecisionPolicy, stop: str, error: str
 
 async def run_chains(items: Iterable[ChainInput], backend: ModelBackend, policy: DecisionPolicy,
                      s: LoopSettings, max_concurrent: int = 32, timeout_s: float | None = None,
-                     on_result: Callable[[ChainResult], Awaitable[None] | None] | None = None
+                     on_result: Callable[[ChainResult], Awaitable[None] | None] | None = None,
+                     on_step: Callable[[TraceStep], Awaitable[None] | None] | None = None
                      ) -> list[ChainResult]:
     """Run many chains concurrently; each result goes to `on_result` as soon as it finishes.
 
@@ -253,6 +254,7 @@ async def run_chains(items: Iterable[ChainInput], backend: ModelBackend, policy:
         max_concurrent: chains in flight at once.
         timeout_s: per-chain limit; a chain over it is cancelled and recorded with stop "timeout".
         on_result: callback per finished chain (e.g. append a JSONL row).
+        on_step: callback per decided step of any chain (progress bars).
     Returns:
         Results in input order.
     """
@@ -261,7 +263,7 @@ async def run_chains(items: Iterable[ChainInput], backend: ModelBackend, policy:
     async def one(item: ChainInput) -> ChainResult:
         async with sem:
             try:
-                res = await asyncio.wait_for(run_chain(item, backend, policy, s), timeout_s)
+                res = await asyncio.wait_for(run_chain(item, backend, policy, s, on_step), timeout_s)
             except asyncio.TimeoutError:
                 res = failed_chain(item, policy, "timeout", f"chain exceeded {timeout_s}s")
             except Exception as e:  # one broken chain must not take down the others

@@ -1,6 +1,9 @@
 """Run-level metrics over chain results: accuracy, acceptance rate, cost and latency.
 
-Acceptance rate is the share of accepted steps that came from the draft. A wasted
+Acceptance, as the ARBITRAGE authors define it, is token-level: accepted draft tokens
+(tokens of the steps the draft wrote and kept) over draft tokens generated (every draft
+step, kept or replaced) -- `token_acceptance`. `acceptance_rate` is the share of accepted
+steps that came from the draft (steps kept). A wasted
 escalation is one whose target step did not score higher than the draft step under
 the PRM (counted only where both were scored).
 """
@@ -37,12 +40,17 @@ def summarize(results: Iterable[ChainResult | dict], elapsed_s: float | None = N
     steps = sum(r["num_steps"] for r in rows)
     escal = sum(r["escalations"] for r in rows)
     scored_escal = sum(1 for r in rows for s in r["steps"] if s["escalated"] and s["wasted"] is not None)
+    kept_tokens = sum(s["num_tokens"] for r in rows for s in r["steps"] if s["author"] == "draft")
+    drafted_tokens = sum(s["draft_tokens"] for r in rows for s in r["steps"])
     lat = [r["wall_s"] for r in rows]
     elapsed = elapsed_s if elapsed_s else sum(lat)
     return {
         "problems": n,
         "accuracy": sum(bool(r["correct"]) for r in graded) / len(graded) if graded else None,
         "acceptance_rate": sum(r["accepted_draft_steps"] for r in rows) / steps if steps else 0.0,
+        "token_acceptance": kept_tokens / drafted_tokens if drafted_tokens else None,
+        "correct": sum(bool(r["correct"]) for r in graded),
+        "graded": len(graded),
         "steps": steps,
         "target_calls": sum(r["target_calls"] for r in rows),
         "escalations": escal,

@@ -35,7 +35,8 @@ def roles_for(policy_name: str, cfg) -> tuple[str, ...]:
 
 def run_in_process(cfg, items: Iterable, policy: str | None = None, threshold: float | None = None,
                    backend: ModelBackend | None = None,
-                   on_result: Callable[[dict], None] | None = None) -> list[dict]:
+                   on_result: Callable[[dict], None] | None = None,
+                   on_step: Callable | None = None) -> list[dict]:
     """Run items through the core loop in this process.
 
     Args:
@@ -44,6 +45,7 @@ def run_in_process(cfg, items: Iterable, policy: str | None = None, threshold: f
         policy, threshold: override the config's policy.
         backend: reuse loaded models; by default the config's models are loaded.
         on_result: called with each finished chain's dict.
+        on_step: called with each decided step (a TraceStep) of any chain.
     Returns:
         Result dicts in input order.
     """
@@ -59,5 +61,5 @@ def run_in_process(cfg, items: Iterable, policy: str | None = None, threshold: f
 
     results = asyncio.run(run_chains([as_input(i) for i in items], backend, pol, settings,
                                      max_concurrent=cfg.runtime.max_concurrent_chains,
-                                     timeout_s=cfg.runtime.chain_timeout_s, on_result=cb))
+                                     timeout_s=cfg.runtime.chain_timeout_s, on_result=cb, on_step=on_step))
     return [r.to_dict() for r in results]

@@ -1,7 +1,16 @@
 """The `arbitrage` command line: parses arguments and calls the runtime; no logic of its own.
 
-Bad input (a malformed config, an unknown policy, tau outside [0, 1], a missing model,
-an empty dataset file) ends with one line on stderr and exit code 2, no traceback.
+    arbitrage demo                        # draft_only, the router and target_only side by side
+    arbitrage run -c local --policy router --limit 5 --out runs/router.jsonl
+    arbitrage eval -c local --groups draft_only,router@0.5,target_only --out runs/sweep
+    arbitrage config show -c local        # the effective config;  `arbitrage config schema`
+
+Bad input (a malformed or unreadable config, an unknown policy, tau outside [0, 1], a
+missing model or device, a broken dataset line) ends with one line on stderr and exit code
+2; an internal error ends with one line naming the log file that holds its traceback, and
+exit code 1 (`cluster.console.guarded`). `-v/--verbose` and `--log-level` work anywhere on
+the command line. Every command that writes creates the parent folders of what it writes,
+and models are checked (`cluster.preflight`) before Ray starts.
 """
 
 from __future__ import annotations
@@ -9,70 +18,203 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="ARBITRAGE: advantage-aware step-level speculative decoding on Ray.")
+from cluster import console
+from cluster.config_cli import config_app, config_option
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
 
 
+class ArbitrageApp(typer.Typer):
+    """The Typer app, with `-v/--verbose` and `--log-level` taken from anywhere on the line and
+    every exception turned into one line and an exit code (`cluster.console.guarded`)."""
+
+    def __call__(self, *args, **kwargs):
+        argv = list(kwargs.pop("args", None) or sys.argv[1:])
+        argv, verbose, log_level = take_global_options(argv)
+        try:
+            console.configure(log_level, verbose)
+        except ValueError as e:
+            console.error_line(str(e))
+            raise SystemExit(2) from None
+        kwargs.setdefault("prog_name", "arbitrage")
+        return console.guarded(lambda: super(ArbitrageApp, self).__call__(*args, args=argv, **kwargs))
+
+
+def take_global_options(argv: list[str]) -> tuple[list[str], bool, str | None]:
+    """Remove `-v/--verbose` and `--log-level X` (or `--log-level=X`) wherever they are."""
+    rest, verbose, level = [], False, None
+    it = iter(argv)
+    for a in it:
+        if a in ("-v", "--verbose"):
+            verbose = True
+        elif a == "--log-level":
+            level = next(it, None)
+            if level is None:
+                console.error_line("--log-level needs a value: error, warning, info or debug")
+                raise SystemExit(2)
+        elif a.startswith("--log-level="):
+            level = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    return rest, verbose, level
+
+
+app = ArbitrageApp(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+                   no_args_is_help=True,
+                   help="ARBITRAGE: advantage-aware step-level speculative decoding on Ray. "
+                        "Start with `arbitrage demo`.")
+app.add_typer(config_app, name="config")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"arbitrage {version('arbitrage')}")
+        except PackageNotFoundError:
+            typer.echo("arbitrage (not installed; running from the source tree)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                 help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "-v", "--verbose",
+                                 help="Print the traceback of an error too (anywhere on the command line)."),
+    log_level: str = typer.Option(console.DEFAULT_LEVEL, "--log-level", envvar="ARBITRAGE_LOG_LEVEL",
+                                  help="error | warning | info (phases and progress; default) | debug "
+                                       "(also Ray, worker and library logs). Anywhere on the command line."),
+) -> None:
+    """ARBITRAGE: advantage-aware step-level speculative decoding on Ray."""
+
+
 def fail(msg: str) -> None:
     """Print one line and exit with code 2."""
-    typer.echo(f"error: {msg}".splitlines()[0], err=True)
+    console.error_line(console.specific_line(msg))
     raise typer.Exit(code=2)
 
 
 def load_cli_config(config: str, **overrides):
-    """Load a config with CLI overrides; None values are not overrides."""
-    from configs import load_config
+    """Load a config with CLI overrides; None values are not overrides.
 
+    A path that is a folder, cannot be read or is not UTF-8 text is a ConfigError naming it.
+    """
+    from configs import load_config
+    from configs.schema import ConfigError, resolve_preset
+
+    p = resolve_preset(config)
+    if p.is_dir():
+        raise ConfigError(f"config {config}: is a folder, not a YAML file")
+    try:
+        p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "a config is a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"config {p}: cannot read it: {e.strerror}") from None
     return load_config(config, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _print_result(i: int, n: int, r: dict) -> None:
+    from tqdm import tqdm
+
     authors = [s["author"] for s in r["steps"]]
     mark = {True: "correct", False: "wrong", None: "ungraded"}[r["correct"]]
     err = f"  error={r['error']}" if r.get("error") else ""
-    typer.echo(f"[{i}/{n}] {r['problem_id']}: {mark} answer={r['answer']!r} ref={r['reference']!r} "
+    tqdm.write(f"[{i}/{n}] {r['problem_id']}: {mark} answer={r['answer']!r} ref={r['reference']!r} "
                f"steps={len(authors)} (draft {authors.count('draft')}, target {authors.count('target')}) "
-               f"stop={r['stop_reason']} {r['wall_s']:.1f}s{err}")
+               f"stop={r['stop_reason']} {r['wall_s']:.1f}s{err}", file=sys.stdout)
 
 
-def print_summary(rows_by_group: dict[tuple[str, float], list[dict]], elapsed: float | None = None) -> None:
-    """A summary table per (policy, threshold)."""
-    from rich.console import Console
-    from rich.table import Table
-
+def summary(rows_by_group: dict[tuple[str, float], list[dict]], elapsed: float | None = None) -> str:
+    """The summary table (`cluster.report.summary_table`) of result rows per (policy, threshold)."""
     from arbitrage.metrics import summarize
+    from cluster.evaluate import cache_line
+    from cluster.report import summary_table
 
-    t = Table(title="arbitrage summary")
-    cols = ["policy", "tau", "n", "accuracy", "accept", "target calls", "wasted", "draft tok",
-            "target tok", "lat mean s", "lat p50 s", "lat p90 s", "errors"]
-    for c in cols:
-        t.add_column(c, justify="right")
-    for (policy, tau), rows in rows_by_group.items():
-        m = summarize(rows, elapsed)
-        acc = "-" if m["accuracy"] is None else f"{m['accuracy']:.3f}"
-        t.add_row(policy, f"{tau:g}", str(m["problems"]), acc, f"{m['acceptance_rate']:.3f}",
-                  str(m["target_calls"]), str(m["wasted_escalations"]), str(m["draft_tokens"]),
-                  str(m["target_tokens"]), f"{m['latency_mean_s']:.2f}", f"{m['latency_p50_s']:.2f}",
-                  f"{m['latency_p90_s']:.2f}", str(m["errors"]))
-    Console(width=200).print(t)
+    sums = [{"policy": p, "threshold": t, **summarize(rows, elapsed)} for (p, t), rows in rows_by_group.items()]
+    return summary_table(sums, cache_line([r for rows in rows_by_group.values() for r in rows]))
 
 
+# ---- bring-up and execution shared by run / eval / demo ------------------------------------
+def check_models(cfg, roles: tuple[str, ...] | None) -> dict[str, str]:
+    """`cluster.preflight.check_models`, with a phase line while packaged models are resolved."""
+    from cluster.preflight import check_models as check
+
+    console.phase("checking models")
+    return check(cfg, roles, local=cfg.runtime.address is None)
+
+
+@contextmanager
+def runtime(cfg, models: dict[str, str]) -> Iterator:
+    """Ray (quiet) and the config's actors, with a start-up phase per model."""
+    from cluster.runtime import Runtime
+
+    with console.ray_session(cfg):
+        for role, what in models.items():
+            console.phase(f"loading {role} {what}")
+        t0 = time.perf_counter()
+        with Runtime(cfg) as rt:
+            console.phase(f"models ready in {time.perf_counter() - t0:.0f}s")
+            yield rt
+
+
+def local_backend(cfg, roles: tuple[str, ...], models: dict[str, str]):
+    """In-process models for `roles`, with a start-up phase per model."""
+    from arbitrage.backend import LocalBackend
+
+    for role in roles:
+        if role in models:
+            console.phase(f"loading {role} {models[role]} (in this process)")
+    t0 = time.perf_counter()
+    backend = LocalBackend.from_config(cfg, roles=roles)
+    console.phase(f"models ready in {time.perf_counter() - t0:.0f}s")
+    return backend
+
+
+def execute(cfg, items: list[dict], policy: str, threshold: float, on_result, label: str,
+            rt=None, backend=None) -> None:
+    """Run chains on the runtime `rt` (or in-process on `backend`) with a step-level progress bar."""
+    from cluster.progress import StepProgress, poll_coordinators
+
+    prog = StepProgress(len(items), cfg.generation.max_steps, label, enabled=console.shows("info"))
+
+    def cb(r: dict) -> None:
+        prog.chain_done(r)
+        on_result(r)
+
+    try:
+        if rt is None:
+            from arbitrage.runner import run_in_process
+
+            run_in_process(cfg, items, policy, threshold, backend=backend, on_result=cb, on_step=prog.step)
+        else:
+            with poll_coordinators(prog, rt.coordinators):
+                rt.run(items, policy, threshold, on_result=cb)
+    finally:
+        prog.close()
+
+
+# ---- commands -----------------------------------------------------------------------------
 @app.command()
 def run(
-    config: str = typer.Option("configs/local.yaml", "--config", "-c", help="YAML config or preset name."),
-    policy: Optional[str] = typer.Option(None, help="draft_only | target_only | rsd | oracle | router | fixed_rate"),
-    threshold: Optional[float] = typer.Option(None, help="tau in [0, 1]."),
-    limit: Optional[int] = typer.Option(None, help="First N problems."),
-    dataset: Optional[str] = typer.Option(None, help="gsm8k, math500, ... or a .jsonl path."),
-    split: Optional[str] = typer.Option(None, help="test or train."),
-    out: Optional[Path] = typer.Option(None, help="Write chain traces as JSONL here."),
+    config: str = config_option(),
+    policy: Optional[str] = typer.Option(None, help="draft_only | target_only | rsd | oracle | router | "
+                                         "fixed_rate (default: the config's policy.name)."),
+    threshold: Optional[float] = typer.Option(None, help="tau in [0, 1] (default: the config's policy.threshold)."),
+    limit: Optional[int] = typer.Option(None, help="First N problems (default: the config's data.limit)."),
+    dataset: Optional[str] = typer.Option(None, help="gsm8k, math500, math, svamp, asdiv, gsm_hard, or a "
+                                          ".jsonl path (default: the config's data.dataset)."),
+    split: Optional[str] = typer.Option(None, help="test or train (default: the config's data.split)."),
+    out: Optional[Path] = typer.Option(None, help="Append chain traces as JSONL here (folders are created)."),
     address: Optional[str] = typer.Option(None, help="Ray address to join (default: start a local Ray)."),
     in_process: bool = typer.Option(False, "--in-process", help="Run without Ray (core engines in this process)."),
 ) -> None:
@@ -82,13 +224,18 @@ def run(
                                          "data.limit": limit, "data.dataset": dataset,
                                          "data.split": split, "runtime.address": address})
         from arbitrage.data import load_problems
+        from arbitrage.runner import roles_for
 
         problems = load_problems(cfg.data)
+        roles = roles_for(cfg.policy.name, cfg)
+        models = check_models(cfg, roles if in_process else None)
     except USER_ERRORS as e:
         fail(str(e))
     items = [{"id": p.id, "problem": p.problem, "answer": p.answer} for p in problems]
-    typer.echo(f"config={cfg.name} policy={cfg.policy.name} tau={cfg.policy.threshold} "
-               f"problems={len(items)} dataset={cfg.data.dataset}/{cfg.data.split}", err=True)
+    console.phase(f"config={cfg.name} policy={cfg.policy.name} tau={cfg.policy.threshold:g} "
+                  f"problems={len(items)} dataset={cfg.data.dataset}/{cfg.data.split}")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
     sink = out.open("a") if out else None
     done: list[dict] = []
 
@@ -99,28 +246,25 @@ def run(
             sink.write(json.dumps(r) + "\n")
             sink.flush()
 
+    from cluster.evaluate import Group
+
+    label = Group(cfg.policy.name, cfg.policy.threshold).label
     t0 = time.perf_counter()
     try:
-        _execute(cfg, items, on_result, in_process)
+        if in_process:
+            execute(cfg, items, cfg.policy.name, cfg.policy.threshold, on_result, label,
+                    backend=local_backend(cfg, roles, models))
+        else:
+            with runtime(cfg, models) as rt:
+                execute(cfg, items, cfg.policy.name, cfg.policy.threshold, on_result, label, rt=rt)
     except USER_ERRORS as e:
         fail(str(e))
     finally:
         if sink:
             sink.close()
-    print_summary({(cfg.policy.name, cfg.policy.threshold): done}, time.perf_counter() - t0)
-
-
-def _execute(cfg, items: list[dict], on_result, in_process: bool) -> None:
-    """Run items through the Ray runtime, or in-process with the same loop."""
-    if in_process:
-        from arbitrage.runner import run_in_process
-
-        run_in_process(cfg, items, on_result=on_result)
-        return
-    from cluster.runtime import Runtime
-
-    with Runtime(cfg) as rt:
-        rt.run(items, cfg.policy.name, cfg.policy.threshold, on_result=on_result)
+    typer.echo(summary({(cfg.policy.name, cfg.policy.threshold): done}, time.perf_counter() - t0))
+    if out:
+        typer.echo(f"traces: {out}")
 
 
 def _thresholds(text: str) -> list[float] | dict[str, list[float]]:
@@ -149,19 +293,62 @@ def _floats(text: str) -> list[float]:
     return vals
 
 
+def sweep(cfg, problems: list, groups: list, out: Path, in_process: bool) -> None:
+    """Run the missing (problem, group) chains into `out/results.jsonl`, then print the table.
+
+    A sweep with nothing missing starts nothing; a partial one says how much is done.
+    """
+    from arbitrage.runner import roles_for
+    from cluster.evaluate import Group, load_results, row_key, run_sweep
+    from cluster.report import write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    done = load_results(out / "results.jsonl")
+    total = len(problems) * len(groups)
+    have = sum(row_key(p.id, g.policy, g.threshold) in done for g in groups for p in problems)
+    if have == total:
+        console.phase(f"nothing to do: all {total} chains are in {out / 'results.jsonl'}")
+    else:
+        if have:
+            console.phase(f"{have} of {total} chains done, resuming")
+        roles = tuple(sorted({r for g in groups for r in roles_for(g.policy, cfg)}))
+        try:
+            models = check_models(cfg, roles if in_process else None)
+        except USER_ERRORS as e:
+            fail(str(e))
+
+        def label(p: str, t: float) -> str:
+            return f"{Group(p, t).label} ({[(g.policy, g.threshold) for g in groups].index((p, t)) + 1}/{len(groups)})"
+
+        if in_process:  # one backend for every group: models load once, the step cache spans the sweep
+            backend = local_backend(cfg, roles, models)
+            run_sweep(cfg, problems, groups, out, lambda items, p, t, cb: execute(
+                cfg, items, p, t, cb, label(p, t), backend=backend), progress=False)
+        else:
+            with runtime(cfg, models) as rt:
+                run_sweep(cfg, problems, groups, out, lambda items, p, t, cb: execute(
+                    cfg, items, p, t, cb, label(p, t), rt=rt), progress=False)
+    table, _ = write_report(out)
+    typer.echo(table)
+    typer.echo(f"results: {out / 'results.jsonl'}; report: {out / 'report.md'}")
+
+
 @app.command("eval")
 def eval_cmd(
-    out: Path = typer.Option(..., "--out", help="Run folder (results.jsonl, segments.jsonl)."),
-    config: str = typer.Option("configs/local.yaml", "--config", "-c"),
-    dataset: Optional[str] = typer.Option(None), split: Optional[str] = typer.Option(None),
-    limit: Optional[int] = typer.Option(None),
+    out: Path = typer.Option(..., "--out", help="Run folder (results.jsonl, segments.jsonl, report); created."),
+    config: str = config_option(),
+    dataset: Optional[str] = typer.Option(None, help="gsm8k, math500, math, svamp, asdiv, gsm_hard, or a "
+                                          ".jsonl path (default: the config's data.dataset)."),
+    split: Optional[str] = typer.Option(None, help="test or train (default: the config's data.split)."),
+    limit: Optional[int] = typer.Option(None, help="First N problems (default: the config's data.limit)."),
     policies: str = typer.Option("rsd,router", help="Comma-separated policies."),
     thresholds: str = typer.Option("0.5", help="Comma-separated thresholds in [0, 1] for every policy, "
                                    "or per policy: 'rsd=0.65,0.7;router=0.45,0.55'."),
-    address: Optional[str] = typer.Option(None, help="Ray address to join."),
+    address: Optional[str] = typer.Option(None, help="Ray address to join (default: start a local Ray)."),
     in_process: bool = typer.Option(False, "--in-process", help="Run without Ray."),
     step_cache: bool = typer.Option(True, "--step-cache/--no-step-cache",
-                                    help="Reuse greedy steps and PRM scores across the sweep's groups."),
+                                    help="Reuse greedy steps and PRM scores across the sweep's groups "
+                                         "(faster; wall times of groups with hits are then not uncached)."),
     groups_arg: Optional[str] = typer.Option(
         None, "--groups", help="Explicit cells in run order instead of --policies x --thresholds, "
         "e.g. 'draft_only,rsd@0.7,router@0.55,target_only' (interleave policies so a partial run compares them)."),
@@ -179,7 +366,7 @@ def eval_cmd(
                                          "data.limit": limit, "runtime.address": address,
                                          "generation.step_cache": step_cache})
         from arbitrage.data import load_problems
-        from cluster.evaluate import cache_line, parse_groups, run_sweep, sweep_groups
+        from cluster.evaluate import parse_groups, sweep_groups
 
         problems = load_problems(cfg.data)
         groups = parse_groups(groups_arg) if groups_arg else sweep_groups(names, taus)
@@ -187,38 +374,65 @@ def eval_cmd(
             cfg.with_overrides(**{"policy.name": g.policy, "policy.threshold": g.threshold})
     except USER_ERRORS as e:
         fail(str(e))
-    typer.echo(f"sweep: {len(problems)} problems x {len(groups)} groups -> {out}", err=True)
+    console.phase(f"sweep: {len(problems)} problems x {len(groups)} groups -> {out}")
     try:
-        if in_process:  # one backend for every group: models load once, the step cache spans the sweep
-            from arbitrage.backend import LocalBackend
-            from arbitrage.runner import roles_for, run_in_process
-
-            roles = tuple(sorted({r for g in groups for r in roles_for(g.policy, cfg)}))
-            backend = LocalBackend.from_config(cfg, roles=roles)
-            done = run_sweep(cfg, problems, groups, out,
-                             lambda items, p, t, cb: run_in_process(cfg, items, p, t, backend=backend, on_result=cb))
-        else:
-            from cluster.runtime import Runtime
-
-            with Runtime(cfg) as rt:
-                done = run_sweep(cfg, problems, groups, out,
-                                 lambda items, p, t, cb: rt.run(items, p, t, on_result=cb))
+        sweep(cfg, problems, groups, out, in_process)
     except USER_ERRORS as e:
         fail(str(e))
-    from cluster.report import write_report
 
-    table, _ = write_report(out)
-    typer.echo(table)
-    typer.echo(cache_line(done.values()))
+
+@app.command()
+def demo(
+    config: str = config_option(),
+    limit: int = typer.Option(5, help="How many problems (the first N of the dataset)."),
+    threshold: Optional[float] = typer.Option(None, help="The router's tau in [0, 1] (default: the "
+                                              "config's policy.threshold)."),
+    out: Path = typer.Option(Path("runs/demo"), help="Run folder (resumable, as for eval); created."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset name or .jsonl path (default: the config's)."),
+    split: Optional[str] = typer.Option(None, help="test or train (default: the config's data.split)."),
+    address: Optional[str] = typer.Option(None, help="Ray address to join (default: start a local Ray)."),
+    in_process: bool = typer.Option(False, "--in-process", help="Run without Ray."),
+) -> None:
+    """The method against both baselines: draft_only, router@tau and target_only on the same problems.
+
+    Runs with the step cache off, so every wall time is uncached work, and without PRM scoring of
+    the router's escalations (policy.score_escalations=false), so the router's time is its own.
+    Ends with one table: accuracy, token acceptance, target calls and tokens, seconds per problem
+    and each group's ratio to target_only.
+    """
+    from cluster.evaluate import Group
+
+    try:
+        cfg = load_cli_config(config, **{"data.limit": limit, "data.dataset": dataset, "data.split": split,
+                                         "runtime.address": address, "generation.step_cache": False,
+                                         "policy.score_escalations": False})
+        tau = cfg.policy.threshold if threshold is None else threshold
+        cfg.with_overrides(**{"policy.name": "router", "policy.threshold": tau})  # router configured, tau valid
+        from arbitrage.data import load_problems
+
+        problems = load_problems(cfg.data)
+    except USER_ERRORS as e:
+        fail(str(e))
+    groups = [Group("draft_only", 0.0), Group("router", tau), Group("target_only", 0.0)]
+    console.phase(f"demo: {', '.join(g.label for g in groups)} on the first {len(problems)} "
+                  f"{cfg.data.dataset}/{cfg.data.split} problems (config {cfg.name}; step cache off) -> {out}")
+    try:
+        sweep(cfg, problems, groups, out, in_process)
+    except USER_ERRORS as e:
+        fail(str(e))
 
 
 @app.command("report")
-def report_cmd(run_dir: Path = typer.Argument(..., help="A run folder written by `arbitrage eval`.")) -> None:
-    """Metrics table and plots for a sweep folder."""
+def report_cmd(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run folder written by `arbitrage eval`."),
+    out: Optional[Path] = typer.Option(None, help="Where to write summary.json, report.md and the plots "
+                                       "(created; default: RUN_DIR)."),
+) -> None:
+    """Summary table, report.md and plots (accuracy vs acceptance / latency, wasted escalations)."""
     from cluster.report import write_report
 
     try:
-        table, plots = write_report(run_dir)
+        table, plots = write_report(run_dir, out)
     except USER_ERRORS as e:
         fail(str(e))
     typer.echo(table)
@@ -227,16 +441,15 @@ def report_cmd(run_dir: Path = typer.Argument(..., help="A run folder written by
 
 
 @app.command("setup-models")
-def setup_models(config: str = typer.Option("configs/local.yaml", "--config", "-c")) -> None:
-    """Assemble and convert the config's offline models once (cached)."""
+def setup_models(config: str = config_option()) -> None:
+    """Assemble and convert the config's offline models once (cached under ~/.cache/arbitrage)."""
     try:
         cfg = load_cli_config(config)
-        from arbitrage.models import model_location
+        from cluster.preflight import check_models as check
 
-        for role in ("draft", "target", "prm"):
-            m = getattr(cfg.models, role)
-            if m is not None and m.source.kind in ("packaged", "gguf"):
-                typer.echo(f"{role}: {model_location(m.source)}")
+        console.phase("resolving models (a first conversion takes a minute or two per model)")
+        for role, what in check(cfg).items():
+            typer.echo(f"{role}: {what}")
     except USER_ERRORS as e:
         fail(str(e))
 

@@ -1,5 +1,9 @@
 """Reports over a sweep folder: a metrics table per (policy, threshold) and the paper's plots.
 
+`summary_table` is the one table the CLI prints (`run`, `eval`, `demo`, `report`), at most
+100 columns wide: accuracy, token-level acceptance, target calls and tokens, wall time per
+problem and its ratio to `target_only`. `report.md` has every metric.
+
 Reads `results.jsonl` (and `segments.jsonl` for throughput) written by
 `cluster.evaluate.run_sweep`; writes `summary.json`, `report.md` and three PNG plots:
 accuracy vs acceptance rate, accuracy vs mean latency, wasted-escalation share vs
@@ -15,9 +19,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from arbitrage.metrics import summarize
-from cluster.evaluate import THRESHOLD_FREE, cache_totals, load_results
+from cluster.evaluate import THRESHOLD_FREE, cache_line, cache_totals, load_results
 
-COLUMNS = [("accuracy", "{:.3f}"), ("acceptance_rate", "{:.3f}"), ("target_calls", "{}"),
+COLUMNS = [("accuracy", "{:.3f}"), ("token_acceptance", "{:.3f}"), ("acceptance_rate", "{:.3f}"), ("target_calls", "{}"),
            ("wasted_escalations", "{}"), ("wasted_share", "{:.3f}"), ("draft_tokens", "{}"),
            ("target_tokens", "{}"), ("latency_mean_s", "{:.2f}"), ("latency_p50_s", "{:.2f}"),
            ("latency_p90_s", "{:.2f}"), ("throughput_problems_per_s", "{:.4f}"), ("errors", "{}")]
@@ -49,6 +53,46 @@ def _elapsed_by_group(path: Path) -> dict[tuple[str, float], float]:
             except (ValueError, KeyError):
                 continue
     return acc
+
+
+def group_label(policy: str, tau: float) -> str:
+    return policy if policy in THRESHOLD_FREE else f"{policy}@{tau:g}"
+
+
+TABLE_NOTE = ("accept = accepted draft tokens / draft tokens generated; s/problem = mean wall time of a "
+              "chain\n(chains of a group run concurrently); vs target = s/problem over target_only's.")
+
+
+def summary_table(summaries: list[dict], cache: str | None = None) -> str:
+    """The CLI's summary table (plain text, at most 100 columns), one row per group, and its notes.
+
+    Args:
+        summaries: `arbitrage.metrics.summarize` dicts with `policy` and `threshold`.
+        cache: the step-cache line (`cluster.evaluate.cache_line`); "step cache: off" says the
+            wall times are uncached.
+    """
+    base = next((s["latency_mean_s"] for s in summaries if s["policy"] == "target_only"), None)
+    head = ("group", "n", "accuracy", "accept", "target calls", "target tok", "s/problem", "vs target")
+    rows, errors = [], []
+    for s in summaries:
+        acc = "-" if s["accuracy"] is None else f"{s['accuracy']:.2f} ({s['correct']}/{s['graded']})"
+        ta = "-" if s.get("token_acceptance") is None else f"{s['token_acceptance']:.3f}"
+        ratio = f"{s['latency_mean_s'] / base:.2f}x" if base else "-"
+        label = group_label(s["policy"], s["threshold"])
+        rows.append((label, str(s["problems"]), acc, ta, str(s["target_calls"]), str(s["target_tokens"]),
+                     f"{s['latency_mean_s']:.1f}", ratio))
+        if s["errors"]:
+            errors.append(f"{label} {s['errors']}")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    lines = [fmt(head), "  ".join("-" * w for w in widths), *map(fmt, rows), TABLE_NOTE]
+    if errors:
+        lines.append("chains that ended in an error (their rows hold the message): " + ", ".join(errors))
+    if cache is not None:
+        lines.append(cache + (" -- wall times are uncached" if cache == "step cache: off" else
+                              " -- groups with hits ran faster than uncached"))
+    return "\n".join(lines)
 
 
 def markdown_table(summaries: list[dict]) -> str:
@@ -138,16 +182,24 @@ def plot(summaries: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_report(run_dir: Path) -> tuple[str, list[Path]]:
-    """Write summary.json, report.md and the plots into `run_dir`; return the table and plot paths."""
+def write_report(run_dir: Path, out_dir: Path | None = None) -> tuple[str, list[Path]]:
+    """Write summary.json, report.md and the plots; return the CLI's summary table and the plot paths.
+
+    Args:
+        run_dir: the sweep folder (results.jsonl, segments.jsonl).
+        out_dir: where to write (created with its parents); default `run_dir`.
+    """
+    out_dir = out_dir or run_dir
     summaries = group_summaries(run_dir)
-    (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(summaries, indent=2))
     table = markdown_table(summaries)
-    plots = plot(summaries, run_dir)
+    plots = plot(summaries, out_dir)
     cache = cache_table(run_dir)
     cache_md = ("## Step cache\n\nModel calls answered from the step cache (greedy steps and PRM scores "
                 "repeated across groups); groups with hits ran faster than they would uncached.\n\n"
                 f"{cache}\n\n") if cache else ""
-    (run_dir / "report.md").write_text(f"# Report: {run_dir.name}\n\n{table}\n\n{cache_md}" +
+    (out_dir / "report.md").write_text(f"# Report: {run_dir.name}\n\n{table}\n\n{cache_md}" +
                                        "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
-    return table, plots
+    rows = load_results(run_dir / "results.jsonl").values()
+    return summary_table(summaries, cache_line(rows)), plots

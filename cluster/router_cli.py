@@ -14,7 +14,9 @@ The commands parse arguments and call the core (`arbitrage.collect`, `arbitrage.
 from __future__ import annotations
 
 import json
+import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -30,9 +32,9 @@ def _cli():
 def collect(
     out: Path = typer.Option(..., "--out", help="JSONL file of step rows (appended; resumable)."),
     config: str = typer.Option("configs/local.yaml", "--config", "-c", help="YAML config or preset name."),
-    dataset: Optional[str] = typer.Option(None, help="gsm8k, math500, ... or a .jsonl path."),
-    split: Optional[str] = typer.Option(None, help="test or train."),
-    limit: Optional[int] = typer.Option(None, help="First N problems."),
+    dataset: Optional[str] = typer.Option(None, help="gsm8k, math500, ... or a .jsonl path (default: the config's)."),
+    split: Optional[str] = typer.Option(None, help="test or train (default: the config's data.split)."),
+    limit: Optional[int] = typer.Option(None, help="First N problems (default: the config's data.limit)."),
     k: int = typer.Option(1, "--k", help="Target steps per step: 1 greedy + k-1 samples."),
     temperature: float = typer.Option(0.7, help="Temperature of the k-1 extra target samples."),
     concurrency: Optional[int] = typer.Option(None, help="Chains in flight (runtime.max_concurrent_chains)."),
@@ -56,38 +58,66 @@ def collect(
         problems = load_problems(cfg.data)
     except cli.USER_ERRORS as e:
         cli.fail(str(e))
-    typer.echo(f"collect: config={cfg.name} problems={len(problems)} dataset={cfg.data.dataset}/{cfg.data.split} "
-               f"k={k} -> {out}", err=True)
+    from arbitrage.collect import load_collected, pending_items
+    from cluster import console
+
+    console.phase(f"collect: config={cfg.name} problems={len(problems)} dataset={cfg.data.dataset}/"
+                  f"{cfg.data.split} k={k} -> {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    todo = pending_items(problems, load_collected(out))
+    if not todo:
+        console.phase(f"nothing to do: all {len(problems)} problems are in {out}")
+        return
+    if len(todo) < len(problems):
+        console.phase(f"{len(problems) - len(todo)} of {len(problems)} problems done, resuming")
+    try:
+        models = cli.check_models(cfg, ("draft", "target", "prm") if in_process else None)
+    except cli.USER_ERRORS as e:
+        cli.fail(str(e))
     seen: list[int] = []
+    from cluster.progress import StepProgress
+
+    progress = StepProgress(len(todo), cfg.generation.max_steps, "oracle chains", enabled=console.shows("info"))
 
     def on_problem(r: dict, rows: list[dict]) -> None:
+        from tqdm import tqdm
+
         seen.append(1)
+        progress.chain_done(r)
         if rows:
             adv = [row["advantage"] for row in rows]
-            typer.echo(f"[{len(seen)}] {r['problem_id']}: steps={len(rows)} positive={sum(a > 0 for a in adv)} "
-                       f"A_mean={sum(adv) / len(adv):+.3f} correct={r['correct']} {r['wall_s']:.1f}s")
+            tqdm.write(f"[{len(seen)}] {r['problem_id']}: steps={len(rows)} positive={sum(a > 0 for a in adv)} "
+                       f"A_mean={sum(adv) / len(adv):+.3f} correct={r['correct']} {r['wall_s']:.1f}s", file=sys.stdout)
         else:
-            typer.echo(f"[{len(seen)}] {r['problem_id']}: FAILED ({r.get('error') or r['stop_reason']}); retried next run")
+            tqdm.write(f"[{len(seen)}] {r['problem_id']}: FAILED ({r.get('error') or r['stop_reason']}); "
+                       "retried next run", file=sys.stdout)
 
     try:
         if in_process:
             from arbitrage.collect import collect_in_process
 
-            stats = collect_in_process(cfg, problems, out, k, temperature, on_problem=on_problem)
+            backend = cli.local_backend(cfg, ("draft", "target", "prm"), models)
+            stats = collect_in_process(cfg, problems, out, k, temperature, backend=backend, on_problem=on_problem)
         else:
-            stats = collect_on_runtime(cfg, problems, out, k, temperature, on_problem)
+            with cli.runtime(cfg, models) as rt:
+                stats = collect_on_runtime(cfg, problems, out, k, temperature, on_problem, rt=rt, progress=progress)
     except cli.USER_ERRORS as e:
         cli.fail(str(e))
+    finally:
+        progress.close()
     typer.echo(f"collect: {stats.problems_done_before} problems already done, {stats.problems_new} new "
                f"({stats.steps_new} steps), {stats.problems_failed} failed, {stats.elapsed_s:.0f}s", err=True)
 
 
-def collect_on_runtime(cfg, problems: list, out: Path, k: int, temperature: float, on_problem=None):
+def collect_on_runtime(cfg, problems: list, out: Path, k: int, temperature: float, on_problem=None,
+                       rt=None, progress=None):
     """`collect_in_process` on the Ray runtime: chains on the coordinators, extra samples from here.
 
     Args:
         cfg: the collection config (oracle policy, a PRM).
         problems, out, k, temperature, on_problem: as for `arbitrage.collect.collect_in_process`.
+        rt: a started `cluster.runtime.Runtime` to use (default: start one for `cfg` here).
+        progress: a `cluster.progress.StepProgress` to update from the coordinators' step counts.
     Returns:
         `arbitrage.collect.CollectStats`.
     """
@@ -97,6 +127,7 @@ def collect_on_runtime(cfg, problems: list, out: Path, k: int, temperature: floa
     from arbitrage.collect import (FAILED_STOPS, CollectStats, RowSink, collect_meta, load_collected,
                                    pending_items, record, rows_from_chain, sample_targets)
     from arbitrage.loop import LoopSettings
+    from cluster.progress import poll_coordinators
     from cluster.runtime import Runtime
 
     done = load_collected(out)
@@ -108,8 +139,10 @@ def collect_on_runtime(cfg, problems: list, out: Path, k: int, temperature: floa
     by_id = {it.id: it for it in todo}
     sink = RowSink(out)
     t0 = time.perf_counter()
+    owned = rt is None
     try:
-        with Runtime(cfg) as rt:
+        with (Runtime(cfg) if owned else nullcontext(rt)) as rt, \
+                (poll_coordinators(progress, rt.coordinators) if progress is not None else nullcontext()):
             backend = RayBackend(rt.handles)
 
             def on_result(r: dict) -> None:
