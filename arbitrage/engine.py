@@ -66,6 +66,7 @@ class _Row:
     done: bool = False
     stop_reason: str = "length"
     text: str = ""
+    limit: int = 1 << 30  # tokens this row may add before its prompt + step fills max_context
 
 
 class StepEngine:
@@ -174,9 +175,10 @@ class StepEngine:
         past = [self.prefix_cache.take(k, e) for k, e in zip(keys, enc)]
         self.prefill_tokens += sum(len(e) - p.length for e, p in zip(enc, past))
         self.reused_tokens += sum(p.length for p in past)
-        rows = [_Row(p, _row_generator(p, prompt), [], [], []) for p, prompt in zip(params, prompts)]
-        budget = min(max(p.forced_tokens or p.max_tokens for p in params),
-                     self.max_context - max(len(e) for e in enc))
+        rows = [_Row(p, _row_generator(p, prompt), [], [], [], limit=self.max_context - len(e))
+                for p, prompt, e in zip(params, prompts, enc)]
+        # Each row stops at its own context limit: a long prompt does not cut its batch-mates' steps.
+        budget = max(min(r.params.forced_tokens or r.params.max_tokens, r.limit) for r in rows)
         ids, mask, pos, cache = self._prefill_inputs(enc, past)
         logits = self._forward(ids, mask, pos, cache)  # prefill
         pos = pos[:, -1:]
@@ -228,7 +230,7 @@ class StepEngine:
     def _update_stop(self, r: _Row, tok: int) -> None:
         p = r.params
         if p.forced_tokens is not None:
-            r.done = len(r.ids) >= p.forced_tokens
+            r.done = len(r.ids) >= min(p.forced_tokens, r.limit)
             return
         if tok in self.eos:
             r.done, r.stop_reason = True, "eos"
@@ -240,7 +242,7 @@ class StepEngine:
             r.done, r.stop_reason, r.text = True, "separator", text[:cut]
         else:
             r.text = text
-            r.done = len(r.ids) >= p.max_tokens
+            r.done = len(r.ids) >= min(p.max_tokens, r.limit)
 
     def _output(self, r: _Row, prompt_tokens: int) -> StepOutput:
         if r.params.forced_tokens is not None:
