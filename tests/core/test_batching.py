@@ -104,3 +104,20 @@ def test_max_inflight_batches(inflight, expect_overlap):
 
     assert asyncio.run(main()) == list(range(6))
     assert (peak[0] > 1) == expect_overlap
+
+
+def test_a_long_prompt_does_not_shorten_its_batch_mates_steps():
+    """HF engine: a row near max_context stops at its own limit; the other rows decode as alone."""
+    from arbitrage.models import load_engine
+    from arbitrage.types import SamplingParams, StepRequest
+    from configs.schema import load_config
+
+    cfg = load_config("tiny")
+    engine = load_engine(cfg.models.draft.model_copy(update={"max_context": 256, "kv_cache_tokens": 0}))
+    params = SamplingParams(max_tokens=12, separator="\n\n")
+    short = StepRequest(problem="2 + 2 = ?", params=params)
+    long = StepRequest(problem="a" * 250, chat=False, params=params)  # 6 tokens of room left
+    alone = engine.generate_steps([short])[0]
+    together = engine.generate_steps([short, long])
+    assert (together[0].text, together[0].num_tokens) == (alone.text, alone.num_tokens)
+    assert alone.num_tokens > 6 and together[1].num_tokens <= 256 - 250 and together[1].stop_reason in ("length", "separator", "eos")
