@@ -76,11 +76,8 @@ def quantize_weights(model: nn.Module, scheme: str, device: torch.device | str) 
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes the model's parameters and buffers hold (a quantized weight counts its packed data and scales)."""
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        total += _tensor_bytes(t)
-    return total
+    """Bytes the model's parameters hold (a tied weight once; a quantized weight counts its packed data and scales)."""
+    return sum(_tensor_bytes(p) for p in model.parameters())
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:

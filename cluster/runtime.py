@@ -79,6 +79,9 @@ class Runtime:
         """Connect or start Ray, create every role's actors, wait until ready, create coordinators."""
         if self._started:
             return self
+        from arbitrage.memory_plan import check as check_memory_plan
+
+        check_memory_plan(self.cfg)  # a role that cannot fit its GPU: one line, before anything starts
         self._init_ray()
         try:
             self._create_model_actors()
