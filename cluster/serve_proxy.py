@@ -91,7 +91,10 @@ def proxy_middlewares() -> list:
     from starlette.middleware import Middleware
 
     limits = ProxyLimits.from_env()
-    install_protocol_guard(limits)
+    try:
+        install_protocol_guard(limits)
+    except Exception:  # an unexpected uvicorn: serve without the header guard rather than not at all
+        logger.exception("arbitrage proxy guard: the header limits could not be installed")
     logger.info("arbitrage proxy guard: %s", limits)
     return [Middleware(ProxyGuard, limits=limits)]
 

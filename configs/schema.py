@@ -102,6 +102,11 @@ class ModelConfig(_Base):
                            description="fast / llamacpp engines: chains held in the KV pool.")
     threads: int | None = Field(default=None, ge=1, le=1024,
                                 description="llamacpp engine: CPU threads (default: every core).")
+    hidden_states: bool = Field(
+        default=False,
+        description="llamacpp engine: return each step's final hidden state with it (a value PRM or "
+        "hidden-state probe router on this model then reads it with no extra forward pass).",
+    )
     cpu_lock: bool = Field(
         default=True,
         description="llamacpp engine: engines on one machine take turns on the CPU (a file lock "
@@ -112,10 +117,14 @@ class ModelConfig(_Base):
 class PRMConfig(ModelConfig):
     """A process reward model: scores each reasoning step in [0, 1]."""
 
-    kind: Literal["skywork", "qwen_prm", "judge"] = Field(
+    kind: Literal["skywork", "qwen_prm", "judge", "value"] = Field(
         description="skywork: value head at a step token after each step; qwen_prm: "
         "token classification at <extra_0> after each step; judge: a causal LM rates "
-        "the newest step 0-9 (expectation over digit tokens)."
+        "the newest step 0-9 (expectation over digit tokens); value: a head trained on "
+        "Monte-Carlo step values (`arbitrage train-prm`) over this model's hidden state."
+    )
+    head: str | None = Field(
+        default=None, description="value only: the folder of the trained head (arbitrage train-prm --out)."
     )
     reuse_target: bool = Field(
         default=False,
@@ -318,6 +327,8 @@ class RoleScaling(_Base):
     upscale_delay_s: float = Field(default=30.0, ge=0, le=86_400, description="Load must last this long to add one.")
     downscale_delay_s: float = Field(default=600.0, ge=0, le=86_400,
                                      description="Idle must last this long to remove one.")
+    look_back_period_s: float = Field(default=30.0, gt=0, le=3600,
+                                      description="Window over which requests in flight are averaged.")
 
     @model_validator(mode="after")
     def _bounds(self) -> "RoleScaling":

@@ -1,5 +1,8 @@
 """The Serve app on tiny models: the official openai client, SSE, metadata, errors, auth, backpressure.
 
+Production behaviour under bad input and load (isolation, limits, metrics, health, leaks)
+is in test_serve_production.py, on an app of its own.
+
 One live application (module-scoped) on the session Ray, on a free loopback port, with an
 API key and `serve.max_queued_requests=2` on one ingress replica, so the auth and
 backpressure tests share it. Greedy responses are checked step by step against the same
@@ -47,6 +50,7 @@ def app(ray_local):
     port = _free_port()
     cfg = load_config(TINY, **{"serve.port": port, "serve.api_key": KEY, "serve.max_queued_requests": LIMIT,
                                "serve.max_replicas": 1, "serve.target_ongoing_requests": 4.0})
+    serve.shutdown()  # a fresh controller: its proxy gets this config's guard (cluster.serve_proxy)
     run_openai_app(cfg, name=APP)
     base = f"http://127.0.0.1:{port}"
     http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
@@ -105,10 +109,56 @@ def _meta_consistent(meta: dict, usage, content: str) -> None:
 
 # ---- happy paths -------------------------------------------------------------------------------
 def test_models_and_health(app, client):
+    import openai
+    from openai.types import Model
+
     assert [m.id for m in client.models.list().data] == ["arbitrage"]
+    one = client.models.retrieve("arbitrage")  # GET /v1/models/{id}
+    assert isinstance(one, Model) and one.id == "arbitrage" and one.object == "model"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-9")
+    assert e.value.body["code"] == "model_not_found"
+    t0 = time.monotonic()
     h = httpx.get(f"{app.base}/health", timeout=30)  # open: no key needed
+    assert time.monotonic() - t0 < 1.0  # from the state a background task keeps
     assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["coordinator"]["ready"]
     assert httpx.get(f"{app.base}/-/healthz", timeout=30).status_code == 200
+
+
+def test_openai_no_op_fields_are_accepted(client):
+    """Standard fields at values that change nothing: what off-the-shelf clients send."""
+    from openai.types.chat import ChatCompletion
+    from openai.types import Completion
+
+    plain = client.chat.completions.create(model="arbitrage", messages=USER, max_tokens=24)
+    noop = client.chat.completions.create(
+        model="arbitrage", messages=USER, max_tokens=24, logprobs=False, top_logprobs=0, n=1,
+        response_format={"type": "text"}, tools=[], tool_choice="none", parallel_tool_calls=False,
+        presence_penalty=0, frequency_penalty=0, logit_bias={}, store=False, user="u1", metadata={"k": "v"},
+        service_tier="auto", stream_options=None,
+        extra_body={"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0})
+    assert isinstance(noop, ChatCompletion) and noop.choices[0].message.content == plain.choices[0].message.content
+    assert client.chat.completions.create(model="arbitrage", messages=USER, max_tokens=24,
+                                          extra_body={"top_k": 0}).choices[0].message.content == \
+        plain.choices[0].message.content  # vLLM: 0 is "off" too
+    text = client.completions.create(model="arbitrage", prompt="2 + 2 =", max_tokens=12, echo=False, best_of=1,
+                                     suffix="", n=1, logit_bias={}, presence_penalty=0)
+    assert isinstance(text, Completion) and text.choices[0].text
+
+
+def test_stream_include_usage_sends_a_usage_chunk_last(client):
+    """stream_options.include_usage: OpenAI's format -- a last chunk with choices: [] carries usage."""
+    from openai.types.chat import ChatCompletionChunk
+
+    body = dict(model="arbitrage", messages=USER, max_tokens=30)
+    whole = client.chat.completions.create(**body)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **body))
+    assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
+    *steps, finish, usage = chunks
+    assert usage.choices == [] and usage.usage.model_dump() == whole.usage.model_dump()
+    assert finish.choices[0].finish_reason == whole.choices[0].finish_reason and finish.usage is None
+    assert all(c.usage is None for c in steps)
+    assert "".join(c.choices[0].delta.content for c in steps) == whole.choices[0].message.content
 
 
 def test_chat_metadata_matches_the_trace(client, reference):
@@ -250,6 +300,26 @@ BAD_REQUESTS = [  # (id, path, body (dict, or raw bytes), status, words in the m
     ("unknown field, completions", "/v1/completions", {"model": "arbitrage", "prompt": "1+1", "best_of": 2}, 400,
      "best_of"),
     ("unknown model, completions", "/v1/completions", {"model": "gpt-9", "prompt": "1+1"}, 404, "does not exist"),
+    # standard OpenAI / vLLM fields at values that would change the answer: refused, field named
+    ("logprobs true", "/v1/chat/completions", _chat(logprobs=True), 400, "logprobs"),
+    ("top_logprobs 3", "/v1/chat/completions", _chat(top_logprobs=3), 400, "top_logprobs"),
+    ("json response_format", "/v1/chat/completions", _chat(response_format={"type": "json_object"}), 400,
+     "response_format"),
+    ("unknown response_format", "/v1/chat/completions", _chat(response_format={"type": "xml"}), 400,
+     "response_format"),
+    ("tools given", "/v1/chat/completions",
+     _chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), 400, "tools"),
+    ("tool_choice required", "/v1/chat/completions", _chat(tool_choice="required"), 400, "tool_choice"),
+    ("top_k 5", "/v1/chat/completions", _chat(top_k=5), 400, "top_k"),
+    ("min_p 0.1", "/v1/chat/completions", _chat(min_p=0.1), 400, "min_p"),
+    ("repetition_penalty 1.2", "/v1/chat/completions", _chat(repetition_penalty=1.2), 400, "repetition_penalty"),
+    ("logit_bias set", "/v1/chat/completions", _chat(logit_bias={"42": 5.0}), 400, "logit_bias"),
+    ("store true", "/v1/chat/completions", _chat(store=True), 400, "store"),
+    ("presence_penalty 1", "/v1/chat/completions", _chat(presence_penalty=1.0), 400, "presence_penalty"),
+    ("echo true", "/v1/completions", {"model": "arbitrage", "prompt": "1+1", "echo": True}, 400, "echo"),
+    ("suffix set", "/v1/completions", {"model": "arbitrage", "prompt": "1+1", "suffix": "x"}, 400, "suffix"),
+    ("completions logprobs", "/v1/completions", {"model": "arbitrage", "prompt": "1+1", "logprobs": 2}, 400,
+     "logprobs"),
 ]
 
 
@@ -353,18 +423,23 @@ def test_full_ingress_answers_503_at_once_and_frees_slots(app):
 
 
 def test_concurrent_burst_never_hangs(app):
+    """8 at once on 2 slots: 200s and 503s, every 503 an OpenAI error body with Retry-After."""
     _wait_idle(app)
     body = _chat(max_tokens=48, arbitrage={"policy": "draft_only", "max_steps": 4})
 
     def one(_):
         return httpx.post(f"{app.base}/v1/chat/completions", json=body, timeout=60,
-                          headers={"Authorization": f"Bearer {KEY}"}).status_code
+                          headers={"Authorization": f"Bearer {KEY}"})
 
     t0 = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
-        codes = list(pool.map(one, range(8)))
+        answers = list(pool.map(one, range(8)))
+    codes = [r.status_code for r in answers]
     assert set(codes) <= {200, 503} and codes.count(200) >= 1 and codes.count(503) >= 1, codes
     assert time.monotonic() - t0 < 60
+    for r in answers:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "overloaded_error", r.text
 
 
 # ---- Serve status, builder and CLI -------------------------------------------------------------
@@ -374,10 +449,12 @@ def test_serve_status_shows_deployments_and_autoscaling(app):
 
     st = serve.status().applications[APP]
     assert st.status == "RUNNING"
-    assert set(st.deployments) == {"ingress", "coordinator", "draft", "target", "router"}  # prm rides on target
+    assert set(st.deployments) == {"ingress", "coordinator", "draft", "target", "router",  # prm rides on target
+                                   "metrics"}
     assert all(d.status == "HEALTHY" for d in st.deployments.values())
     deps = _get_global_client().get_serve_details()["applications"][APP]["deployments"]
-    scaling = {name: d["deployment_config"]["autoscaling_config"] for name, d in deps.items()}
+    scaling = {name: d["deployment_config"].get("autoscaling_config") for name, d in deps.items()}
+    assert scaling["metrics"] is None and deps["metrics"]["deployment_config"]["num_replicas"] == 1
     s = app.cfg.serve
     assert (scaling["ingress"]["min_replicas"], scaling["ingress"]["max_replicas"]) == (s.min_replicas, s.max_replicas)
     assert scaling["ingress"]["target_ongoing_requests"] == s.target_ongoing_requests
@@ -396,6 +473,12 @@ def test_app_builder_and_serve_config_file():
     cfg = ServeDeploySchema.model_validate(yaml.safe_load((TINY.parent / "serve.yaml").read_text()))
     assert cfg.applications[0].import_path == "cluster.serve_app:app_builder"
     assert cfg.http_options.host == "127.0.0.1"
+    env = cfg.controller_options.runtime_env["env_vars"]  # the proxy guard, with the default limits
+    from cluster.serve_proxy import PROXY_CALLBACK, ProxyLimits
+    from configs.schema import ServeConfig
+
+    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == PROXY_CALLBACK
+    assert ProxyLimits(**json.loads(env["ARBITRAGE_PROXY_LIMITS"])) == ProxyLimits.of(ServeConfig())
     assert app_builder({"config": "tiny"}) is not None
     with pytest.raises(ConfigError, match="bogus"):
         app_builder({"bogus": 1})
