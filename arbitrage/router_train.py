@@ -1,14 +1,17 @@
 """Router training and evaluation: fine-tune a classifier or fit a probe; Spearman and ROC-AUC.
 
 Classifier: a 2-label head on any HF checkpoint (default the offline all-MiniLM-L6-v2
-encoder; or the draft model, a local folder, or `random:<shape>` for tests), fine-tuned
-with cross-entropy on the balanced training steps of a `RouterDataset`. Training runs the
-exact forward `ClassifierRouter.predict` runs (its tokenisation, left truncation and left
-padding), so training and inference see the same tensors. Decoders get
-`AutoModelForSequenceClassification` (pooled at the last non-pad token). Encoders (BERT
-family: model types with a masked-LM head) get `AutoModelForTokenClassification`, read by
-`ClassifierRouter` at the last token ([SEP], which attends to the whole input): their
-sequence head pools position 0, which left padding fills with [PAD].
+encoder; or the draft model, a local folder, a hub id, or `random:<shape>` for tests),
+fine-tuned with cross-entropy on the balanced training steps of a `RouterDataset`.
+Training runs the exact forward `ClassifierRouter.predict` runs (the authors' input ids
+ending in the step token, left truncation and left padding), so training and inference see
+the same tensors, and the loss is read where the router reads: the last step token. The
+head (`TrainSettings.head`, "auto" by default): a checkpoint that already is a token
+classifier (the paper's router starts from `HuggingFaceH4/Qwen2.5-Math-1.5B-Instruct-PRM-0.2`,
+a `Qwen2ForTokenClassification`) keeps `AutoModelForTokenClassification`, as do encoders
+(BERT family: model types with a masked-LM head; their sequence head pools position 0,
+which left padding fills with [PAD]); other decoders get `AutoModelForSequenceClassification`
+(pooled at the last non-pad token, the same position). "token" or "sequence" force one.
 
 Probe: `arbitrage.probe.ProbeRouter.fit` on the same steps.
 
@@ -32,7 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from arbitrage.router import ClassifierRouter, Router, RouterRequest
+from arbitrage.router import ROUTER_INPUT_FORMAT, ClassifierRouter, Router, RouterRequest
 from arbitrage.router_data import RouterDataset, RouterExample
 
 DEFAULT_LR = {"classifier": 3e-5, "probe": 0.05}
@@ -55,52 +58,71 @@ class TrainSettings:
     probe_hidden: int = 0
     probe_steps: int = 500
     seed: int = 0
+    head: str = "auto"  # auto | token | sequence (classifier only; see the module docstring)
 
 
 # ---- the classifier -------------------------------------------------------------------
 
 
 def backbone_folder(spec: str) -> Path:
-    """An HF folder for a backbone spec: an existing folder, or a packaged model name."""
+    """An HF folder for a backbone spec: an existing folder, a packaged model name, or a hub id."""
     p = Path(spec)
     if p.is_dir():
         return p
-    from arbitrage.offline import materialize
+    from arbitrage.offline import REGISTRY, materialize
 
     try:
-        return materialize(spec)
+        if spec in REGISTRY or "/" not in spec:
+            return materialize(spec)
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec))
     except Exception as e:
-        raise ValueError(f"backbone {spec!r} is neither a folder nor a packaged model ({e}); "
-                         "pass an HF checkpoint folder, a packaged name such as all-minilm-l6-v2, "
-                         "or random:<shape>") from e
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ValueError(f"backbone {spec!r} is neither a folder, a packaged model nor a reachable hub "
+                         f"repo ({first}); pass an HF checkpoint folder, a packaged name such as "
+                         "all-minilm-l6-v2, a hub id, or random:<shape>") from e
 
 
-def load_backbone(spec: str, max_length: int = 384, seed: int = 0) -> tuple[ClassifierRouter, dict]:
-    """A `ClassifierRouter` with a fresh 2-label head on a backbone.
+def _head_kind(head: str, config) -> str:
+    """'token' or 'sequence' for a backbone config under `TrainSettings.head`."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if head in ("token", "sequence"):
+        return head
+    if head != "auto":
+        raise ValueError(f"router head must be auto, token or sequence, got {head!r}")
+    token_ckpt = any("TokenClassification" in a for a in (getattr(config, "architectures", None) or []))
+    return "token" if token_ckpt or config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "sequence"
+
+
+def load_backbone(spec: str, max_length: int = 384, seed: int = 0, head: str = "auto") -> tuple[ClassifierRouter, dict]:
+    """A `ClassifierRouter` with a 2-label head on a backbone (a token classifier's own head is kept).
 
     Args:
-        spec: packaged model name, HF folder, or `random:<shape>` (`arbitrage.tiny.SHAPES`).
+        spec: packaged model name, HF folder, hub id, or `random:<shape>` (`arbitrage.tiny.SHAPES`).
         max_length: input truncation in tokens.
-        seed: seed of the new head (and of random weights).
+        seed: seed of a new head (and of random weights).
+        head: auto | token | sequence (see the module docstring).
     Returns:
         (the router, {"folder", "head": "sequence" | "token"}).
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     torch.manual_seed(seed)
+    autos = {"token": AutoModelForTokenClassification, "sequence": AutoModelForSequenceClassification}
     if spec.startswith("random:"):
         from arbitrage.tiny import byte_tokenizer, shape_config
 
         config = shape_config(spec.removeprefix("random:"), num_labels=2)
-        model = AutoModelForSequenceClassification.from_config(config)
-        return ClassifierRouter(model, byte_tokenizer(config.vocab_size), max_length), {"folder": None, "head": "sequence"}
+        kind = "sequence" if head == "auto" else _head_kind(head, config)
+        model = autos[kind].from_config(config)
+        return ClassifierRouter(model, byte_tokenizer(config.vocab_size), max_length), {"folder": None, "head": kind}
     folder = backbone_folder(spec)
-    encoder = AutoConfig.from_pretrained(folder).model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-    auto = AutoModelForTokenClassification if encoder else AutoModelForSequenceClassification
-    model = auto.from_pretrained(folder, num_labels=2, dtype=torch.float32)
+    kind = _head_kind(head, AutoConfig.from_pretrained(folder))
+    model = autos[kind].from_pretrained(folder, num_labels=2, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(folder)
-    return ClassifierRouter(model, tok, max_length), {"folder": str(folder), "head": "token" if encoder else "sequence"}
+    return ClassifierRouter(model, tok, max_length), {"folder": str(folder), "head": kind}
 
 
 def classifier_logits(router: ClassifierRouter, requests: list[RouterRequest]) -> torch.Tensor:
@@ -111,7 +133,7 @@ def classifier_logits(router: ClassifierRouter, requests: list[RouterRequest]) -
     device = next(router.model.parameters()).device
     ids, mask, pos = left_pad(seqs, router.model.config.pad_token_id, device)
     logits = router.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    return logits[:, -1] if logits.dim() == 3 else logits  # token classifier: last token
+    return logits[:, -1] if logits.dim() == 3 else logits  # token classifier: the last step token
 
 
 def _schedule(opt, total: int, warmup: float):
@@ -131,7 +153,7 @@ def train_classifier(ds: RouterDataset, ts: TrainSettings,
     Returns:
         (the router in eval mode, {"backbone": ..., "train_loss": per epoch, "epochs": per-epoch metrics}).
     """
-    router, info = load_backbone(ts.backbone, ts.max_length, ts.seed)
+    router, info = load_backbone(ts.backbone, ts.max_length, ts.seed, ts.head)
     model = router.model
     lr = ts.lr or DEFAULT_LR["classifier"]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=ts.weight_decay)
@@ -204,6 +226,7 @@ def train(ds: RouterDataset, out: str | Path, ts: TrainSettings, data_path: str 
         router.save_pretrained(out)
         router.model.to(torch.float32)  # as `from_pretrained` loads it back
     info = {"kind": ts.kind, **extra, "settings": asdict(ts), "max_length": ts.max_length, "seed": ts.seed,
+            "input_format": ROUTER_INPUT_FORMAT,
             "margin": ds.stats["margin"], "val_fraction": ds.stats["val_fraction"], "data": data_path,
             "data_stats": ds.stats, "train_seconds": time.perf_counter() - t0, "validation": val,
             "train_problems": ds.train_problems, "validation_problems": ds.validation_problems,

@@ -1,11 +1,13 @@
-"""Router: input format, tiny random classifier, save/load, left truncation, batching."""
+"""Router: input format, tiny random classifier, save/load, truncation, batching (byte tokenizer;
+the real Qwen2.5 tokenizer's ids are in test_router_format.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from arbitrage.router import ClassifierRouter, RouterRequest, build_router, format_router_input
+from arbitrage.router import (ClassifierRouter, RouterRequest, build_router, encode_router_input,
+                              format_router_input)
 from arbitrage.tiny import byte_tokenizer, shape_config
 from configs.schema import RouterConfig
 
@@ -38,11 +40,22 @@ def router():
 
 def test_format_router_input_exact():
     text = format_router_input("What is 2 + 3 * 4?", HISTORY, "The answer is 14.")
-    assert text == ("What is 2 + 3 * 4?\n\nModel 0: 3 * 4 = 12.\n\nModel 1: 2 + 12 = 14."
-                    "\n\nModel 0: The answer is 14.")
-    assert format_router_input("P", (), "c") == "P\n\nModel 0: c"
+    assert text == ("What is 2 + 3 * 4?\nModel 0: 3 * 4 = 12.\n\nModel 1: 2 + 12 = 14."
+                    "\n\nModel 0: The answer is 14.\n\n")
+    assert format_router_input("P", (), "c") == "P\nModel 0: c\n\n"
     with pytest.raises(ValueError):
         format_router_input("P", (("human", "x"),), "c")
+
+
+def test_encode_router_input_appends_the_step_id_after_each_piece(router):
+    tok = router.tokenizer
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    sid = enc("\n\n")[-1]
+    ids, positions = encode_router_input(tok, "P", HISTORY, "c")
+    want = enc("P\n") + enc("Model 0: 3 * 4 = 12.") + [sid] + enc("Model 1: 2 + 12 = 14.") + [sid] + enc("Model 0: c") + [sid]
+    assert ids == want and router.encode(RouterRequest("P", HISTORY, "c")) == want
+    assert positions == [i for i, t in enumerate(ids) if t == sid and i > len(enc("P\n")) - 1]
+    assert positions[-1] == len(ids) - 1 and router.step_token_id == sid
 
 
 def test_probabilities_in_range_and_forward_calls(router):
@@ -63,21 +76,24 @@ def test_batched_equals_alone(router):
 
 def test_prob_is_softmax_class1_of_unpadded_input(router):
     req = _requests()[1]
-    ids = router.tokenizer(format_router_input(req.problem, req.history, req.candidate))["input_ids"]
+    ids, _ = encode_router_input(router.tokenizer, req.problem, req.history, req.candidate)
     with torch.no_grad():
         logits = router.model(input_ids=torch.tensor([ids])).logits[0]
     assert router.predict([req])[0] == pytest.approx(torch.softmax(logits, -1)[1].item(), abs=1e-6)
 
 
-def test_left_truncation_keeps_candidate(router):
+def test_truncation_drops_the_oldest_steps_and_keeps_problem_and_candidate(router):
     history = tuple(("draft" if i % 2 else "target", f"Earlier step {i} with some words.") for i in range(40))
-    req = RouterRequest("A long problem statement that will be cut off.", history, "CANDIDATE STEP")
+    req = RouterRequest("A long problem statement.", history, "CANDIDATE STEP")
     ids = router.encode(req)
-    assert len(ids) == router.max_length
+    assert router.max_length - 40 < len(ids) <= router.max_length
     text = router.tokenizer.decode(ids)
-    assert text.endswith("Model 0: CANDIDATE STEP")
-    assert "Earlier step 39" in text and "A long problem" not in text
+    assert text.startswith("A long problem statement.\n") and text.endswith("Model 0: CANDIDATE STEP\n")
+    assert "Earlier step 39" in text and "Earlier step 0 " not in text
     assert 0.0 <= router.predict([req])[0] <= 1.0
+    huge = RouterRequest("x " * 400, (), "CANDIDATE STEP")  # the problem alone is too long: cut from the left
+    ids = router.encode(huge)
+    assert len(ids) == router.max_length and router.tokenizer.decode(ids).endswith("Model 0: CANDIDATE STEP\n")
 
 
 def test_save_load_round_trip(router, tmp_path):

@@ -84,7 +84,7 @@ def test_balanced_and_split_by_problem(dataset):
     assert split_problems([f"q{i}" for i in range(20)], 0.25, seed=3) == split_problems(
         [f"q{i}" for i in reversed(range(20))], 0.25, seed=3)
     e = dataset.validation[0]
-    assert e.text.endswith(f"Model 0: {e.request.candidate}") and e.request.features is not None
+    assert e.text.endswith(f"Model 0: {e.request.candidate}\n\n") and e.request.features is not None
 
 
 def test_classifier_trains_saves_and_reloads(dataset, collected, tmp_path):
