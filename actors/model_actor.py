@@ -80,7 +80,7 @@ class ModelActor:
             if self.role == "target" and prm_on_target(self.cfg):
                 from arbitrage.prm import build_prm
 
-                self.prm = build_prm(m.prm, target_engine=self.engine)
+                self.prm = build_prm(m.prm, target_engine=self.engine, prompt=self.cfg.prompt)
         elif self.role == "prm":
             if m.prm is None:
                 raise ValueError("role 'prm' needs models.prm in the config")
@@ -93,7 +93,7 @@ class ModelActor:
                 from arbitrage.models import load_engine
 
                 own = load_engine(m.prm)
-            self.prm = build_prm(m.prm, target_engine=own)
+            self.prm = build_prm(m.prm, target_engine=own, prompt=self.cfg.prompt)
         else:
             if m.router is None:
                 raise ValueError("role 'router' needs models.router in the config")

@@ -76,7 +76,7 @@ class LocalBackend(ModelBackend):
         m = cfg.models
         draft = load_engine(m.draft) if "draft" in roles else None
         target = load_engine(m.target) if "target" in roles else None
-        prm = build_prm(m.prm, target_engine=target) if m.prm and "prm" in roles else None
+        prm = build_prm(m.prm, target_engine=target, prompt=cfg.prompt) if m.prm and "prm" in roles else None
         router = build_router(m.router) if m.router and "router" in roles else None
         b = cfg.runtime.draft.batching
         return cls(draft, target, prm, router, b.max_batch_size, b.max_wait_ms)

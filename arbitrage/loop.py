@@ -68,11 +68,20 @@ class LoopSettings:
 
 @dataclass(frozen=True)
 class ChainInput:
-    """One problem to solve."""
+    """One problem to solve, optionally continuing from steps already written.
+
+    `prefix` steps (with `prefix_tokens` tokens in all) are taken as accepted before the
+    chain starts: the chain writes the rest (Monte-Carlo rollouts of `arbitrage.label`).
+    They count against `max_total_tokens`, are graded with the chain's steps, and reach a
+    router as draft-written history; the trace holds only the steps the chain wrote.
+    """
 
     id: str
     problem: str
     answer: str | None = None
+    prefix: tuple[str, ...] = ()
+    prefix_tokens: int = 0
+    seed: int = 0  # added to the settings' seed: distinct samples of one prompt (rollouts)
 
 
 class _Counters:
@@ -99,8 +108,8 @@ async def run_chain(item: ChainInput, backend: ModelBackend, policy: DecisionPol
     t_start = time.perf_counter()
     steps: list[TraceStep] = []
     counters = _Counters()
-    total_tokens, stop = 0, "max_steps"
-    while len(steps) < s.max_steps:
+    total_tokens, stop = item.prefix_tokens, "max_steps"
+    while len(item.prefix) + len(steps) < s.max_steps:
         budget = s.max_total_tokens - total_tokens
         if budget <= 0:
             stop = "max_tokens"
@@ -131,13 +140,14 @@ async def _decide_step(item: ChainInput, steps: list[TraceStep], max_tokens: int
                        backend: ModelBackend, policy: DecisionPolicy, s: LoopSettings,
                        c: _Counters) -> TraceStep:
     t0 = time.perf_counter()
+    n_done = len(item.prefix) + len(steps)
     params = SamplingParams(separator=s.separator, max_tokens=max_tokens, temperature=s.temperature,
-                            top_p=s.top_p, seed=s.seed + len(steps), forced_tokens=s.forced_step_tokens)
-    texts = tuple(st.text for st in steps)
+                            top_p=s.top_p, seed=s.seed + item.seed + n_done, forced_tokens=s.forced_step_tokens)
+    texts = item.prefix + tuple(st.text for st in steps)
     req = StepRequest(problem=item.problem, steps=texts, system=s.system_prompt,
                       chat=s.use_chat_template, params=params,
                       chain_id=f"{item.id}#{policy.name}:{policy.threshold}")
-    ctx = StepContext(problem_id=item.id, step_index=len(steps))
+    ctx = StepContext(problem_id=item.id, step_index=n_done)
     cache = backend.step_cache() if s.caching else None
 
     async def through_cache(key: tuple, call):
@@ -162,7 +172,10 @@ async def _decide_step(item: ChainInput, steps: list[TraceStep], max_tokens: int
         c.prm_calls += 1
         scored = texts + (out.text,)
         return await through_cache(prm_key(item.problem, scored),
-                                   lambda: backend.prm_score(PRMRequest(item.problem, scored, req.chain_id)))
+                                   lambda: backend.prm_score(PRMRequest(item.problem, scored, req.chain_id, hidden(out))))
+
+    def hidden(out: StepOutput) -> list[float] | None:  # only the draft's state feeds draft-side scorers
+        return out.hidden if out is ctx.draft else None
 
     if not policy.uses_draft:
         ctx.target = await target()
@@ -176,9 +189,9 @@ async def _decide_step(item: ChainInput, steps: list[TraceStep], max_tokens: int
             prm(ctx.draft), prm(ctx.target) if policy.needs_prm_target else _none())
     if policy.needs_router:
         c.router_calls += 1
-        history = tuple((st.author, st.text) for st in steps)
+        history = tuple(("draft", t) for t in item.prefix) + tuple((st.author, st.text) for st in steps)
         ctx.router_prob = await backend.router_prob(
-            RouterRequest(item.problem, history, ctx.draft.text, ctx.draft.features))
+            RouterRequest(item.problem, history, ctx.draft.text, ctx.draft.features, ctx.draft.hidden))
     escalated = policy.escalate(ctx)
     if escalated and ctx.target is None:
         ctx.target = await target()
@@ -220,7 +233,7 @@ def _finish(item: ChainInput, steps: list[TraceStep], stop: str, policy: Decisio
             s: LoopSettings, c: _Counters, wall_s: float) -> ChainResult:
     from arbitrage.grading import extract_answer, is_correct
 
-    final_text = s.separator.join(st.text for st in steps)
+    final_text = s.separator.join(item.prefix + tuple(st.text for st in steps))
     answer = extract_answer(final_text)
     correct = is_correct(final_text, item.answer) if item.answer is not None else None
     return ChainResult(

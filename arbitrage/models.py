@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 
 from arbitrage.engine import StepEngine
-from arbitrage.offline import REGISTRY, ModelNotFoundError, convert_gguf, gguf_cache_dir, materialize
+from arbitrage.offline import (REGISTRY, ModelNotFoundError, convert_gguf, gguf_cache_dir, gguf_file,
+                               gguf_tokenizer_dir, materialize)
 from configs.schema import ModelConfig, ModelSource
 
 __all__ = [
     "ModelNotFoundError",
     "load_causal_lm",
+    "gguf_location",
     "load_engine",
     "load_tokenizer",
     "model_location",
@@ -138,8 +140,46 @@ def load_causal_lm(cfg: ModelConfig):
     return model.eval(), load_tokenizer(src)
 
 
-def load_engine(cfg: ModelConfig) -> StepEngine:
-    """A StepEngine over the config's model and tokenizer, limited to `cfg.max_context`."""
+
+def gguf_location(source: ModelSource) -> Path:
+    """The .gguf file of a source, for engines that run GGUF files as shipped (llama.cpp).
+
+    Raises:
+        ModelNotFoundError: a missing file or package, or a source that is not a GGUF.
+    """
+    if source.kind == "gguf":
+        if not Path(source.name).is_file():
+            raise ModelNotFoundError(f"gguf file not found: {source.name}")
+        return Path(source.name)
+    if source.kind == "packaged":
+        return gguf_file(source.name)
+    raise ModelNotFoundError(f"engine 'llamacpp' runs GGUF files: source kind must be 'gguf' or "
+                             f"'packaged', not {source.kind!r}")
+
+
+def load_gguf_tokenizer(source: ModelSource, gguf: Path):
+    """The tokenizer of a GGUF source: `source.tokenizer` when set, else the one inside the file."""
+    from transformers import AutoTokenizer
+
+    if source.tokenizer is not None and source.tokenizer not in REGISTRY:
+        return load_tokenizer(source)
+    where = str(gguf_tokenizer_dir(gguf_location(ModelSource(kind="packaged", name=source.tokenizer))
+                                   if source.tokenizer else gguf))
+    return _ensure_pad(_from_pretrained(AutoTokenizer, where, None))
+
+
+def load_engine(cfg: ModelConfig):
+    """The step engine a model config names (hf, fast or llamacpp), limited to `cfg.max_context`."""
+    if cfg.engine == "llamacpp":
+        from arbitrage.llamacpp_engine import LlamaCppStepEngine, default_lock_path
+
+        if cfg.device not in ("cpu", "auto"):
+            raise ValueError(f"engine 'llamacpp' runs on the CPU: device must be cpu or auto, not {cfg.device!r}")
+        gguf = gguf_location(cfg.source)
+        return LlamaCppStepEngine(gguf, load_gguf_tokenizer(cfg.source, gguf), max_context=cfg.max_context,
+                                  max_slots=cfg.max_slots, kv_cache_tokens=cfg.kv_cache_tokens,
+                                  n_threads=cfg.threads, lock_path=default_lock_path() if cfg.cpu_lock else None,
+                                  embeddings=cfg.hidden_states)
     model, tokenizer = load_causal_lm(cfg)
     if cfg.engine == "fast":
         from arbitrage.fast_engine import FastStepEngine

@@ -145,6 +145,65 @@ def materialize(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     return convert_gguf(files, out)
 
 
+def gguf_file(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The single .gguf file of packaged GGUF model `name`, as llama.cpp loads it (no dequantising).
+
+    A model shipped in slices is joined once into `<cache>/<name>.gguf` (written under a
+    temporary name and renamed when complete); a one-file model is returned in place.
+
+    Raises:
+        ModelNotFoundError: unknown name, not a GGUF model, or packages not installed.
+    """
+    spec = _spec(name)
+    if spec.format != "gguf":
+        raise ModelNotFoundError(f"packaged model {name!r} is not a GGUF model")
+    out = cache_root(cache_dir) / f"{name}.gguf"
+    if out.is_file():
+        return out
+    files = package_files(name)
+    if len(files) == 1:
+        return files[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as f:
+        for s in files:
+            with s.open("rb") as part:
+                shutil.copyfileobj(part, f, length=16 << 20)
+    os.replace(tmp, out)
+    return out
+
+
+def gguf_tokenizer_dir(gguf: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A folder holding the HF tokenizer stored inside a GGUF file (read once, then cached).
+
+    Reading the tokenizer takes seconds and never touches the weights, so an engine that
+    runs the GGUF itself (llama.cpp) gets the same token ids as a converted checkpoint.
+    """
+    from transformers import AutoTokenizer
+
+    p = Path(gguf).resolve()
+    st = p.stat()
+    key = hashlib.sha256(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_root(cache_dir) / "tokenizers" / f"{p.stem}-{key}"
+    if out.is_dir():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name).save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not out.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def gguf_cache_dir(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """Cache folder for a user's .gguf file, keyed by its resolved path, size and mtime."""
     p = Path(path).resolve()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import math
 import random
 from dataclasses import dataclass
 
@@ -36,6 +37,25 @@ class DecisionPolicy(abc.ABC):
     needs_prm_draft: bool = False
     needs_prm_target: bool = False
     needs_router: bool = False
+    escalates: bool = True  # False: the target is never called (draft_only)
+
+    @classmethod
+    def required_roles(cls, prm_configured: bool = False, score_escalations: bool = True) -> tuple[str, ...]:
+        """The model roles this policy calls: derived from what it declares it needs.
+
+        Args:
+            prm_configured: the config has a PRM; escalations are then scored with it when
+                `score_escalations` is on (wasted-escalation counts), for any policy that escalates.
+        """
+        roles = ["draft"] if cls.uses_draft else []
+        if not cls.uses_draft or cls.target_first or cls.escalates:
+            roles.append("target")
+        scores_escalations = prm_configured and score_escalations and cls.uses_draft and cls.escalates
+        if cls.needs_prm_draft or cls.needs_prm_target or scores_escalations:
+            roles.append("prm")
+        if cls.needs_router:
+            roles.append("router")
+        return tuple(roles)
 
     def __init__(self, threshold: float = 0.5, seed: int = 0):
         if not 0.0 <= threshold <= 1.0:
@@ -58,6 +78,7 @@ class DraftOnly(DecisionPolicy):
     """Baseline: every step from the draft."""
 
     name = "draft_only"
+    escalates = False
 
     def escalate(self, ctx: StepContext) -> bool:
         return False
@@ -105,6 +126,25 @@ class Router(DecisionPolicy):
         return ctx.router_prob > self.threshold
 
 
+def step_confidence(out: StepOutput) -> float:
+    """The draft's own confidence in a step: its geometric-mean token probability, exp(mean log p)."""
+    lp = out.logprobs or [0.0]
+    return math.exp(sum(lp) / len(lp))
+
+
+class Confidence(DecisionPolicy):
+    """Judge-free baseline: escalate when the draft's step confidence is below tau.
+
+    The family of ConfSpec (arXiv 2602.18447) and SpecGuard (arXiv 2604.15244): no PRM and
+    no router, only the draft's own token probabilities (`step_confidence`).
+    """
+
+    name = "confidence"
+
+    def escalate(self, ctx: StepContext) -> bool:
+        return step_confidence(ctx.draft) < self.threshold
+
+
 class FixedRate(DecisionPolicy):
     """Systems benchmarks: escalate with probability tau, seeded per (chain, step)."""
 
@@ -117,7 +157,7 @@ class FixedRate(DecisionPolicy):
 
 
 POLICIES: dict[str, type[DecisionPolicy]] = {
-    cls.name: cls for cls in (DraftOnly, TargetOnly, RSD, Oracle, Router, FixedRate)
+    cls.name: cls for cls in (DraftOnly, TargetOnly, RSD, Oracle, Router, Confidence, FixedRate)
 }
 
 

@@ -46,6 +46,7 @@ class PRMRequest:
     problem: str
     steps: tuple[str, ...]
     chain_id: str | None = None  # lets a judge on a StepEngine reuse the chain's cached KV
+    hidden: list[float] | None = None  # the generating engine's state after the step (value-head PRMs)
 
 
 class PRM(abc.ABC):
@@ -378,7 +379,7 @@ class JudgePRM(PRM):
             max_length: longest prompt in tokens; older steps are dropped to fit.
             use_chat_template: render with the tokenizer's chat template when it has one.
         """
-        self.model = model.eval()
+        self.model = model.eval() if model is not None else None  # None: scored through `engine`
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.use_chat_template = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
@@ -387,7 +388,7 @@ class JudgePRM(PRM):
             raise ValueError("judge tokenizer does not have ten distinct digit tokens")
         self.pad_id = _pad_id(tokenizer)
         self.forward_calls = 0
-        params = inspect.signature(type(model).forward).parameters
+        params = inspect.signature(type(model).forward).parameters if model is not None else {}
         self._keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     engine = None  # a StepEngine sharing this model: its per-chain KV cache is reused
@@ -400,7 +401,7 @@ class JudgePRM(PRM):
         successive steps of one chain prefill only the newest step and the question.
         """
         kwargs.setdefault("max_length", engine.max_context)
-        judge = cls(engine.model, engine.tokenizer, **kwargs)
+        judge = cls(getattr(engine, "model", None), engine.tokenizer, **kwargs)
         judge.engine = engine
         return judge
 
@@ -472,7 +473,7 @@ def model_folder(source) -> Path:
                                  f"{first}") from e
 
 
-def build_prm(cfg, target_engine=None) -> PRM:
+def build_prm(cfg, target_engine=None, prompt=None) -> PRM:
     """Build the PRM a `PRMConfig` describes.
 
     Args:
@@ -480,9 +481,14 @@ def build_prm(cfg, target_engine=None) -> PRM:
             (shape name from `arbitrage.tiny.SHAPES`) with the byte tokenizer.
         target_engine: the target's `StepEngine`; a judge with `reuse_target` uses its
             model and tokenizer.
+        prompt: the run's `PromptConfig`: a value PRM renders steps as the draft saw them.
     Returns:
         A `SkyworkPRM`, `QwenMathPRM` or `JudgePRM`.
     """
+    if cfg.kind == "value":
+        from arbitrage.value_prm import build_value_prm
+
+        return build_value_prm(cfg, prompt)
     if cfg.kind == "judge":
         if cfg.reuse_target:
             if target_engine is None:

@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 
 from arbitrage.backend import LocalBackend, ModelBackend
 from arbitrage.loop import ChainInput, LoopSettings, run_chains
-from arbitrage.policies import make_policy
+from arbitrage.policies import POLICIES, make_policy
 
 
 def as_input(item) -> ChainInput:
@@ -24,13 +24,10 @@ def as_input(item) -> ChainInput:
 
 
 def roles_for(policy_name: str, cfg) -> tuple[str, ...]:
-    """The roles a policy needs loaded."""
-    roles = {"draft_only": ("draft",), "target_only": ("target",), "fixed_rate": ("draft", "target"),
-             "rsd": ("draft", "target", "prm"), "oracle": ("draft", "target", "prm"),
-             "router": ("draft", "target", "router")}[policy_name]
-    if cfg.models.prm is not None and cfg.policy.score_escalations and policy_name in ("router", "fixed_rate"):
-        roles = roles + ("prm",)
-    return roles
+    """The roles a policy needs loaded (see `DecisionPolicy.required_roles`)."""
+    if policy_name not in POLICIES:
+        raise ValueError(f"unknown policy {policy_name!r}; choose one of: {', '.join(POLICIES)}")
+    return POLICIES[policy_name].required_roles(cfg.models.prm is not None, cfg.policy.score_escalations)
 
 
 def run_in_process(cfg, items: Iterable, policy: str | None = None, threshold: float | None = None,

@@ -116,3 +116,78 @@ def _byte_of_char(c: str) -> int:
         return o
     others = [b for b in range(256) if b not in printable]
     return others[o - 256]
+
+
+def write_tiny_gguf(path, name: str = "tiny-llama", seed: int = 0):
+    """Write a random-weight model at a Llama shape, with the byte tokenizer, as a float32 GGUF file.
+
+    What llama.cpp loads in tests: the same weights as `random_causal_lm(name, seed)` (q/k
+    rows permuted into GGML's rope layout, as llama.cpp's converter does), the byte
+    tokenizer's vocabulary and ChatML template. Returns (path, the HF model, the tokenizer),
+    so a test can compare llama.cpp against transformers on identical weights.
+    """
+    from pathlib import Path
+
+    import gguf
+    import numpy as np
+
+    model = random_causal_lm(name, seed=seed, dtype=torch.float32)
+    cfg = model.config
+    if cfg.model_type != "llama":
+        raise ValueError(f"write_tiny_gguf writes Llama shapes; {name!r} is {cfg.model_type}")
+    tok = byte_tokenizer(vocab_size=cfg.vocab_size)
+    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    path = Path(path)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_rope_dimension_count(head_dim)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    vocab = tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    specials = set(tok.all_special_tokens)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges(["Ġ Ġ"])  # llama.cpp needs a merges list; we tokenize with the HF tokenizer
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    w.add_pad_token_id(cfg.pad_token_id)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML_TEMPLATE)
+
+    def permute(t: torch.Tensor, heads: int) -> torch.Tensor:  # HF rotate-half rows -> GGML interleaved
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down"}
+    for key, t in sd.items():
+        if key in names:
+            out = names[key]
+        else:
+            parts = key.split(".")  # model.layers.{i}.{module...}.weight
+            out = f"blk.{parts[2]}.{per_layer['.'.join(parts[3:-1])]}.{parts[-1]}"
+            if key.endswith("q_proj.weight"):
+                t = permute(t, n_head)
+            elif key.endswith("k_proj.weight"):
+                t = permute(t, n_kv)
+        w.add_tensor(out, np.ascontiguousarray(t.numpy(), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path, model, tok

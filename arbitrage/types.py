@@ -60,6 +60,7 @@ class StepOutput:
     stop_reason: StopReason
     entropies: list[float] = field(default_factory=list)  # per token, nats (probe features)
     prompt_tokens: int = 0
+    hidden: list[float] | None = None  # engines with embeddings on: the state after reading the step
 
     @property
     def features(self) -> dict[str, float]:

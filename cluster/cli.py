@@ -160,7 +160,7 @@ def runtime(cfg, models: dict[str, str]) -> Iterator:
 
     with console.ray_session(cfg):
         for role, what in models.items():
-            console.phase(f"loading {role} {what}")
+            console.phase(f"loading {role}: {what}")
         t0 = time.perf_counter()
         with Runtime(cfg) as rt:
             console.phase(f"models ready in {time.perf_counter() - t0:.0f}s")
@@ -173,7 +173,7 @@ def local_backend(cfg, roles: tuple[str, ...], models: dict[str, str]):
 
     for role in roles:
         if role in models:
-            console.phase(f"loading {role} {models[role]} (in this process)")
+            console.phase(f"loading {role}: {models[role]} (in this process)")
     t0 = time.perf_counter()
     backend = LocalBackend.from_config(cfg, roles=roles)
     console.phase(f"models ready in {time.perf_counter() - t0:.0f}s")
@@ -461,6 +461,9 @@ from cluster.router_cli import collect, train_router, eval_router  # noqa: E402
 app.command("collect")(collect)
 app.command("train-router")(train_router)
 app.command("eval-router")(eval_router)
+from cluster.research_cli import label, train_prm  # noqa: E402
+app.command("label")(label)
+app.command("train-prm")(train_prm)
 
 
 def main() -> None:

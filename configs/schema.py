@@ -76,11 +76,12 @@ class ModelConfig(_Base):
         default=4096, ge=16, le=1_048_576, description="Longest prompt + step, in tokens."
     )
     seed: int = Field(default=0, description="Seed for random-weight initialisation.")
-    quantization: Literal["none", "int8", "int4"] = Field(
+    quantization: Literal["none", "int8", "int4", "int4_mslk"] = Field(
         default="none",
         description="Weight-only quantization of the linear layers through torchao, applied as the "
         "model loads and kept on the device (int8: per-channel, CPU or GPU; int4: group size 128, "
-        "CUDA only). Needs the `quant` extra.",
+        "tinygemm kernel, CUDA only, fastest at batch 1; int4_mslk: the same in torchao's plain "
+        "layout on mslk-cuda's kernels, flat in batch size). Needs the `quant` extra.",
     )
     gpu_memory_gib: float | None = Field(
         default=None, gt=0,

@@ -114,7 +114,7 @@ def test_fixed_rate_is_seeded_and_near_rate():
 
 
 def test_policy_registry_and_errors():
-    assert set(POLICIES) == {"draft_only", "target_only", "rsd", "oracle", "router", "fixed_rate"}
+    assert set(POLICIES) == {"draft_only", "target_only", "rsd", "oracle", "router", "confidence", "fixed_rate"}
     with pytest.raises(ValueError, match="unknown policy 'nope'"):
         make_policy("nope")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
@@ -184,3 +184,49 @@ def test_timeout_and_error_are_recorded(make_backend, settings, problems):
 
     res = asyncio.run(run_chains(problems[:1], Slow(), make_policy("draft_only"), settings, timeout_s=0.1))
     assert res[0].stop_reason == "timeout"
+
+
+def test_roles_are_derived_from_what_policies_need():
+    roles = {name: cls.required_roles() for name, cls in POLICIES.items()}
+    assert roles == {"draft_only": ("draft",), "target_only": ("target",), "rsd": ("draft", "target", "prm"),
+                     "oracle": ("draft", "target", "prm"), "router": ("draft", "target", "router"),
+                     "confidence": ("draft", "target"), "fixed_rate": ("draft", "target")}
+    # a configured PRM scores escalations (wasted-escalation counts) for every policy that escalates
+    assert POLICIES["router"].required_roles(prm_configured=True) == ("draft", "target", "prm", "router")
+    assert POLICIES["confidence"].required_roles(prm_configured=True, score_escalations=False) == ("draft", "target")
+    assert POLICIES["draft_only"].required_roles(prm_configured=True) == ("draft",)
+
+
+def test_confidence_escalates_below_its_threshold():
+    from arbitrage.policies import step_confidence
+
+    sure = StepOutput(text="a", num_tokens=2, logprobs=[-0.01, -0.03], stop_reason="separator")
+    unsure = StepOutput(text="b", num_tokens=2, logprobs=[-1.0, -2.0], stop_reason="separator")
+    assert step_confidence(sure) == pytest.approx(2.718281828 ** -0.02)
+    assert step_confidence(unsure) == pytest.approx(2.718281828 ** -1.5)
+    pol = make_policy("confidence", 0.5)
+    assert not pol.escalate(StepContext("p", 0, draft=sure))
+    assert pol.escalate(StepContext("p", 0, draft=unsure))
+
+
+def test_a_chain_continues_from_given_steps():
+    """Rollouts: the given prefix is sent to the model, counts against the budget and is graded."""
+
+    class Scripted:
+        def __init__(self):
+            self.seen = []
+
+        async def draft_step(self, req):
+            self.seen.append((req.steps, req.params.seed))
+            return StepOutput(text="So the answer is \\boxed{4}.", num_tokens=5, logprobs=[-0.1] * 5,
+                              stop_reason="separator")
+
+    b = Scripted()
+    item = ChainInput("x", "2+2?", "4", prefix=("Add them: 2 + 2 = 4.",), prefix_tokens=7, seed=100)
+    res = asyncio.run(run_chain(item, b, make_policy("draft_only"), LoopSettings(max_steps=10, seed=1)))
+    assert b.seen == [(("Add them: 2 + 2 = 4.",), 1 + 100 + 1)]
+    assert res.num_steps == 1 and res.correct is True
+    assert res.final_text == "Add them: 2 + 2 = 4.\n\nSo the answer is \\boxed{4}."
+    short = asyncio.run(run_chain(item, Scripted(), make_policy("draft_only"),
+                                  LoopSettings(max_steps=10, max_total_tokens=7)))
+    assert short.num_steps == 0 and short.stop_reason == "max_tokens"
