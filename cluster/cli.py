@@ -461,9 +461,6 @@ from cluster.router_cli import collect, train_router, eval_router  # noqa: E402
 app.command("collect")(collect)
 app.command("train-router")(train_router)
 app.command("eval-router")(eval_router)
-from cluster.research_cli import label, train_prm  # noqa: E402
-app.command("label")(label)
-app.command("train-prm")(train_prm)
 
 
 def main() -> None:

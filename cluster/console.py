@@ -65,14 +65,19 @@ def configure(log_level: str | None = None, verbose_: bool = False) -> None:
         return
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
-    for name in ("ray", "ray.serve", "transformers", "torch", "filelock", "urllib3"):
+    # Filters, not levels: DeepSpeed ("Setting accelerator to CPU") and Serve ("Started Serve",
+    # "Application ... is ready") set their loggers' levels when they start, but keep the
+    # filters of the logger objects created here.
+    for name in ("ray", "ray.serve", "DeepSpeed", "transformers", "torch", "filelock", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    # DeepSpeed sets its logger's level when imported (warning: "Setting accelerator to CPU"), but
-    # keeps the filters of the logger object created here.
-    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
+        logging.getLogger(name).addFilter(_errors_only)
     import warnings
 
     warnings.filterwarnings("ignore")
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
 
 
 def worker_env() -> dict[str, str]:

@@ -29,7 +29,8 @@ def check_models(cfg, roles: tuple[str, ...] | None = None, local: bool = True) 
         roles: the roles that will load (draft, target, prm, router).
         local: the models load on this machine (no `runtime.address`), so CUDA must be here too.
     Returns:
-        role -> what it loads, for start-up messages ("qwen2.5-coder-0.5b-instruct from ~/.cache/...").
+        role -> what it loads, for start-up messages ("qwen2.5-coder-0.5b-instruct from ~/.cache/...",
+        "judge, served by the target", "probe from routers/local-probe", "random weights (tiny-llama)").
     Raises:
         ConfigError: a device that is not one, or CUDA that is not here.
         ModelNotFoundError: a model's files, package or shape cannot be found.
@@ -45,7 +46,7 @@ def check_models(cfg, roles: tuple[str, ...] | None = None, local: bool = True) 
         if role == "router":
             out[role] = _router(mc, cfg.name)
         elif role == "prm" and getattr(mc, "reuse_target", False):
-            out[role] = f"{mc.kind} on the target's weights"
+            out[role] = f"{mc.kind}, served by the target"
         else:
             out[role] = _model(f"models.{role}", mc)
     from arbitrage.memory_plan import check as check_memory_plan
@@ -101,5 +102,5 @@ def _router(rc, config: str | None = None) -> str:
     if rc.path is not None:
         if not Path(rc.path).is_dir():  # the preset routers are trained, not shipped: say how
             raise ModelNotFoundError(f"models.router.path: {missing_router_message(rc.path, rc.backbone, config)}")
-        return f"{rc.kind} router from {short_path(rc.path)}"
+        return f"{rc.kind} from {short_path(rc.path)}"
     return _model("models.router", rc)

@@ -9,6 +9,8 @@ of range) ends with one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import signal
+import sys
 import time
 from typing import Optional
 
@@ -44,7 +46,7 @@ def serve(
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
     with console.ray_session(cfg):
         for role, what in models.items():
-            console.phase(f"loading {role} {what}")
+            console.phase(f"loading {role}: {what}")
         console.phase(f"starting Serve: {cfg.serve.model_id!r} (config={cfg.name}, policy={cfg.policy.name}, "
                       f"tau={cfg.policy.threshold:g})")
         run_openai_app(cfg, blocking=False)
@@ -52,8 +54,11 @@ def serve(
                    + ("; Ctrl-C stops it" if blocking else ""), err=True)
         if not blocking:
             return
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops it as Ctrl-C does: Ray shut down
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
+            pass
+        finally:
             typer.echo("stopped", err=True)
