@@ -7,7 +7,8 @@ shape), its dtype and quantization, its engine's KV cache, and its batching:
 
 - weights: every parameter in the role's dtype; with `quantization` int8 the linear layers
   take 1 byte a weight (+ a bf16 scale per row), int4 half a byte (+ a bf16 scale and zero
-  point per 128 weights); a TP rank holds 1/N of the layers' linears and of lm_head.
+  point per 128 weights; the tinygemm layout pads in_features to a multiple of 1024); a TP rank
+  holds 1/N of the layers' linears and of lm_head.
 - KV cache: fast engine `(max_slots + 1) * max_context` tokens (its static slots and the
   dummy slot, allocated at start); hf engine `kv_cache_tokens` cached plus one full batch
   (`max_batch_size * max_context`) in flight; a TP rank holds 1/N of the KV heads.
@@ -64,12 +65,17 @@ class Arch:
     def hd(self) -> int:
         return self.head_dim or self.hidden // self.heads
 
-    def layer_linear_params(self) -> int:
-        """Weights of one layer's linear layers (the ones quantization and TP split)."""
-        q, kv = self.heads * self.hd, self.kv_heads * self.hd
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in_features, out_features) of one layer's linear layers (the ones quantization and TP split)."""
+        h, i = self.hidden, self.intermediate
         if self.family == "bert":
-            return 4 * self.hidden * self.hidden + 2 * self.hidden * self.intermediate
-        return self.hidden * (q + 2 * kv) + q * self.hidden + 3 * self.hidden * self.intermediate
+            return [(h, h)] * 4 + [(h, i), (i, h)]
+        q, kv = self.heads * self.hd, self.kv_heads * self.hd
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+    def layer_linear_params(self) -> int:
+        """Weights of one layer's linear layers."""
+        return sum(k * n for k, n in self.linear_shapes())
 
     def other_layer_params(self) -> int:
         """Biases and norms of one layer."""
@@ -256,11 +262,15 @@ def _weight_bytes(arch: Arch, elem: int, quant: str, tp: int, causal_lm: bool) -
     linear = arch.layers * arch.layer_linear_params()
     head = arch.lm_head_params(causal_lm)
     rest = arch.params(causal_lm) - linear - head
+    shapes = arch.linear_shapes()
     if quant == "int8":  # 1 byte a weight + one bf16 scale per output row
-        rows = (arch.heads + 2 * arch.kv_heads) * arch.hd + 2 * arch.hidden + 2 * arch.intermediate
-        lin_bytes = linear + arch.layers * rows * 2
-    elif quant == "int4":  # half a byte a weight + a bf16 scale and zero point per 128 weights
-        lin_bytes = linear // 2 + (linear // INT4_GROUP) * 2 * 2
+        lin_bytes = linear + arch.layers * sum(n for _, n in shapes) * 2
+    elif quant == "int4":  # tinygemm layout: in_features padded to a multiple of 1024, then half a byte
+        # a weight + a bf16 scale and zero point per 128 (measured on an H200: 6.03 GB for Qwen2.5-Math-7B)
+        padded = sum(-(-k // 1024) * 1024 * n for k, n in shapes)
+        lin_bytes = arch.layers * (padded // 2 + padded // INT4_GROUP * 4)
+    elif quant == "int4_mslk":  # torchao's plain layout: half a byte + bf16 scale and zero per 128 (5.65 GB)
+        lin_bytes = linear // 2 + linear // INT4_GROUP * 4
     else:
         lin_bytes = linear * elem
     return (lin_bytes + head * elem) // tp + rest * elem

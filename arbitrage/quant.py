@@ -6,9 +6,14 @@ as the model loads:
 - `int8`: `Int8WeightOnlyConfig` -- int8 weights with one scale per output channel (about
   half of bf16's bytes). Runs on the CPU and the GPU.
 - `int4`: `Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")` --
-  int4 weights with a bf16 scale and zero point per 128 inputs (about 4.25 bits a weight, a
-  quarter of bf16's bytes plus 3%), in the layout of PyTorch's own tinygemm kernel
-  (`aten._weight_int4pack_mm`, sm80 and newer): no extra package on the GPU. CUDA only.
+  int4 weights with a bf16 scale and zero point per 128 inputs (about 4.25 bits a weight; this
+  layout pads in_features to a multiple of 1024), run by PyTorch's own tinygemm kernel
+  (`aten._weight_int4pack_mm`, sm80 and newer): no extra package on the GPU. CUDA only. On an
+  H200 (docs/BENCHMARKS.md, "Quantized draft") it beats bf16 at batch 1 and falls behind from
+  batch 8 on (a GEMV-shaped kernel; activations are padded per call).
+- `int4_mslk`: the same quantization in torchao's default ("plain") layout, run by the
+  `mslk-cuda` package's kernels: flat in batch size (slower than tinygemm at batch 1, 2.4x
+  faster at batch 32 on the H200). CUDA and `mslk-cuda` only.
 
 Why torchao: it is PyTorch's own quantization library (maintained with PyTorch, supported by
 transformers as `TorchAoConfig`), its quantized weights are tensor subclasses, so every
@@ -27,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-SCHEMES = ("none", "int8", "int4")
+SCHEMES = ("none", "int8", "int4", "int4_mslk")
 INT4_GROUP = 128
 
 
@@ -39,7 +44,14 @@ def _config(scheme: str, device: torch.device):
     if scheme == "int8":
         return Int8WeightOnlyConfig()
     if device.type != "cuda":
-        raise ValueError("quantization 'int4' runs on CUDA only (torchao's tinygemm layout); use int8 on the CPU")
+        raise ValueError(f"quantization {scheme!r} runs on CUDA only; use int8 on the CPU")
+    if scheme == "int4_mslk":
+        try:
+            import mslk  # noqa: F401  (the kernels of torchao's plain int4 layout)
+        except ImportError as e:
+            raise ValueError("quantization 'int4_mslk' needs the mslk-cuda package (pip install mslk-cuda); "
+                             "'int4' needs none") from e
+        return Int4WeightOnlyConfig(group_size=INT4_GROUP)
     return Int4WeightOnlyConfig(group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d")
 
 
@@ -47,7 +59,7 @@ def quantizable(module: nn.Module, name: str, scheme: str) -> bool:
     """Whether `quantize_weights` converts this module: a Linear, not the LM head, of a shape the kernel takes."""
     if not isinstance(module, nn.Linear) or name.split(".")[-1] == "lm_head":
         return False
-    if scheme == "int4":
+    if scheme.startswith("int4"):
         return module.in_features % INT4_GROUP == 0 and module.out_features % 8 == 0
     return True
 

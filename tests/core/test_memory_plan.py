@@ -131,3 +131,14 @@ def test_cli_config_plan():
     assert bad.returncode == 2
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: memory plan: models.draft") and "gets 11.0 GiB" in lines[0]
+
+
+def test_weight_bytes_equal_the_h200_measurement():
+    """benchmarks/results/quant_h200.json: the tensor bytes of the quantized 7B draft, measured on an H200."""
+    import json
+
+    rows = {r["variant"]: r for r in json.loads((ROOT / "benchmarks/results/quant_h200.json").read_text())["rows"]}
+    for variant, scheme in [("bf16", "none"), ("int8", "int8"), ("int4", "int4"), ("int4-mslk", "int4_mslk")]:
+        cfg = load_config("qwen-math-7b-q3", **{"models.draft.quantization": scheme})
+        planned = plan(cfg).roles[0].weights
+        assert planned == pytest.approx(rows[variant]["weight_bytes"], rel=0.001), variant
