@@ -511,6 +511,10 @@ def build_prm(cfg, target_engine=None, prompt=None) -> PRM:
         model.model.to(dtype)
     else:
         model = load_prm_model(cfg.kind, model_folder(cfg.source), dtype=dtype, device=device)
+    if cfg.quantization != "none":  # the backbone's linears (arbitrage.quant); the small heads stay float32
+        from arbitrage.quant import quantize_weights
+
+        quantize_weights(getattr(model, "model", model), cfg.quantization, device)
     tokenizer = load_tokenizer(cfg.source)
     if cfg.kind == "skywork":
         return SkyworkPRM(model, tokenizer, step_token=cfg.step_token, max_length=cfg.max_context)

@@ -58,3 +58,16 @@ def test_int4_needs_cuda_and_lm_head_is_never_quantized():
     assert quantizable(model.model.layers[0].mlp.down_proj, "model.layers.0.mlp.down_proj", "int4")
     odd = torch.nn.Linear(100, 64)
     assert not quantizable(odd, "x", "int4") and quantizable(odd, "x", "int8")
+
+
+def test_skywork_prm_backbone_int8():
+    from arbitrage.prm import PRMRequest, build_prm
+    from configs.schema import PRMConfig
+
+    src = {"kind": "random", "name": "tiny-qwen2"}
+    reqs = [PRMRequest("What is 2 + 3?", ("2 + 3 = 5.",)), PRMRequest("What is 2 + 3?", ("2 + 3 = 6.",))]
+    full = build_prm(PRMConfig(kind="skywork", source=src, device="cpu", dtype="float32"))
+    q = build_prm(PRMConfig(kind="skywork", source=src, device="cpu", dtype="float32", quantization="int8"))
+    assert "Int8" in type(q.model.model.layers[0].mlp.up_proj.weight).__name__
+    assert type(q.model.v_head.summary.weight) is torch.nn.Parameter  # the value head stays float32
+    assert all(abs(a - b) < 0.02 for a, b in zip(q.score(reqs), full.score(reqs), strict=True))
