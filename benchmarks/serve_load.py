@@ -6,7 +6,10 @@ starts the app itself (a local Ray, the config's models, a free loopback port) a
 down afterwards; `--url` targets an app already running on this machine instead. Each
 client sends greedy chat completions one after another (distinct problems); the table has
 completed requests/s, p50/p99 latency, errors by status, steps and completion tokens/s
-(streamed requests also report time to the first step with `--stream`).
+(streamed requests also report time to the first step with `--stream`). `--bad-every N`
+makes every Nth request unsampleable (temperature 1e-300 or top_p 5e-324: they must still
+get 200, decoded greedily, and fail nothing else); each level also records what the app's
+`GET /metrics` counted meanwhile (requests by status, escalations, acceptance, batch sizes).
 
     python benchmarks/serve_load.py --config configs/tiny.yaml --levels 1,8,32 --duration 20 \
         --out benchmarks/results/serve_load_tiny.json
@@ -46,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=None, help="arbitrage.threshold per request")
     p.add_argument("--stream", action="store_true", help="stream responses; also report time to first step")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
+    p.add_argument("--bad-every", type=int, default=0,
+                   help="every Nth request is unsampleable (temperature 1e-300 / top_p 5e-324); 0: none")
     p.add_argument("--out", default="benchmarks/results/serve_load.json", help="JSON results path")
     a = p.parse_args(argv)
     a.levels = [int(x) for x in a.levels.split(",") if x.strip()]
@@ -84,6 +89,8 @@ def request_body(a: argparse.Namespace, i: int, model: str) -> dict:
     if a.max_tokens is not None:
         body["max_tokens"] = a.max_tokens
     opts = {k: v for k, v in (("policy", a.policy), ("threshold", a.threshold)) if v is not None}
+    if a.bad_every and i >= 0 and i % a.bad_every == a.bad_every - 1:  # parameters no engine can sample
+        body |= {"temperature": 1e-300} if (i // a.bad_every) % 2 else {"temperature": 1.0, "top_p": 5e-324}
     return body | ({"arbitrage": opts} if opts else {})
 
 
@@ -131,8 +138,52 @@ async def run_level(a: argparse.Namespace, url: str, model: str, clients: int, k
                 except httpx.HTTPError as e:
                     rows.append({"status": type(e).__name__, "latency_s": time.perf_counter() - t0})
 
+        before = await scrape(http)
         await asyncio.gather(*(client() for _ in range(clients)))
-        return summarize(rows, clients, time.perf_counter() - t0)
+        row = summarize(rows, clients, time.perf_counter() - t0)
+        await asyncio.sleep(1.5)  # model replicas push their batch histograms every second
+        row["metrics"] = metrics_delta(before, await scrape(http))
+        return row
+
+
+async def scrape(http) -> dict:
+    """The app's /metrics, summed by (name, labels); {} when it has none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = await http.get("/metrics")
+    if r.status_code != 200:
+        return {}
+    out: dict = {}
+    for fam in text_string_to_metric_families(r.text):
+        for smp in fam.samples:
+            key = (smp.name, tuple(sorted(smp.labels.items())))
+            out[key] = out.get(key, 0.0) + smp.value
+    return out
+
+
+def metrics_delta(before: dict, after: dict) -> dict:
+    """What the app's counters say about the level: requests by status, escalation rate, acceptance,
+    mean batch size per role."""
+    if not after:
+        return {}
+
+    def d(name: str, **labels) -> float:
+        want = {(k, str(v)) for k, v in labels.items()}
+        return sum(v - before.get(k, 0.0) for k, v in after.items() if k[0] == name and want <= set(k[1]))
+
+    statuses = sorted({dict(k[1]).get("status") for k in after if k[0] == "arbitrage_requests_total"} - {None})
+    steps = d("arbitrage_steps_total")
+    batches = {}
+    for role in ("draft", "target", "prm", "router"):
+        n = d("arbitrage_batch_size_count", role=role)
+        if n:
+            batches[role] = round(d("arbitrage_batch_size_sum", role=role) / n, 2)
+    return {"requests": {st: d("arbitrage_requests_total", status=st) for st in statuses},
+            "steps": steps, "escalation_rate": d("arbitrage_escalations_total") / steps if steps else None,
+            "wasted_escalations": d("arbitrage_wasted_escalations_total"),
+            "acceptance_tokens": (d("arbitrage_accepted_draft_tokens_total") / d("arbitrage_draft_tokens_total")
+                                  if d("arbitrage_draft_tokens_total") else None),
+            "mean_batch_size": batches, "batch_isolations": d("arbitrage_batch_isolations_total")}
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -191,6 +242,8 @@ def main(argv=None) -> dict:
                 row["replicas"] = replica_counts()
             levels.append(row)
             print_table(levels[-1:])
+            if row.get("metrics"):
+                print("  /metrics:", json.dumps(row["metrics"]))
     finally:
         if owned:
             import ray
@@ -202,6 +255,7 @@ def main(argv=None) -> dict:
               "config": a.config if owned else None, "policy": a.policy or (cfg.policy.name if cfg else None),
               "threshold": a.threshold if a.threshold is not None else (cfg.policy.threshold if cfg else None),
               "stream": a.stream, "duration_s": a.duration, "max_requests": a.max_requests,
+              "bad_every": a.bad_every,
               "host": {"platform": platform.platform(), "cpus": os.cpu_count(),
                        "loadavg_start": load_start, "loadavg_end": os.getloadavg()}, "levels": levels}
     print()

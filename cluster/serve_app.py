@@ -1190,7 +1190,9 @@ def role_options(role: str, cfg: ArbitrageConfig) -> dict[str, Any]:
                    "initial_replicas": max(sc.min_replicas, 1),
                    "target_ongoing_requests": sc.target_ongoing_requests or a.batching.max_batch_size,
                    "upscale_delay_s": sc.upscale_delay_s, "downscale_delay_s": sc.downscale_delay_s,
-                   "look_back_period_s": sc.look_back_period_s}
+                   "look_back_period_s": sc.look_back_period_s,
+                   # replicas report their load this often (Serve's default, 10 s, must stay under the window)
+                   "metrics_interval_s": min(10.0, sc.look_back_period_s / 2)}
     return dict(name=role, ray_actor_options=actor, max_ongoing_requests=MAX_CONCURRENCY,
                 max_queued_requests=-1, autoscaling_config=scaling)
 
