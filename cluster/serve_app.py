@@ -812,8 +812,9 @@ class OpenAIIngress:
             h = self._health
         fresh = h["since"] is not None and time.monotonic() - h["since"] <= HEALTH_STALE_S
         if not (h["ok"] and fresh):
-            raise APIError(503, f"coordinator not ready: {h['error'] or 'no answer for over ' + str(HEALTH_STALE_S) + ' s'}",
-                           code="not_ready", headers={"Retry-After": str(self.cfg.serve.retry_after_s)})
+            why = h["error"] or f"no answer for over {HEALTH_STALE_S:g} s"
+            raise APIError(503, f"coordinator not ready: {why}", code="not_ready",
+                           headers={"Retry-After": str(self.cfg.serve.retry_after_s)})
         return {"status": "ok", "model": self.model_id, "coordinator": h["info"],
                 "in_flight": self.active, "max_queued_requests": self.limit}
 

@@ -23,7 +23,9 @@ and by `configs/serve.yaml`'s `controller_options`).
   "param", "code"}}` naming the request id; a 503 (Serve's backpressure, an unavailable
   deployment) keeps or gets `Retry-After`, and a request the proxy could not finish because
   the replica holding it died (Serve's plain 500) becomes 503 `replica_unavailable` with
-  `Retry-After`, since sending it again succeeds once Serve has replaced the replica.
+  `Retry-After`, since sending it again succeeds once Serve has replaced the replica. A
+  server-sent event stream cut off that way ends with an in-band `replica_unavailable`
+  error event and `data: [DONE]`, as the app ends streams whose coordinator was lost.
 
 Nothing here imports Ray: the proxy imports this module before it serves.
 """
@@ -266,6 +268,10 @@ class ProxyGuard:
             logger.exception("request %s failed in the proxy", rid)
         if not out.started:  # nothing was sent: the replica holding it was lost
             await out.unavailable()
+        elif out.held is not None:  # a plain error whose body never ended
+            await out.flush()
+        elif not out.finished and out.event_stream:  # a stream cut off: end it in-band, as the app does
+            await out.end_stream()
 
     async def _read_body(self, receive, send, rid: str) -> bytes | None:
         """The whole body, or None after answering 408 / 413 (or when the client left)."""
@@ -310,8 +316,8 @@ class _ErrorRewriter:
 
     def __init__(self, send, rid: str, retry_after_s: int):
         self._send, self.rid, self.retry_after_s = send, rid, retry_after_s
-        self.started = False
-        self._held: dict[str, Any] | None = None  # a plain error's start message, until its body ends
+        self.started = self.finished = self.event_stream = False
+        self.held: dict[str, Any] | None = None  # a plain error's start message, until its body ends
         self._text = b""
 
     async def send(self, message: dict) -> None:
@@ -320,16 +326,23 @@ class _ErrorRewriter:
             self.started = True
             headers = dict(message.get("headers", ()))
             ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            self.event_stream = ctype == b"text/event-stream"
             if message["status"] >= 400 and ctype not in JSON_TYPES:
-                self._held = message
+                self.held = message
                 return
-        elif kind == "http.response.body" and self._held is not None:
+        elif kind == "http.response.body" and not message.get("more_body", False):
+            self.finished = True
+        if kind == "http.response.body" and self.held is not None:
             self._text += message.get("body", b"")[:1024 - len(self._text)]
             if not message.get("more_body", False):
-                held, self._held = self._held, None
+                held, self.held = self.held, None
                 await self._rewrite(held)
             return
         await self._send(message)
+
+    async def flush(self) -> None:
+        held, self.held = self.held, None
+        await self._rewrite(held)
 
     async def _rewrite(self, start: dict) -> None:
         status = start["status"]
@@ -353,8 +366,21 @@ class _ErrorRewriter:
         if status == 503 and retry is None:
             retry = str(self.retry_after_s).encode()
         logger.warning("request %s: proxy answered %s %r; sent as JSON", self.rid, start["status"], text[:200])
+        self.finished = True
         await _answer(self._send, status, f"{msg} (request id {self.rid})", code,
                       retry_after=int(retry) if retry is not None and retry.isdigit() else None)
+
+    async def end_stream(self) -> None:
+        """Close a server-sent event stream whose replica was lost: an error event, then [DONE]."""
+        logger.warning("request %s: stream cut off by a lost replica; ended in-band", self.rid)
+        event = json.loads(error_body(503, "service temporarily unavailable: a replica serving this request "
+                                           f"was lost; retry (request id {self.rid})", "replica_unavailable"))
+        body = f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
+        try:
+            await self._send({"type": "http.response.body", "body": body, "more_body": False})
+        except Exception:  # the client left too
+            pass
+        self.finished = True
 
     async def unavailable(self) -> None:
         self.started = True
