@@ -60,6 +60,10 @@ class DynamicBatcher(Generic[T, R]):
         await self._queue.put((item, fut))
         return await fut
 
+    def queued(self) -> int:
+        """Requests waiting for a batch (not yet handed to batch_fn)."""
+        return self._queue.qsize() if self._queue is not None else 0
+
     def stats(self) -> dict[str, Any]:
         return {"batch_sizes": dict(sorted(self.batch_sizes.items())), "busy_s": self.busy_s,
                 "isolated": self.isolated}

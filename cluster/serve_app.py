@@ -694,7 +694,7 @@ class ServedModel(ModelActor):
 
     def _metrics_snapshot(self) -> dict:
         methods = {name: b.stats() for name, b in self._batchers.items()}
-        queues = {name: b._queue.qsize() if b._queue is not None else 0 for name, b in self._batchers.items()}
+        queues = {name: b.queued() for name, b in self._batchers.items()}
         return batch_metrics(self.role, methods, queues)
 
 
@@ -1221,7 +1221,7 @@ def ingress_options(cfg: ArbitrageConfig) -> dict[str, Any]:
 def metrics_options() -> dict[str, Any]:
     """Serve options of the metrics hub: one light replica."""
     return dict(name="metrics", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
-                max_queued_requests=-1)
+                max_queued_requests=-1, logging_config={"enable_access_log": False})  # a push a second per replica
 
 
 def as_serve_config(cfg: ArbitrageConfig | dict | str | Path) -> ArbitrageConfig:
