@@ -12,7 +12,8 @@ finishes. `shutdown()` kills what `start()` created. Use it as a context manager
         rows = rt.run(problems, policy="router", threshold=0.5)
         print(summarize(rows))          # arbitrage.metrics.summarize
 
-Placement: the target is one ModelActor when `runtime.target.tensor_parallel == 1`, else
+Placement (`runtime.layout: colocated`: one `actors.colocated_actor.ColocatedActor` serves every
+role instead, its fast engines on one scheduler thread). Otherwise the target is one ModelActor when `runtime.target.tensor_parallel == 1`, else
 an `actors.target_group.TargetGroupHost` actor owning a `TargetGroup` (N rank actors in one
 placement group), which restarts the whole group when a rank dies. A judge
 PRM with `reuse_target` is served by the target actor itself (no second copy of the
@@ -107,6 +108,17 @@ class Runtime:
     def _create_model_actors(self) -> None:
         """Actors of every configured role; a TP target group last (its create() blocks until loaded)."""
         roles = configured_roles(self.cfg)
+        if self.cfg.runtime.layout == "colocated":  # every role in one actor (actors/colocated_actor.py)
+            from actors.colocated_actor import make_colocated_actor
+
+            actor, views = make_colocated_actor(self.cfg)
+            self._owned.append(("target", actor))  # its resources are reported as the target's
+            self.handles.update(views)
+            if "router" in roles and "router" not in views:  # a probe: inside each coordinator
+                from arbitrage.router import InProcessRouter
+
+                self.handles["router"] = [InProcessRouter(self.cfg.models.router)]
+            return
         as_group = self.cfg.runtime.target.tensor_parallel > 1
         prm_rides = "prm" in roles and self._prm_rides_on_target(as_group)
         for role in roles:

@@ -313,6 +313,18 @@ class RuntimeConfig(_Base):
     target: ActorConfig = Field(default_factory=ActorConfig, description="Target actors / TP group.")
     prm: ActorConfig = Field(default_factory=ActorConfig, description="PRM actors.")
     router: ActorConfig = Field(default_factory=lambda: ActorConfig(num_cpus=0.5), description="Router actors.")
+    layout: Literal["separate", "colocated"] = Field(
+        default="separate",
+        description="separate: one actor per role; colocated: draft, target, PRM and router in ONE actor whose "
+                    "fast engines share one scheduler thread (one GPU: no time-slicing between processes; "
+                    "arbitrage/colocated.py). It asks for the roles' num_cpus summed and their num_gpus summed "
+                    "(at most 1).")
+
+    @model_validator(mode="after")
+    def _colocated_layout(self) -> "RuntimeConfig":
+        if self.layout == "colocated" and self.target.tensor_parallel > 1:
+            raise ValueError("runtime.layout colocated needs runtime.target.tensor_parallel 1")
+        return self
 
 
 class RoleScaling(_Base):
