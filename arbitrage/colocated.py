@@ -30,6 +30,7 @@ Not supported: a tensor-parallel engine (its ranks must run batches in lockstep)
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from typing import Any
@@ -43,8 +44,11 @@ class ColocatedScheduler:
     """One thread that runs the turns of every registered `ColocatedEngine` in round-robin."""
 
     def __init__(self, streams: bool | None = None):
-        """Args: streams: one CUDA stream per engine (default: on CUDA); False issues every
-        engine's work on the current stream, strictly one after the other."""
+        """Args: streams: one CUDA stream per engine (default: on CUDA, unless the environment
+        sets ARBITRAGE_COLOCATED_STREAMS=0); False issues every engine's work on the current
+        stream, strictly one after the other."""
+        if streams is None and os.environ.get("ARBITRAGE_COLOCATED_STREAMS") == "0":
+            streams = False
         self.streams = streams
         self.engines: list[ColocatedEngine] = []
         self.stats = {"turns": 0, "idle_s": 0.0, "busy_s": 0.0}

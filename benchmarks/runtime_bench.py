@@ -8,7 +8,16 @@ JSON. The lockstep baseline is the published ARBITRAGE script's structure: all c
 draft a step, wait for the slowest, then the escalated ones wait for the target, and so
 on -- it runs over the very same actors.
 
+Layouts (`--layouts`, run one after the other in one call, each with its own Ray):
+`separate` is one actor per role (two processes time-slicing one GPU at `--gpu-fraction`
+0.45); `colocated` is `runtime.layout: colocated` (one actor, both fast engines on one
+scheduler thread, a CUDA stream each: arbitrage/colocated.py); `colocated-1stream` is the
+same with every engine on one stream (ARBITRAGE_COLOCATED_STREAMS=0). The JSON is written
+after each layout, so a cut-off run keeps the layouts that finished.
+
     python benchmarks/runtime_bench.py --out benchmarks/results/runtime_h200.json
+    python benchmarks/runtime_bench.py --layouts separate,colocated --skip router --steps 8 \
+        --max-context 2048 --num-cpus 12 --out benchmarks/results/runtime_coloc_h200.json
     python benchmarks/runtime_bench.py --device cpu --draft tiny-llama --target tiny-llama-wide \
         --router tiny-llama --chains 1,4 --steps 3 --step-tokens 8 --out /tmp/runtime_smoke.json   # smoke test
     # 70B target over 4 GPUs (TP=4, 0.8 GPU per rank) with an 8B draft on the rest of GPU 0..3:
@@ -21,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import time
@@ -29,7 +39,11 @@ from pathlib import Path
 from configs.schema import ArbitrageConfig
 
 
-def bench_config(a) -> ArbitrageConfig:
+LAYOUTS = ("separate", "colocated", "colocated-1stream")
+ENGINE_COUNTERS = ("decode_steps", "admitted_mid_decode", "prefill_s", "decode_s", "idle_s")
+
+
+def bench_config(a, layout: str = "separate") -> ArbitrageConfig:
     gpu = a.gpu_fraction if a.device == "cuda" else 0.0
     model = lambda shape, seed: {"source": {"kind": "random", "name": shape}, "dtype": a.dtype,
                                  "device": a.device, "max_context": a.max_context, "seed": seed,
@@ -49,6 +63,7 @@ def bench_config(a) -> ArbitrageConfig:
         "policy": {"name": "fixed_rate", "threshold": a.rate},
         "prompt": {"use_chat_template": True, "system_prompt": "Please reason step by step."},
         "runtime": {"num_cpus": a.num_cpus, "max_concurrent_chains": a.max_chains,
+                    "layout": "separate" if layout == "separate" else "colocated",
                     "draft": {"num_cpus": 1, "num_gpus": gpu, "batching": batching},
                     "target": {"num_cpus": 1, "num_gpus": a.target_gpus if a.device == "cuda" else 0.0,
                                "tensor_parallel": a.target_tp, "batching": batching},
@@ -93,8 +108,16 @@ def run_coordinator(rt, items, policy, tau) -> tuple[float, int, list[dict]]:
     return dt, sum(r["num_steps"] for r in res), res
 
 
+def engine_counters(rt) -> dict[str, dict[str, float]]:
+    """The draft's and the target's engine counters (cumulative), by role."""
+    roles = rt.stats()["roles"]
+    return {r: {k: float(roles[r]["replicas"][0].get("engine", {}).get(k, 0)) for k in ENGINE_COUNTERS}
+            for r in ("draft", "target") if r in roles}
+
+
 def throughput(rt, cfg, a) -> list[dict]:
-    """Steps/s through the coordinator vs lockstep, at each concurrency."""
+    """Steps/s through the coordinator vs lockstep, at each concurrency; the engines' counters
+    over the timed coordinator run (decode steps, mean decode step, prefill and idle seconds)."""
     from actors.backend import RayBackend
 
     backend = RayBackend(rt.handles)
@@ -104,12 +127,17 @@ def throughput(rt, cfg, a) -> list[dict]:
         # Warm-up at the same concurrency: CUDA graphs for this batch bucket are captured here,
         # not inside the timed runs.
         run_coordinator(rt, problems(n, f"warm{n}"), "fixed_rate", a.rate)
+        before = engine_counters(rt)
         dt_c, steps_c, _ = run_coordinator(rt, items, "fixed_rate", a.rate)
+        after = engine_counters(rt)
+        during = {r: {k: after[r][k] - before[r][k] for k in ENGINE_COUNTERS} for r in after}
+        for c in during.values():
+            c["ms_per_decode_step"] = 1e3 * c["decode_s"] / c["decode_steps"] if c["decode_steps"] else None
         t0 = time.perf_counter()
         steps_l = asyncio.run(lockstep(backend, problems(n, f"ls{n}"), cfg, a.rate))
         dt_l = time.perf_counter() - t0
         row = {"chains": n, "coordinator_steps_per_s": steps_c / dt_c, "lockstep_steps_per_s": steps_l / dt_l,
-               "coordinator_s": dt_c, "lockstep_s": dt_l}
+               "coordinator_s": dt_c, "lockstep_s": dt_l, "engines_during_coordinator": during}
         row["speedup_vs_lockstep"] = row["coordinator_steps_per_s"] / row["lockstep_steps_per_s"]
         rows.append(row)
         print(f"chains={n:3d} coordinator {row['coordinator_steps_per_s']:8.2f} steps/s  "
@@ -202,29 +230,43 @@ def main() -> None:
                     help="router for the overhead part: a random classifier shape, or probe:PATH "
                     "(a trained probe router folder); '' skips it")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: throughput,latency,router")
+    ap.add_argument("--layouts", default="separate",
+                    help=f"comma list of runtime layouts to run, one after the other: {', '.join(LAYOUTS)}")
     ap.add_argument("--out", default="benchmarks/results/runtime.json")
     a = ap.parse_args()
     a.target_gpus = a.gpu_fraction if a.target_gpus is None else a.target_gpus
     a.chain_counts = [int(c) for c in a.chains.split(",")]
     a.max_chains = max(a.chain_counts)
     a.rates = [float(r) for r in a.rates.split(",")]
-    cfg = bench_config(a)
+    a.layout_list = [x for x in a.layouts.split(",") if x]
+    bad = [x for x in a.layout_list if x not in LAYOUTS]
+    if bad:
+        ap.error(f"unknown layout {bad[0]!r}; choose from {', '.join(LAYOUTS)}")
     from cluster.runtime import Runtime
 
-    result = {"args": vars(a), "host": platform.node()}
-    t0 = time.perf_counter()
-    with Runtime(cfg) as rt:
-        result["startup_s"] = time.perf_counter() - t0
-        if "throughput" not in a.skip:
-            result["throughput"] = throughput(rt, cfg, a)
-        if "latency" not in a.skip:
-            result["latency"] = latency(rt, a)
-            if a.router and "router" not in a.skip:
-                result["router_overhead"] = router_overhead(rt, a, result["latency"])
-        result["actor_stats"] = rt.stats()
+    result = {"args": vars(a), "host": platform.node(), "layouts": {}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2, default=str))
-    print(f"wrote {a.out}")
+    for layout in a.layout_list:
+        # Read by the colocated actor's scheduler (Ray's workers inherit the driver's environment).
+        os.environ["ARBITRAGE_COLOCATED_STREAMS"] = "0" if layout == "colocated-1stream" else "1"
+        cfg = bench_config(a, layout)
+        print(f"== layout {layout}", flush=True)
+        res: dict = {}
+        t0 = time.perf_counter()
+        with Runtime(cfg) as rt:
+            res["startup_s"] = time.perf_counter() - t0
+            if "throughput" not in a.skip:
+                res["throughput"] = throughput(rt, cfg, a)
+            if "latency" not in a.skip:
+                res["latency"] = latency(rt, a)
+                if a.router and "router" not in a.skip:
+                    res["router_overhead"] = router_overhead(rt, a, res["latency"])
+            res["actor_stats"] = rt.stats()
+        result["layouts"][layout] = res
+        if len(a.layout_list) == 1:  # the single-layout format of the earlier results
+            result.update(res)
+        Path(a.out).write_text(json.dumps(result, indent=2, default=str))
+        print(f"wrote {a.out} ({layout})", flush=True)
 
 
 if __name__ == "__main__":
