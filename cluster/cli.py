@@ -235,6 +235,8 @@ def run(
     console.phase(f"config={cfg.name} policy={cfg.policy.name} tau={cfg.policy.threshold:g} "
                   f"problems={len(items)} dataset={cfg.data.dataset}/{cfg.data.split}")
     if out:
+        if out.is_dir():
+            fail(f"--out {out}: is a folder; give a .jsonl file to append traces to")
         out.parent.mkdir(parents=True, exist_ok=True)
     sink = out.open("a") if out else None
     done: list[dict] = []
@@ -302,6 +304,8 @@ def sweep(cfg, problems: list, groups: list, out: Path, in_process: bool) -> Non
     from cluster.evaluate import Group, load_results, row_key, run_sweep
     from cluster.report import write_report
 
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out}: is a file; a sweep writes a folder (results.jsonl, report.md, plots)")
     out.mkdir(parents=True, exist_ok=True)
     done = load_results(out / "results.jsonl")
     total = len(problems) * len(groups)
@@ -461,6 +465,9 @@ from cluster.router_cli import collect, train_router, eval_router  # noqa: E402
 app.command("collect")(collect)
 app.command("train-router")(train_router)
 app.command("eval-router")(eval_router)
+from cluster.research_cli import label, train_prm  # noqa: E402
+app.command("label")(label)
+app.command("train-prm")(train_prm)
 
 
 def main() -> None:

@@ -116,3 +116,15 @@ def test_config_show_schema_version_and_help():
         h = _cli(cmd, "--help")
         text = " ".join(h.stdout.split())  # help wraps lines
         assert h.returncode == 0 and all(n in text for n in needles), (cmd, h.stdout)
+
+
+def test_run_on_ray_is_quiet_and_shows_phases(tmp_path, problems_file):
+    r = _cli("run", "--config", "tiny", "--policy", "router", "--dataset", str(problems_file), "--limit", "2",
+             "--out", str(tmp_path / "a" / "b.jsonl"))
+    assert r.returncode == 0, r.stderr
+    for phase in ("starting Ray", "loading draft: random weights (tiny-llama)", "models ready in", "router@0.5:"):
+        assert phase in r.stderr, r.stderr
+    noise = ("core_worker", "logging.cc", "constructor arguments", "Token authentication", "Loading weights",
+             "LOAD REPORT", "Setting accelerator", "(ModelActor", "(Coordinator", "INFO", "WARNING", "Traceback")
+    assert not [n for n in noise if n in r.stderr + r.stdout], r.stderr
+    assert "router@0.5" in _table_rows(r.stdout)
