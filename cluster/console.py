@@ -8,7 +8,8 @@ this terminal, Ray's own start-up lines included).
 Below `debug` the noise of the libraries stays out of the terminal: Ray starts with
 `log_to_driver=False` (worker output, including Serve's per-request lines, stays in Ray's log
 folder) and its C++ core logs only fatal lines; transformers logs errors only and shows no
-weight-loading bars; DeepSpeed logs errors only. The variables that do this reach
+weight-loading bars; DeepSpeed, Serve, torch (`TORCH_LOGS=-all`) and every other Python
+logger log errors only; Python warnings are off. The variables that do this reach
 the Ray workers through the job's `runtime_env` (`worker_env`); what Ray prints while it
 starts goes to `$ARBITRAGE_CACHE/logs/ray-init.log`.
 
@@ -39,6 +40,7 @@ QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bars read this
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_BACKEND_LOG_LEVEL": "fatal",  # core_worker.cc error lines (e.g. object-store arguments)
+    "TORCH_LOGS": "-all",  # torch's own handlers (e.g. pytree deprecation warnings) at error level
     "PYTHONWARNINGS": "ignore",
 }
 
@@ -59,7 +61,7 @@ def configure(log_level: str | None = None, verbose_: bool = False) -> None:
     if lvl not in LOG_LEVELS:
         raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {lvl!r}")
     _state["level"], _state["verbose"] = lvl, verbose_
-    logging.basicConfig(level=logging.DEBUG if lvl == "debug" else logging.WARNING,
+    logging.basicConfig(level=logging.DEBUG if lvl == "debug" else logging.ERROR,  # libraries: errors only
                         format="%(levelname)s %(name)s: %(message)s")
     if lvl == "debug":
         return
