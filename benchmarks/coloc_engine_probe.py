@@ -1,0 +1,55 @@
+"""Colocated engines without Ray: a 1B draft and an 8B target (random weights, bf16) on one
+ColocatedScheduler, many concurrent draft rows with some target rows at once; prints the
+time per phase, and every thread's stack if a phase does not finish (faulthandler).
+
+    python benchmarks/coloc_engine_probe.py --streams 1 --chains 8,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--streams", type=int, default=1)
+    ap.add_argument("--chains", default="1,8,64")
+    ap.add_argument("--timeout", type=float, default=120)
+    a = ap.parse_args()
+    from arbitrage.colocated import ColocatedScheduler, load_colocated_engines
+    from arbitrage.types import SamplingParams, StepRequest
+    from configs.schema import ModelConfig
+
+    mk = lambda name, seed: ModelConfig.model_validate(
+        {"source": {"kind": "random", "name": name}, "dtype": "bfloat16", "device": "cuda",
+         "max_context": 2048, "seed": seed, "engine": "fast", "max_slots": 64})
+    sched = ColocatedScheduler(streams=bool(a.streams))
+    t0 = time.perf_counter()
+    eng = load_colocated_engines({"draft": mk("llama-3.2-1b", 1), "target": mk("llama-3.1-8b", 2)}, sched)
+    print(f"loaded in {time.perf_counter() - t0:.1f}s streams={a.streams}", flush=True)
+    params = SamplingParams(max_tokens=64, forced_tokens=64)
+    req = lambda i, k: StepRequest(problem=f"Problem {i}", steps=tuple(f"step {j}" for j in range(k)),
+                                   system="sys", params=params, chain_id=f"c{i}")
+    pool = ThreadPoolExecutor(256)
+    for rep in range(2):  # the first round captures graphs
+        for n in [int(c) for c in a.chains.split(",")]:
+            faulthandler.dump_traceback_later(a.timeout, exit=True, file=sys.stderr)
+            t = time.perf_counter()
+            nt = max(1, n // 5)
+            fd = [pool.submit(eng["draft"].generate_steps, [req(i, rep)]) for i in range(n)]
+            ft = [pool.submit(eng["target"].generate_steps, [req(1000 + i, rep)]) for i in range(nt)]
+            [f.result() for f in fd + ft]
+            faulthandler.cancel_dump_traceback_later()
+            dt = time.perf_counter() - t
+            print(f"round {rep} chains={n:3d} (+{nt} target) {dt * 1e3:8.1f} ms  "
+                  f"draft {eng['draft'].stats['decode_steps']} target {eng['target'].stats['decode_steps']} "
+                  f"decode steps so far", flush=True)
+    sched.close()
+
+
+if __name__ == "__main__":
+    main()
