@@ -18,7 +18,7 @@ thread and gives each engine a *turn* in round-robin order. A turn is:
 
 So while the CPU finishes engine A's step, engine B's step is already queued or running on
 the GPU: the device always has the next decode step of some engine. With `streams=True`
-(default on CUDA) each engine issues on its own CUDA stream, so one engine's decode can run
+(experimental, off by default: it hung on the H200 at real shapes) each engine issues on its own CUDA stream, so one engine's decode can run
 concurrently with the other's (e.g. the launch-bound 1B draft beside the weight-bound 8B
 target) instead of strictly after it. Off CUDA (tests) the same loop runs eagerly, in order.
 
@@ -44,11 +44,13 @@ class ColocatedScheduler:
     """One thread that runs the turns of every registered `ColocatedEngine` in round-robin."""
 
     def __init__(self, streams: bool | None = None):
-        """Args: streams: one CUDA stream per engine (default: on CUDA, unless the environment
-        sets ARBITRAGE_COLOCATED_STREAMS=0); False issues every engine's work on the current
-        stream, strictly one after the other."""
-        if streams is None and os.environ.get("ARBITRAGE_COLOCATED_STREAMS") == "0":
-            streams = False
+        """Args: streams: one CUDA stream per engine (default: off, unless the environment sets
+        ARBITRAGE_COLOCATED_STREAMS=1); off issues every engine's work on the current stream,
+        one after the other. Streams are EXPERIMENTAL: on the H200 with 1B + 8B engines at 8+
+        concurrent rows the scheduler hung in a stream's event.synchronize() (tiny models pass;
+        benchmarks/results/runtime_coloc_streams_hang_h200.log)."""
+        if streams is None:
+            streams = os.environ.get("ARBITRAGE_COLOCATED_STREAMS") == "1"
         self.streams = streams
         self.engines: list[ColocatedEngine] = []
         self.stats = {"turns": 0, "idle_s": 0.0, "busy_s": 0.0}

@@ -11,8 +11,9 @@ on -- it runs over the very same actors.
 Layouts (`--layouts`, run one after the other in one call, each with its own Ray):
 `separate` is one actor per role (two processes time-slicing one GPU at `--gpu-fraction`
 0.45); `colocated` is `runtime.layout: colocated` (one actor, both fast engines on one
-scheduler thread, a CUDA stream each: arbitrage/colocated.py); `colocated-1stream` is the
-same with every engine on one stream (ARBITRAGE_COLOCATED_STREAMS=0). The JSON is written
+scheduler thread, one CUDA stream: arbitrage/colocated.py); `colocated-streams` is the
+same with a CUDA stream per engine (ARBITRAGE_COLOCATED_STREAMS=1; experimental: it hung on
+the H200). The JSON is written
 after each layout, so a cut-off run keeps the layouts that finished.
 
     python benchmarks/runtime_bench.py --out benchmarks/results/runtime_h200.json
@@ -39,7 +40,7 @@ from pathlib import Path
 from configs.schema import ArbitrageConfig
 
 
-LAYOUTS = ("separate", "colocated", "colocated-1stream")
+LAYOUTS = ("separate", "colocated", "colocated-streams")
 ENGINE_COUNTERS = ("decode_steps", "admitted_mid_decode", "prefill_s", "decode_s", "idle_s")
 
 
@@ -248,7 +249,7 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     for layout in a.layout_list:
         # Read by the colocated actor's scheduler (Ray's workers inherit the driver's environment).
-        os.environ["ARBITRAGE_COLOCATED_STREAMS"] = "0" if layout == "colocated-1stream" else "1"
+        os.environ["ARBITRAGE_COLOCATED_STREAMS"] = "1" if layout == "colocated-streams" else "0"
         cfg = bench_config(a, layout)
         print(f"== layout {layout}", flush=True)
         res: dict = {}
