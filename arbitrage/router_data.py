@@ -35,6 +35,7 @@ class RouterExample:
     advantage: float
     label: int
     draft_score: float
+    tie: bool = False  # the target step's text equals the draft step's
 
     @property
     def text(self) -> str:
@@ -91,7 +92,8 @@ def example_from_row(row: dict, margin: float = 0.0) -> RouterExample:
     req = RouterRequest(row["problem"], history, row["draft"], row.get("draft_features"))
     adv = advantage(row)
     return RouterExample(str(row["problem_id"]), int(row["step_index"]), req, adv,
-                         int(adv > margin), float(row["draft_score"]))
+                         int(adv > margin), float(row["draft_score"]),
+                         tie=any(t["text"] == row["draft"] for t in row["targets"][:1]))
 
 
 def split_problems(problem_ids, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:

@@ -274,10 +274,60 @@ def spearman(x, y) -> tuple[float | None, float | None]:
     return (None, None) if math.isnan(rho) else (rho, p)
 
 
-def ranking_metrics(scores: list[float], examples: list[RouterExample]) -> dict:
-    """Spearman(score, A) and ROC-AUC(score, y) of one escalation ranking (higher = escalate)."""
+def ranking_metrics(scores: list[float], examples: list[RouterExample], bootstrap: int = 0,
+                    seed: int = 0) -> dict:
+    """Spearman(score, A) and ROC-AUC(score, y) of one escalation ranking (higher = escalate).
+
+    With `bootstrap` > 0, 95% intervals from resampling problems with replacement (steps of
+    one problem are not independent), as `auc_ci` and `spearman_ci`.
+    """
     rho, p = spearman(scores, [e.advantage for e in examples])
-    return {"spearman": rho, "spearman_p": p, "auc": roc_auc(scores, [e.label for e in examples])}
+    out = {"spearman": rho, "spearman_p": p, "auc": roc_auc(scores, [e.label for e in examples]), "steps": len(examples)}
+    if bootstrap > 0 and examples:
+        by_pid: dict[str, list[int]] = {}
+        for i, e in enumerate(examples):
+            by_pid.setdefault(e.problem_id, []).append(i)
+        groups = list(by_pid.values())
+        rng = np.random.default_rng(seed)
+        s, a, y = np.asarray(scores, float), np.asarray([e.advantage for e in examples]), \
+            np.asarray([e.label for e in examples])
+        aucs, rhos = [], []
+        for _ in range(bootstrap):
+            idx = np.concatenate([groups[g] for g in rng.integers(0, len(groups), len(groups))])
+            auc = roc_auc(s[idx], y[idx])
+            r, _ = spearman(s[idx], a[idx])
+            if auc is not None:
+                aucs.append(auc)
+            if r is not None:
+                rhos.append(r)
+        out["auc_ci"] = [float(np.quantile(aucs, 0.025)), float(np.quantile(aucs, 0.975))] if aucs else None
+        out["spearman_ci"] = [float(np.quantile(rhos, 0.025)), float(np.quantile(rhos, 0.975))] if rhos else None
+    return out
+
+
+def draft_confidence(e: RouterExample) -> float | None:
+    """The draft's step confidence exp(mean log p) (the `confidence` policy's score), if recorded."""
+    f = e.request.features
+    return math.exp(f["lp_mean"]) if f and "lp_mean" in f else None
+
+
+def compare_rankings(router_scores: list[float], examples: list[RouterExample], bootstrap: int = 1000,
+                     seed: int = 0) -> dict:
+    """The router beside the draft-PRM (RSD) and draft-confidence rankings, ties included and excluded.
+
+    Ties are steps whose target text equals the draft's: A = 0 by construction there, so a
+    ranking that only predicts agreement between the models can look good on them.
+    """
+    rankings = {"router": router_scores, "draft_prm": [-e.draft_score for e in examples]}
+    conf = [draft_confidence(e) for e in examples]
+    if all(c is not None for c in conf):
+        rankings["draft_confidence"] = [-c for c in conf]
+    keep = [i for i, e in enumerate(examples) if not e.tie]
+    out = {}
+    for name, sc in rankings.items():
+        out[name] = {"all": ranking_metrics(sc, examples, bootstrap, seed),
+                     "no_ties": ranking_metrics([sc[i] for i in keep], [examples[i] for i in keep], bootstrap, seed)}
+    return out
 
 
 # When draft and target PRM scores rank this alike and the median |A| is this small a share of the
@@ -320,8 +370,10 @@ def evaluate(router: Router, examples: list[RouterExample], batch_size: int = 32
     probs = predict_batched(router, examples, batch_size)
     return {"steps": len(examples), "problems": len({e.problem_id for e in examples}),
             "positive_rate": sum(e.label for e in examples) / len(examples),
+            "ties": sum(e.tie for e in examples),
             "rankings": {"router": ranking_metrics(probs, examples),
                          "draft_prm": ranking_metrics([-e.draft_score for e in examples], examples)},
+            "compare": compare_rankings(probs, examples),
             "labels": label_quality(examples)}
 
 
@@ -457,6 +509,19 @@ def format_table(report: dict) -> str:
     for n, m in rows:
         lines.append(f"{n:<{width}}  {_fmt(m['spearman']):>13}  {_fmt(m['spearman_p'], '.3g'):>8}  "
                      f"{_fmt(m['auc'], '.3f'):>10}")
+    cmp = report.get("compare")
+    if cmp:
+        def ci(m, key):
+            c = m.get(f"{key}_ci")
+            return f"[{c[0]:.2f}, {c[1]:.2f}]" if c else "-"
+
+        lines.append(f"with 95% problem-bootstrap intervals; ties = target text equals the draft's "
+                     f"({report.get('ties', 0)} of {report['steps']} steps)")
+        for name, m in cmp.items():
+            for part in ("all", "no_ties"):
+                x = m[part]
+                lines.append(f"  {name:<16} {part:<7} n={x['steps']:<4} AUC {_fmt(x['auc'], '.3f')} {ci(x, 'auc'):<14} "
+                             f"Spearman {_fmt(x['spearman'])} {ci(x, 'spearman')}")
     q = report.get("labels")
     if q:
         line = (f"labels: Spearman(draft PRM, target PRM) {_fmt(q['spearman_draft_target'], '+.2f')}; |A| median "

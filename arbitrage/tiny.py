@@ -153,12 +153,16 @@ def write_tiny_gguf(path, name: str = "tiny-llama", seed: int = 0):
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     vocab = tok.get_vocab()
     tokens = sorted(vocab, key=vocab.get)
+    # llama.cpp's BPE loader needs at least one merge, and transformers' GGUF reader needs the
+    # merged token in the vocabulary: the last padding id becomes "ĠĠ" (two spaces) in the file.
+    tokens[-1] = "ĠĠ"
     specials = set(tok.all_special_tokens)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens])
-    w.add_token_merges(["Ġ Ġ"])  # llama.cpp needs a merges list; we tokenize with the HF tokenizer
+    w.add_token_merges(["Ġ Ġ"])
+    w.add_token_scores([0.0] * len(tokens))  # transformers' GGUF tokenizer reader wants them
     w.add_bos_token_id(cfg.bos_token_id)
     w.add_eos_token_id(cfg.eos_token_id)
     w.add_pad_token_id(cfg.pad_token_id)

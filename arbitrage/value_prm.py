@@ -181,7 +181,7 @@ def train_value_head(x: torch.Tensor, v: torch.Tensor, ts: HeadTraining = HeadTr
         loss = bce(head(x), v)
         loss.backward()
         opt.step()
-        train_loss = float(loss)
+        train_loss = float(loss.detach())
         if x_val is not None:
             head.eval()
             with torch.no_grad():
