@@ -26,6 +26,7 @@ import typer
 
 from cluster import console
 from cluster.config_cli import config_app, config_option
+from configs.schema import POLICY_NAMES
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
 
@@ -207,8 +208,8 @@ def execute(cfg, items: list[dict], policy: str, threshold: float, on_result, la
 @app.command()
 def run(
     config: str = config_option(),
-    policy: Optional[str] = typer.Option(None, help="draft_only | target_only | rsd | oracle | router | "
-                                         "fixed_rate (default: the config's policy.name)."),
+    policy: Optional[str] = typer.Option(None, help=f"{' | '.join(POLICY_NAMES)} (default: the config's "
+                                         "policy.name)."),
     threshold: Optional[float] = typer.Option(None, help="tau in [0, 1] (default: the config's policy.threshold)."),
     limit: Optional[int] = typer.Option(None, help="First N problems (default: the config's data.limit)."),
     dataset: Optional[str] = typer.Option(None, help="gsm8k, math500, math, svamp, asdiv, gsm_hard, or a "
@@ -358,7 +359,6 @@ def eval_cmd(
         "e.g. 'draft_only,rsd@0.7,router@0.55,target_only' (interleave policies so a partial run compares them)."),
 ) -> None:
     """Resumable sweep over policies x thresholds; one JSONL row per finished chain."""
-    from configs.schema import POLICY_NAMES
 
     try:
         names = [p.strip() for p in policies.split(",") if p.strip()]
