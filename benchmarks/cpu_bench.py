@@ -42,18 +42,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chains", type=int, default=8, help="concurrent chains of the batched loop cells")
     p.add_argument("--problems", type=int, default=8, help="GSM8K test problems per batched loop cell")
     p.add_argument("--modes", default="in_process,ray")
+    p.add_argument("--hf-dtype", default="bfloat16", help="dtype of the hf engine (bf16 is slow on CPUs without AVX-512 BF16)")
     p.add_argument("--skip-raw", action="store_true")
     p.add_argument("--out", default="benchmarks/results/cpu_bench.json")
     return p.parse_args(argv)
 
 
-def load_cfg(path: str, engine: str):
+def load_cfg(path: str, engine: str, hf_dtype: str = "bfloat16"):
     from configs import load_config
 
     cfg = load_config(path)
     upd = {"models.draft.engine": engine, "models.target.engine": engine}
     if engine != "llamacpp":
-        upd.update({"models.draft.dtype": "bfloat16", "models.target.dtype": "bfloat16"})
+        upd.update({"models.draft.dtype": hf_dtype, "models.target.dtype": hf_dtype})
     return cfg.with_overrides(**upd)
 
 
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
     bs = [int(b) for b in args.batch_sizes.split(",")]
     if not args.skip_raw:
         for engine in args.engines.split(","):
-            cfg = load_cfg(args.config, engine)
+            cfg = load_cfg(args.config, engine, args.hf_dtype)
             print(f"raw decode, engine {engine}", flush=True)
             results["raw"][engine] = {role: raw_decode(cfg, role, bs, args.steps) for role in ("draft", "target")}
     cfg = load_cfg(args.config, args.engine)

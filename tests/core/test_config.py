@@ -20,7 +20,7 @@ def test_presets_validate(name):
 def test_cluster_presets_are_the_papers_pairs():
     assert {"local", "llama-1b-8b", "llama-8b-70b", "qwen-math-7b-q3", "tiny"} <= set(PRESETS)
     assert load_config("llama-8b-70b").runtime.target.tensor_parallel > 1
-    assert load_config("qwen-math-7b-q3").models.draft.source.kind == "gguf"
+    assert load_config("qwen-math-7b-q3").models.draft.quantization == "int4"  # stays 4-bit on the GPU
     assert "Skywork" in load_config("llama-1b-8b").models.prm.source.name
 
 
