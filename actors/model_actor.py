@@ -140,7 +140,7 @@ class ModelActor:
         """Readiness and placement: role, node id, pid, what is served."""
         served = [name for name, obj in (("generate_step", self.engine), ("score", self.prm),
                                          ("predict", self.router)) if obj is not None]
-        device = str(self.engine.device) if self.engine is not None else None
+        device = str(getattr(self.engine, "device", "cpu")) if self.engine is not None else None  # llama.cpp: cpu
         return {"role": self.role, "ready": True, "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "methods": served, "device": device, "load_s": self.load_s,
                 "gpu_ids": ray.get_runtime_context().get_accelerator_ids().get("GPU", [])}
