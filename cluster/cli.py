@@ -16,6 +16,7 @@ and models are checked (`cluster.preflight`) before Ray starts.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -44,6 +45,8 @@ class ArbitrageApp(typer.Typer):
             console.error_line(str(e))
             raise SystemExit(2) from None
         kwargs.setdefault("prog_name", "arbitrage")
+        # `kill` (or a CI timeout) unwinds like Ctrl-C: files closed, actors and a local Ray shut down.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         return console.guarded(lambda: super(ArbitrageApp, self).__call__(*args, args=argv, **kwargs))
 
 

@@ -9,8 +9,6 @@ of range) ends with one line on stderr and exit code 2.
 
 from __future__ import annotations
 
-import signal
-import sys
 import time
 from typing import Optional
 
@@ -54,11 +52,8 @@ def serve(
                    + ("; Ctrl-C stops it" if blocking else ""), err=True)
         if not blocking:
             return
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops it as Ctrl-C does: Ray shut down
-        try:
+        try:  # Ctrl-C or `kill` (SystemExit, see cluster.cli) ends it; Ray shuts down on the way out
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-        finally:
+        except (KeyboardInterrupt, SystemExit):
             typer.echo("stopped", err=True)
