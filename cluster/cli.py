@@ -454,7 +454,8 @@ def setup_models(config: str = config_option()) -> None:
         cfg = load_cli_config(config)
         from cluster.preflight import check_models as check
 
-        console.phase("resolving models (a first conversion takes a minute or two per model)")
+        console.phase("resolving models (the first time: package files joined, or converted to safetensors "
+                      "for the hf engine, a minute or two per model)")
         for role, what in check(cfg).items():
             typer.echo(f"{role}: {what}")
     except USER_ERRORS as e:
