@@ -191,13 +191,7 @@ def gguf_tokenizer_dir(gguf: str | os.PathLike, cache_dir: str | os.PathLike | N
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name).save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not out.is_dir():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -253,17 +247,22 @@ def convert_gguf(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLik
         del model
         if len(srcs) > 1:
             shutil.rmtree(gguf.parent)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not out.is_dir():  # not a concurrent conversion that finished first
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename a finished temporary folder into place (a concurrent writer that finished first wins)."""
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if not out.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _spec(name: str) -> PackagedModel:

@@ -164,8 +164,9 @@ def write_scored_rows(rows: list[dict], score, path: Path, name: str) -> None:
     path.write_text("".join(line + "\n" for line in lines))
 
 
-def load_labelled(path: str | Path) -> list[dict]:
-    """Labelled rows from a JSONL file (`arbitrage label --out`)."""
+def read_rows(path: str | Path, check, what: str) -> list[dict]:
+    """Rows of a JSONL file, each passed to `check` (raises KeyError / IndexError / TypeError when
+    the row is not `what`); a bad line is named by file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data: no such file: {path}")
@@ -175,13 +176,18 @@ def load_labelled(path: str | Path) -> list[dict]:
             continue
         try:
             row = json.loads(line)
-            row["v_draft"], row["v_target"]  # noqa: B018
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"--data: {path}:{n} is not a labelled row (run `arbitrage label` first)") from None
+            check(row)
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise ValueError(f"--data: {path}:{n} is not {what}") from None
         rows.append(row)
     if not rows:
         raise ValueError(f"--data: {path} has no rows")
     return rows
+
+
+def load_labelled(path: str | Path) -> list[dict]:
+    """Labelled rows from a JSONL file (`arbitrage label --out`)."""
+    return read_rows(path, lambda r: (r["v_draft"], r["v_target"]), "a labelled row (run `arbitrage label` first)")
 
 
 __all__ = ["ValueHead", "chain_auc", "examples_from_rows", "hidden_features", "load_labelled", "train_prm"]

@@ -112,21 +112,10 @@ def with_prefix_tokens(rows: list[dict]) -> list[dict]:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"--data: no such file: {path}")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            row["problem_id"], row["step_index"], row["draft"], row["targets"][0]["text"]  # noqa: B018
-        except (ValueError, KeyError, TypeError, IndexError):
-            raise ValueError(f"--data: {path}:{n} is not a collected step row") from None
-        rows.append(row)
-    if not rows:
-        raise ValueError(f"--data: {path} has no rows")
-    return rows
+    from arbitrage.prm_train import read_rows
+
+    return read_rows(path, lambda r: (r["problem_id"], r["step_index"], r["draft"], r["targets"][0]["text"]),
+                     "a collected step row")
 
 
 def _solutions(spec: str) -> dict[str, str] | None:
