@@ -2,8 +2,8 @@
 
 `runtime.layout: colocated` (cluster/runtime.py) creates one `ColocatedActor` instead of an
 actor per role. It loads the draft and target engines as `arbitrage.colocated.ColocatedEngine`s
-on one `ColocatedScheduler` (one thread issues both engines' GPU work, each on its own CUDA
-stream), and the PRM and the router (a probe router still runs inside each coordinator) in
+on one `ColocatedScheduler` (one thread issues both engines' GPU work on one CUDA stream;
+the target's admission gate batches escalations, see `arbitrage.colocated.Gate`), and the PRM and the router (a probe router still runs inside each coordinator) in
 the same process. Each role is served exactly as a `ModelActor` serves it (same dynamic
 batching, same methods), by a `ModelActor` object living inside this actor.
 
@@ -26,6 +26,7 @@ from typing import Any
 import ray
 
 from actors.model_actor import (MAX_CONCURRENCY, MAX_TASK_RETRIES, ModelActor, as_config, prm_on_target)
+from arbitrage.router import MODEL_FREE_ROUTERS
 from configs.schema import ArbitrageConfig
 
 
@@ -36,7 +37,7 @@ def colocated_roles(cfg: ArbitrageConfig) -> list[str]:
     roles = ["draft", "target"]
     if m.prm is not None and not prm_on_target(cfg):
         roles.append("prm")
-    if m.router is not None and m.router.kind != "probe":
+    if m.router is not None and m.router.kind not in MODEL_FREE_ROUTERS:
         roles.append("router")
     return roles
 
@@ -69,6 +70,7 @@ class ColocatedActor:
         self.scheduler = ColocatedScheduler()
         m = self.cfg.models
         engines = load_colocated_engines({"draft": m.draft, "target": m.target}, self.scheduler)
+        self.engines = engines
         self.roles: dict[str, ModelActor] = {
             role: _RoleServer(role, self.cfg, engines.get(role)) for role in colocated_roles(self.cfg)}
         self.load_s = time.perf_counter() - t0
@@ -87,9 +89,24 @@ class ColocatedActor:
         return {**h, "role": "colocated", "roles": sorted(self.roles), "load_s": self.load_s}
 
     def stats(self) -> dict[str, Any]:
-        """Every role's stats and the shared scheduler's turns / busy / idle seconds."""
+        """Every role's stats, the shared scheduler's turns / busy / idle seconds, the gates."""
         return {"roles": {r: s.stats() for r, s in self.roles.items()},
-                "scheduler": dict(self.scheduler.stats)}
+                "scheduler": dict(self.scheduler.stats), "gates": self.gates()}
+
+    def gates(self) -> dict[str, dict[str, float]]:
+        """Admission gate of each colocated engine, by role."""
+        return {r: dict(share=e.gate.share, max_hold_s=e.gate.max_hold_s)
+                for r, e in self.engines.items() if hasattr(e, "gate")}
+
+    def set_gates(self, gates: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        """Replace the admission gates of colocated engines by role ({"target": {"share": 0.3,
+        "max_hold_s": 0.2}}); the next turn uses them. For benchmarks that sweep the policy."""
+        from arbitrage.colocated import Gate
+
+        for role, g in gates.items():
+            self.engines[role].gate = Gate(**g)
+        self.scheduler.wake()
+        return self.gates()
 
 
 class RoleView:

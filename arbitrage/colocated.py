@@ -3,24 +3,37 @@
 Why. On one GPU, a draft and a target in two processes time-slice the device: whenever both
 decode, each waits for the other's slice, and the coordinator's overlap of draft and target
 work turns into waiting (docs/BENCHMARKS.md s.3). Here both engines live in one process and
-one thread issues all their GPU work, so nothing is time-sliced and the GPU never idles
-while either engine has rows.
+one thread issues all their GPU work, so nothing is time-sliced.
 
 How. `ColocatedEngine` is a `FastStepEngine` (same forward, slot cache, CUDA graphs, stop
 rules, outputs) without a scheduler thread of its own; a `ColocatedScheduler` owns the
 thread and gives each engine a *turn* in round-robin order. A turn is:
 
-1. finish the engine's decode step that is in flight (wait for its CUDA event, read the
-   sampled tokens, retire finished rows),
-2. take newly queued requests and admit them (prefill their uncached tails into the batch),
-3. launch the next decode step (graph replay + an async copy of its [3, B] statistics to
-   pinned host memory, an event recorded after it) and return without waiting.
+1. collect the engine's GPU work in flight: wait for its decode step's CUDA event, read the
+   sampled tokens, retire finished rows; then read the first tokens of the rows whose
+   prefill was issued last turn, and put them in the running batch,
+2. take newly queued requests and, if the engine's `Gate` lets them in, admit them: issue
+   the prefill of their uncached tails *without waiting for it*,
+3. launch the next decode step of the running rows (inputs through a pinned buffer, graph
+   replay, an async copy of its [3, B] statistics to pinned memory, an event) and return.
 
-So while the CPU finishes engine A's step, engine B's step is already queued or running on
-the GPU: the device always has the next decode step of some engine. With `streams=True`
-(experimental, off by default: it hung on the H200 at real shapes) each engine issues on its own CUDA stream, so one engine's decode can run
-concurrently with the other's (e.g. the launch-bound 1B draft beside the weight-bound 8B
-target) instead of strictly after it. Off CUDA (tests) the same loop runs eagerly, in order.
+Nothing in a turn waits for the GPU except step 1's event (every host-to-device copy is
+from pinned memory and non-blocking; a blocking copy would drain the queue), so while the
+CPU retires one engine's step the other's is already queued or running: the device has
+the next kernel of some engine while the CPU works.
+
+Gates: when an engine admits waiting rows. An 8B target's decode step costs about the same
+at 1 row as at 30 (it streams its weights either way), and on one GPU every target step is
+a step the draft does not take. So the target should decode few, large batches: its gate
+holds waiting rows until they are a `share` of all rows the engines hold, or the oldest has
+waited `max_hold_s`, or nothing else is on the GPU (so one chain never waits). The draft's
+gate batches admissions lightly (each admission is an eager prefill: host launch time).
+Rows that joined run to the end of their step; later arrivals wait for the gate again.
+`DRAFT_GATE` / `TARGET_GATE` are the defaults (`load_colocated_engines`); `share=0` admits
+at once (the engine's own continuous batching).
+
+With `streams=True` (experimental, off by default: it hung on the H200 at real shapes) each
+engine issues on its own CUDA stream. Off CUDA (tests) the same loop runs eagerly, in order.
 
 What stays the same: requests, futures, outputs, chain KV reuse, `next_token_logits` (a
 judge PRM reusing the target engine works unchanged), counters (`stats`, `forward_calls`).
@@ -33,11 +46,36 @@ import contextlib
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from arbitrage.fast_engine import WINDOW_BLOCK, FastStepEngine, _round_up
+from arbitrage.fast_engine import (PREFILL_BLOCK, WINDOW_BLOCK, FastStepEngine, _prefill_attention,
+                                   _prefill_groups, _round_up, token_stats)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """When a colocated engine admits its waiting rows (any one condition suffices).
+
+    share: the waiting rows are at least this share of all rows the scheduler's engines hold
+        (running, being prefilled or waiting); 0 admits at once.
+    max_hold_s: the oldest waiting row has waited this long.
+    Always: nothing is running on this engine and every other engine is idle (the GPU would
+    idle), or a waiting request asks for next-token logits only (a judge PRM: no decode steps).
+    """
+
+    share: float = 0.0
+    max_hold_s: float = 0.0
+
+
+DRAFT_GATE = Gate(share=0.125, max_hold_s=0.01)
+TARGET_GATE = Gate(share=0.3, max_hold_s=0.2)
+EAGER = Gate()
+
+COUNTERS = {"admissions": 0, "admitted_rows": 0, "hold_s": 0.0, "held_turns": 0, "decode_rows": 0,
+            "gpu_wait_s": 0.0}
 
 
 class ColocatedScheduler:
@@ -81,6 +119,14 @@ class ColocatedScheduler:
         if self._thread is not None:
             self._thread.join(timeout=60)
 
+    def held_rows(self) -> int:
+        """Rows every engine holds: running, being prefilled, or waiting for admission."""
+        return sum(e._held() for e in self.engines)
+
+    def others_idle(self, engine: "ColocatedEngine") -> bool:
+        """Whether every engine but `engine` holds no rows and has none queued."""
+        return all(e._held() == 0 and e._queue.empty() for e in self.engines if e is not engine)
+
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
@@ -90,35 +136,43 @@ class ColocatedScheduler:
                 if closed:
                     break
                 t0 = time.perf_counter()
-                busy = False
+                busy, deadline = False, None
                 for e in engines:
-                    busy |= e._turn()
+                    b, d = e._turn()
+                    busy |= b
+                    if d is not None:
+                        deadline = d if deadline is None else min(deadline, d)
                 t1 = time.perf_counter()
                 if busy:
                     self.stats["turns"] += 1
                     self.stats["busy_s"] += t1 - t0
-                else:
-                    self._wake.wait()
+                else:  # nothing on the GPU: sleep until a submit, or until a held row's bound
+                    self._wake.wait(None if deadline is None else max(0.0, deadline - t1))
                     self.stats["idle_s"] += time.perf_counter() - t1
             for e in self.engines:
                 e._shutdown()
 
 
 class ColocatedEngine(FastStepEngine):
-    """A FastStepEngine whose decode steps are issued by a shared `ColocatedScheduler`."""
+    """A FastStepEngine whose GPU work is issued by a shared `ColocatedScheduler`."""
 
-    def __init__(self, model, tokenizer, scheduler: ColocatedScheduler, **kwargs: Any):
+    def __init__(self, model, tokenizer, scheduler: ColocatedScheduler, gate: Gate = EAGER, **kwargs: Any):
         """Args: model, tokenizer and keyword arguments as FastStepEngine's (no `tp`);
-        scheduler: the thread that runs this engine together with the others."""
+        scheduler: the thread that runs this engine together with the others;
+        gate: when waiting rows are admitted (see `Gate`; default: at once)."""
         if kwargs.get("tp") is not None:
             raise ValueError("a tensor-parallel engine cannot be colocated (its ranks run batches in lockstep)")
         self.scheduler = scheduler
+        self.gate = gate
         self._inflight: tuple | None = None  # (jobs, host stats, logits, event) of the launched step
-        self._pinned: dict[int, torch.Tensor] = {}  # batch bucket -> pinned [3, Bb] host buffer
+        self._pending: list[tuple] = []  # prefills issued, first tokens not read: (jobs, stats, logits, event, keep)
+        self._pinned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # bucket -> pinned (inputs, stats)
         super().__init__(model, tokenizer, **kwargs)  # its own thread exits at once (see _loop)
         self._thread.join()
+        self.stats.update(COUNTERS)
         cuda = self.device.type == "cuda"
-        use_streams = cuda if scheduler.streams is None else (scheduler.streams and cuda)
+        self._cuda = cuda
+        use_streams = scheduler.streams and cuda
         self.stream = torch.cuda.Stream(self.device) if use_streams else None
         self._ctx = (lambda: torch.cuda.device(self.device)) if cuda else contextlib.nullcontext
         scheduler.add(self)
@@ -128,6 +182,9 @@ class ColocatedEngine(FastStepEngine):
         """No thread of its own: the scheduler drives `_turn`."""
 
     def _submit(self, jobs) -> None:
+        now = time.perf_counter()
+        for j in jobs:
+            j.queued_at = now
         super()._submit(jobs)
         self.scheduler.wake()
 
@@ -139,16 +196,21 @@ class ColocatedEngine(FastStepEngine):
         self._queue.put(None)
         self.scheduler.wake()
 
-    # ---- one turn, on the scheduler thread --------------------------------------------
-    def _turn(self) -> bool:
-        """Finish the in-flight decode step, admit queued rows, launch the next step.
+    def _held(self) -> int:
+        return len(self._running) + len(self._waiting) + sum(len(p[0]) for p in self._pending)
 
-        Returns whether this engine has work on the GPU (a launched step) afterwards.
+    # ---- one turn, on the scheduler thread --------------------------------------------
+    def _turn(self) -> tuple[bool, float | None]:
+        """Collect the GPU work in flight, admit queued rows if the gate opens, launch the next step.
+
+        Returns (whether this engine has work on the GPU afterwards, the time at which its
+        held rows' `max_hold_s` runs out, or None).
         """
-        if self._closed and self._inflight is None and not self._running and not self._waiting \
-                and self._queue.empty():
-            return False
+        if self._closed and self._inflight is None and not self._pending and not self._running \
+                and not self._waiting and self._queue.empty():
+            return False, None
         stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        deadline = None
         with self._ctx(), stream:
             try:
                 t0 = time.perf_counter()
@@ -156,10 +218,18 @@ class ColocatedEngine(FastStepEngine):
                     self._finish()
                 t1 = time.perf_counter()
                 self.stats["decode_s"] += t1 - t0
+                if self._pending:
+                    self._collect_prefills()
                 if not self._pull(block=False):
                     self._shutdown()
-                    return False
-                self._admit()
+                    return False, None
+                if self._waiting:
+                    if self._gate_open():
+                        self._admit_async()
+                    else:
+                        self.stats["held_turns"] += 1
+                        if self.gate.max_hold_s > 0:
+                            deadline = self._waiting[0].queued_at + self.gate.max_hold_s
                 t2 = time.perf_counter()
                 self.stats["prefill_s"] += t2 - t1
                 if self._running:
@@ -167,9 +237,88 @@ class ColocatedEngine(FastStepEngine):
                     self.stats["decode_s"] += time.perf_counter() - t2
             except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
                 self._inflight = None
-                self._fail(self._running, e, keep=False)
-                self._running = []
-        return self._inflight is not None
+                failed = self._running + [j for p in self._pending for j in p[0]]
+                self._pending, self._running = [], []
+                self._fail(failed, e, keep=False)
+        return self._inflight is not None or bool(self._pending), deadline
+
+    def _gate_open(self) -> bool:
+        g = self.gate
+        if g.share <= 0 or any(j.row is None for j in self._waiting):
+            return True  # eager, or a judge's next-token logits (a prefill, no decode steps)
+        if not self._running and not self._pending and self.scheduler.others_idle(self):
+            return True  # nothing else would use the GPU
+        if len(self._waiting) >= g.share * self.scheduler.held_rows():
+            return True
+        return g.max_hold_s > 0 and time.perf_counter() - self._waiting[0].queued_at >= g.max_hold_s
+
+    def _admit_async(self) -> None:
+        """Give waiting jobs slots (FIFO, while slots last) and issue their prefills (not awaited)."""
+        admitted, now = [], time.perf_counter()
+        while self._waiting:
+            job = self._waiting[0]
+            got = self.slots.acquire(job.key, job.ids)
+            if got is None:
+                break  # every slot is busy: wait for a row to retire
+            self._waiting.popleft()
+            job.slot, reused, job.key = got
+            self.prefill_tokens += len(job.ids) - reused
+            self.reused_tokens += reused
+            self.stats["hold_s"] += now - job.queued_at
+            admitted.append((job, reused))
+        if not admitted:
+            return
+        self.stats["admissions"] += 1
+        self.stats["admitted_rows"] += len(admitted)
+        if self._running:
+            self.stats["admitted_mid_decode"] += len(admitted)
+        for group in _prefill_groups(admitted):
+            self._prefill_async(group)
+
+    def _prefill_async(self, group) -> None:
+        """FastStepEngine._prefill without a host sync: one pinned input copy, stats copied back async."""
+        B, S = len(group), _round_up(max(len(job.ids) - n for job, n in group), PREFILL_BLOCK)
+        C, dummy = self.max_context, self.lm.dummy
+        host = torch.empty((3 * B * S + 2 * B,), dtype=torch.long, pin_memory=self._cuda)
+        tokens, pos, write = (host[i * B * S:(i + 1) * B * S].view(B, S) for i in range(3))
+        read, last = host[3 * B * S:3 * B * S + B], host[3 * B * S + B:]
+        tokens.fill_(self.pad_id)
+        write.fill_(dummy)  # padding writes go to the dummy slot
+        for i, (job, n) in enumerate(group):
+            tail = job.ids[n:]
+            tokens[i, :len(tail)] = torch.tensor(tail)
+            torch.arange(n, n + S, out=pos[i]).clamp_(max=C - 1)
+            write[i, :len(tail)] = job.slot
+            read[i] = job.slot
+            last[i] = len(tail) - 1
+            self.slots.ids[job.slot] = list(job.ids)
+        window = min(C, _round_up(max(len(job.ids) for job, _ in group), WINDOW_BLOCK))
+        dev = host.to(self.device, non_blocking=True)
+        d_tok, d_pos, d_write = (dev[i * B * S:(i + 1) * B * S].view(B, S) for i in range(3))
+        self.forward_calls += 1
+        with _prefill_attention(self.device):
+            logits = self.lm.forward(d_tok, d_pos, d_write, dev[3 * B * S:3 * B * S + B], window,
+                                     dev[3 * B * S + B:])
+        stats, event = token_stats(logits), None
+        if self._cuda:
+            pinned = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+            pinned.copy_(stats, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            stats = pinned
+        self._pending.append(([job for job, _ in group], stats, logits, event, host))
+
+    def _collect_prefills(self) -> None:
+        """Read the first token of every prefilled row; the rows join the running batch."""
+        pending, self._pending = self._pending, []
+        for jobs, stats, logits, event, _ in pending:
+            if event is not None:
+                t = time.perf_counter()
+                event.synchronize()
+                self.stats["gpu_wait_s"] += time.perf_counter() - t
+            self._running += jobs
+            self._consume(jobs, stats, logits)
+        self.stats["max_running"] = max(self.stats["max_running"], len(self._running))
 
     def _launch(self) -> None:
         """Issue one decode step for every running row; its results are read by `_finish`."""
@@ -182,16 +331,18 @@ class ColocatedEngine(FastStepEngine):
         if self.graphs is not None:
             g, Bb = self._graph(B, min(self.max_context, _round_up(max(pos) + 1, WINDOW_BLOCK)))
             pad = Bb - B
-            host = torch.tensor([toks + [self.pad_id] * pad, pos + [0] * pad, slots + [self.lm.dummy] * pad])
-            g.inp.copy_(host)
-            g.graph.replay()
             pinned = self._pinned.get(Bb)
             if pinned is None:
-                pinned = self._pinned[Bb] = torch.empty(g.stats.shape, dtype=g.stats.dtype, pin_memory=True)
-            pinned.copy_(g.stats, non_blocking=True)
+                pinned = self._pinned[Bb] = (torch.empty(g.inp.shape, dtype=g.inp.dtype, pin_memory=True),
+                                             torch.empty(g.stats.shape, dtype=g.stats.dtype, pin_memory=True))
+            inp, out = pinned  # free to overwrite: the last step of this engine was waited for
+            inp.copy_(torch.tensor([toks + [self.pad_id] * pad, pos + [0] * pad, slots + [self.lm.dummy] * pad]))
+            g.inp.copy_(inp, non_blocking=True)  # a pageable copy would wait for the whole queue
+            g.graph.replay()
+            out.copy_(g.stats, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            stats, logits = pinned[:, :B], g.logits[:B]
+            stats, logits = out[:, :B], g.logits[:B]
         else:
             window = min(self.max_context, _round_up(max(pos) + 1, WINDOW_BLOCK))
             inp = torch.tensor([toks, pos, slots], device=self.device)
@@ -201,6 +352,7 @@ class ColocatedEngine(FastStepEngine):
             self.slots.ids[j.slot].append(j.next_tok)
         self.forward_calls += 1
         self.stats["decode_steps"] += 1
+        self.stats["decode_rows"] += B
         self._inflight = (jobs, stats, logits, event)
 
     def _graph(self, B: int, window: int):
@@ -214,14 +366,18 @@ class ColocatedEngine(FastStepEngine):
         jobs, stats, logits, event = self._inflight
         self._inflight = None
         if event is not None:
+            t = time.perf_counter()
             event.synchronize()
+            self.stats["gpu_wait_s"] += time.perf_counter() - t
         self._consume(jobs, stats, logits)
 
     def _shutdown(self) -> None:
         """Fail what is left (the scheduler or this engine closed)."""
         self._inflight = None
         self._closed = True
-        self._fail(self._running + list(self._waiting), RuntimeError("ColocatedEngine closed"), keep=False)
+        pending = [j for p in self._pending for j in p[0]]
+        self._pending = []
+        self._fail(self._running + pending + list(self._waiting), RuntimeError("ColocatedEngine closed"), keep=False)
         self._running, self._waiting = [], type(self._waiting)()
         while not self._queue.empty():
             item = self._queue.get_nowait()
@@ -229,20 +385,27 @@ class ColocatedEngine(FastStepEngine):
                 self._fail(item, RuntimeError("ColocatedEngine closed"), keep=False)
 
 
-def load_colocated_engines(models: dict[str, Any], scheduler: ColocatedScheduler) -> dict[str, Any]:
+ROLE_GATES = {"draft": DRAFT_GATE, "target": TARGET_GATE}
+
+
+def load_colocated_engines(models: dict[str, Any], scheduler: ColocatedScheduler,
+                           gates: dict[str, Gate] | None = None) -> dict[str, Any]:
     """Step engines for the roles of `models` (role -> ModelConfig), sharing one scheduler.
 
-    `engine: fast` roles become ColocatedEngines on `scheduler`; other engines (hf, llamacpp)
-    load as usual (they batch on their own, in this same process).
+    `engine: fast` roles become ColocatedEngines on `scheduler`, gated by `gates[role]`
+    (default `ROLE_GATES`: the draft batches admissions lightly, the target waits for a
+    batch); other engines (hf, llamacpp) load as usual (they batch on their own, in this
+    same process).
     """
     from arbitrage.models import load_causal_lm, load_engine
 
+    gates = {**ROLE_GATES, **(gates or {})}
     out = {}
     for role, cfg in models.items():
         if cfg.engine == "fast":
             model, tokenizer = load_causal_lm(cfg)
-            out[role] = ColocatedEngine(model, tokenizer, scheduler, max_context=cfg.max_context,
-                                        max_slots=cfg.max_slots)
+            out[role] = ColocatedEngine(model, tokenizer, scheduler, gate=gates.get(role, EAGER),
+                                        max_context=cfg.max_context, max_slots=cfg.max_slots)
         else:
             out[role] = load_engine(cfg)
     return out

@@ -16,6 +16,11 @@ same with a CUDA stream per engine (ARBITRAGE_COLOCATED_STREAMS=1; experimental:
 the H200). The JSON is written
 after each layout, so a cut-off run keeps the layouts that finished.
 
+`--coloc-gates name=TS:TH:DS:DH,...` (colocated layouts) also runs the coordinator under other
+admission gates (target share, target max hold s, draft share, draft max hold s; see
+arbitrage/colocated.py `Gate`), set on the live actor after the default gates' rows:
+coordinator only, same chain counts, `gate_sweep` in the JSON.
+
     python benchmarks/runtime_bench.py --out benchmarks/results/runtime_h200.json
     python benchmarks/runtime_bench.py --layouts separate,colocated --skip router --steps 8 \
         --max-context 2048 --num-cpus 12 --out benchmarks/results/runtime_coloc_h200.json
@@ -41,7 +46,9 @@ from configs.schema import ArbitrageConfig
 
 
 LAYOUTS = ("separate", "colocated", "colocated-streams")
-ENGINE_COUNTERS = ("decode_steps", "admitted_mid_decode", "prefill_s", "decode_s", "idle_s")
+ENGINE_COUNTERS = ("decode_steps", "admitted_mid_decode", "prefill_s", "decode_s", "idle_s",
+                   # colocated engines only (arbitrage/colocated.py)
+                   "admissions", "admitted_rows", "hold_s", "held_turns", "decode_rows", "gpu_wait_s")
 
 
 def bench_config(a, layout: str = "separate") -> ArbitrageConfig:
@@ -116,6 +123,53 @@ def engine_counters(rt) -> dict[str, dict[str, float]]:
             for r in ("draft", "target") if r in roles}
 
 
+def counters_during(rt, items, a) -> tuple[float, int, dict]:
+    """One timed coordinator run; the engines' counters over it (and mean decode batch / step)."""
+    before = engine_counters(rt)
+    dt, steps, _ = run_coordinator(rt, items, "fixed_rate", a.rate)
+    after = engine_counters(rt)
+    during = {r: {k: after[r][k] - before[r][k] for k in ENGINE_COUNTERS} for r in after}
+    for c in during.values():
+        n = c["decode_steps"]
+        c["ms_per_decode_step"] = 1e3 * c["decode_s"] / n if n else None
+        c["rows_per_decode_step"] = c["decode_rows"] / n if n and c["decode_rows"] else None
+    return dt, steps, during
+
+
+def brief(during: dict) -> str:
+    """Decode steps and mean rows per step of each engine, e.g. 'draft 540x41.2 target 130x9.8'."""
+    return " ".join(f"{r} {c['decode_steps']:.0f}x{c['rows_per_decode_step'] or 0:.1f}" for r, c in during.items())
+
+
+def coloc_actor(rt):
+    """The colocated actor behind the runtime's target handle (a RoleView)."""
+    return rt.handles["target"][0].actor
+
+
+def gate_sweep(rt, a) -> dict[str, list[dict]]:
+    """The coordinator at every chain count under each `--coloc-gates` variant (no lockstep)."""
+    import ray
+
+    out = {}
+    default = ray.get(coloc_actor(rt).gates.remote())
+    for spec in [x for x in a.coloc_gates.split(",") if x]:
+        name, vals = spec.split("=")
+        ts, th, ds, dh = (float(v) for v in vals.split(":"))
+        gates = {"target": {"share": ts, "max_hold_s": th}, "draft": {"share": ds, "max_hold_s": dh}}
+        ray.get(coloc_actor(rt).set_gates.remote(gates))
+        rows = []
+        for n in a.chain_counts:
+            dt, steps, during = counters_during(rt, problems(n, f"g{name}{n}"), a)
+            rows.append({"chains": n, "coordinator_steps_per_s": steps / dt, "coordinator_s": dt,
+                         "gates": gates, "engines_during_coordinator": during})
+            print(f"gates {name:10s} chains={n:3d} coordinator {steps / dt:8.2f} steps/s  {brief(during)}", flush=True)
+        for r in rows:
+            r["vs_single_chain"] = r["coordinator_steps_per_s"] / rows[0]["coordinator_steps_per_s"]
+        out[name] = rows
+    ray.get(coloc_actor(rt).set_gates.remote(default))
+    return out
+
+
 def throughput(rt, cfg, a) -> list[dict]:
     """Steps/s through the coordinator vs lockstep, at each concurrency; the engines' counters
     over the timed coordinator run (decode steps, mean decode step, prefill and idle seconds)."""
@@ -128,12 +182,7 @@ def throughput(rt, cfg, a) -> list[dict]:
         # Warm-up at the same concurrency: CUDA graphs for this batch bucket are captured here,
         # not inside the timed runs.
         run_coordinator(rt, problems(n, f"warm{n}"), "fixed_rate", a.rate)
-        before = engine_counters(rt)
-        dt_c, steps_c, _ = run_coordinator(rt, items, "fixed_rate", a.rate)
-        after = engine_counters(rt)
-        during = {r: {k: after[r][k] - before[r][k] for k in ENGINE_COUNTERS} for r in after}
-        for c in during.values():
-            c["ms_per_decode_step"] = 1e3 * c["decode_s"] / c["decode_steps"] if c["decode_steps"] else None
+        dt_c, steps_c, during = counters_during(rt, items, a)
         t0 = time.perf_counter()
         steps_l = asyncio.run(lockstep(backend, problems(n, f"ls{n}"), cfg, a.rate))
         dt_l = time.perf_counter() - t0
@@ -142,7 +191,8 @@ def throughput(rt, cfg, a) -> list[dict]:
         row["speedup_vs_lockstep"] = row["coordinator_steps_per_s"] / row["lockstep_steps_per_s"]
         rows.append(row)
         print(f"chains={n:3d} coordinator {row['coordinator_steps_per_s']:8.2f} steps/s  "
-              f"lockstep {row['lockstep_steps_per_s']:8.2f} steps/s  x{row['speedup_vs_lockstep']:.2f}", flush=True)
+              f"lockstep {row['lockstep_steps_per_s']:8.2f} steps/s  x{row['speedup_vs_lockstep']:.2f}  {brief(during)}",
+              flush=True)
     base = rows[0]["coordinator_steps_per_s"]
     for r in rows:
         r["vs_single_chain"] = r["coordinator_steps_per_s"] / base
@@ -233,6 +283,9 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list of parts to skip: throughput,latency,router")
     ap.add_argument("--layouts", default="separate",
                     help=f"comma list of runtime layouts to run, one after the other: {', '.join(LAYOUTS)}")
+    ap.add_argument("--coloc-gates", default="",
+                    help="colocated layouts: also sweep admission gates, name=TS:TH:DS:DH,... (target share, "
+                    "target max_hold_s, draft share, draft max_hold_s)")
     ap.add_argument("--out", default="benchmarks/results/runtime.json")
     a = ap.parse_args()
     a.target_gpus = a.gpu_fraction if a.target_gpus is None else a.target_gpus
@@ -258,6 +311,8 @@ def main() -> None:
             res["startup_s"] = time.perf_counter() - t0
             if "throughput" not in a.skip:
                 res["throughput"] = throughput(rt, cfg, a)
+                if a.coloc_gates and layout != "separate":
+                    res["gate_sweep"] = gate_sweep(rt, a)
             if "latency" not in a.skip:
                 res["latency"] = latency(rt, a)
                 if a.router and "router" not in a.skip:

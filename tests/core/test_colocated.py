@@ -1,6 +1,8 @@
 """Colocated engines (arbitrage/colocated.py): two FastStepEngines on one scheduler thread
 give exactly the outputs of the HF StepEngine, concurrently, with KV reuse, judge logits and
-clean shutdown. CPU here; the CUDA path (graphs, streams, pinned async copies) is `-m gpu`."""
+clean shutdown; admission gates hold rows while other work keeps the GPU busy, open when it
+would idle, at a bound or for a judge. CPU here; the CUDA path (graphs, streams, pinned
+async copies, async prefill) is `-m gpu`."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from arbitrage.colocated import ColocatedEngine, ColocatedScheduler
+from arbitrage.colocated import DRAFT_GATE, TARGET_GATE, ColocatedEngine, ColocatedScheduler, Gate
 from arbitrage.engine import StepEngine
 from arbitrage.tiny import random_causal_lm
 from arbitrage.types import SamplingParams, StepRequest
@@ -124,6 +126,81 @@ def test_closed_engine_fails_clearly_and_leaves_the_other_serving(tokenizer):
 def test_tensor_parallel_engine_is_refused(tokenizer):
     with pytest.raises(ValueError, match="tensor-parallel"):
         ColocatedEngine(random_causal_lm("tiny-llama", seed=1), tokenizer, ColocatedScheduler(), tp=object())
+
+
+def test_gated_engines_equal_step_engine_under_concurrency(tokenizer):
+    """The default role gates (draft batches admissions, target waits for a share) change when
+    rows run, never what they produce; every row is admitted in the end."""
+    dm, tm = random_causal_lm("tiny-llama", seed=1), random_causal_lm("tiny-llama-wide", seed=2)
+    sched = ColocatedScheduler()
+    try:
+        d = ColocatedEngine(dm, tokenizer, sched, gate=DRAFT_GATE, max_context=1024, max_slots=8)
+        t = ColocatedEngine(tm, tokenizer, sched, gate=TARGET_GATE, max_context=1024, max_slots=8)
+        want = {"d": StepEngine(dm, tokenizer, kv_cache_tokens=0).generate_steps(_reqs()),
+                "t": StepEngine(tm, tokenizer, kv_cache_tokens=0).generate_steps(_reqs())}
+        got: dict[str, list] = {}
+        threads = [threading.Thread(target=lambda n=n, e=e, i=i: got.__setitem__(f"{n}{i}", e.generate_steps(_reqs())))
+                   for i in range(3) for n, e in (("d", d), ("t", t))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=120)
+        assert len(got) == 6
+        for key, outs in got.items():
+            _same(outs, want[key[0]])
+        assert t.stats["admitted_rows"] == 12 and d.stats["admitted_rows"] == 12
+        assert t.stats["decode_rows"] >= t.stats["decode_steps"] > 0
+    finally:
+        sched.close()
+
+
+def _long(i, tokens=600):
+    return _req(f"long {i}", forced_tokens=tokens)
+
+
+def test_gate_holds_rows_while_another_engine_decodes(tokenizer):
+    """A target row that is not yet a share of the rows held waits while the draft decodes, and
+    is admitted once the draft is idle (its step ends after every draft row's)."""
+    sched = ColocatedScheduler()
+    order: list[str] = []
+    try:
+        d = ColocatedEngine(random_causal_lm("tiny-llama", seed=1), tokenizer, sched, max_context=1024, max_slots=4)
+        t = ColocatedEngine(random_causal_lm("tiny-llama", seed=2), tokenizer, sched,
+                            gate=Gate(share=1.0, max_hold_s=600), max_context=1024, max_slots=4)
+        fd = d.submit_steps([_long(i, 40) for i in range(3)])
+        ft = t.submit_steps([_req("held", forced_tokens=4)])
+        for name, fs in (("d", fd), ("t", ft)):
+            for f in fs:
+                f.add_done_callback(lambda _, name=name: order.append(name))
+        assert [f.result(timeout=120).num_tokens for f in fd + ft] == [40, 40, 40, 4]
+        assert order == ["d", "d", "d", "t"]
+        assert t.stats["held_turns"] > 0 and t.stats["admitted_mid_decode"] == 0
+    finally:
+        sched.close()
+
+
+def test_gate_opens_at_its_bound_and_for_a_judge(tokenizer):
+    """max_hold_s wakes the scheduler and admits a held row while the other engine still decodes;
+    next-token logits (a judge) pass a closed gate at once."""
+    sched = ColocatedScheduler()
+    order: list[str] = []
+    try:
+        d = ColocatedEngine(random_causal_lm("tiny-llama", seed=1), tokenizer, sched, max_context=1024, max_slots=4)
+        t = ColocatedEngine(random_causal_lm("tiny-llama", seed=2), tokenizer, sched,
+                            gate=Gate(share=2.0, max_hold_s=0.001), max_context=1024, max_slots=4)
+        fd = d.submit_steps([_long(i, 900) for i in range(2)])
+        ft = t.submit_steps([_req("bounded", forced_tokens=2)])
+        for name, fs in (("d", fd), ("t", ft)):
+            for f in fs:
+                f.add_done_callback(lambda _, name=name: order.append(name))
+        assert ft[0].result(timeout=120).num_tokens == 2
+        t.gate = Gate(share=2.0, max_hold_s=600)  # closed now, except for the judge's request
+        logits = t.next_token_logits([[5, 6, 7]], [None])
+        assert logits.shape[0] == 1 and not all(f.done() for f in fd)
+        assert [f.result(timeout=300).num_tokens for f in fd] == [900, 900]
+        assert order[0] == "t"
+    finally:
+        sched.close()
 
 
 def test_layout_is_a_config_field(tiny_config):
