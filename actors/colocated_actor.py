@@ -95,7 +95,7 @@ class ColocatedActor:
 
     def gates(self) -> dict[str, dict[str, float]]:
         """Admission gate of each colocated engine, by role."""
-        return {r: dict(share=e.gate.share, max_hold_s=e.gate.max_hold_s)
+        return {r: dict(share=e.gate.share, max_hold_s=e.gate.max_hold_s, idle_grace_s=e.gate.idle_grace_s)
                 for r, e in self.engines.items() if hasattr(e, "gate")}
 
     def set_gates(self, gates: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:

@@ -59,20 +59,25 @@ from arbitrage.fast_engine import (PREFILL_BLOCK, WINDOW_BLOCK, FastStepEngine, 
 class Gate:
     """When a colocated engine admits its waiting rows (any one condition suffices).
 
-    share: the waiting rows are at least this share of all rows the scheduler's engines hold
-        (running, being prefilled or waiting); 0 admits at once.
+    share: the waiting rows are at least this share of the rows the scheduler's engines have
+        held lately (running, being prefilled or waiting; a peak that halves every
+        `PEAK_HALF_LIFE_S`, so chains between two requests still count); 0 admits at once.
     max_hold_s: the oldest waiting row has waited this long.
-    Always: nothing is running on this engine and every other engine is idle (the GPU would
-    idle), or a waiting request asks for next-token logits only (a judge PRM: no decode steps).
+    idle_grace_s: nothing is running on this engine and every other engine has been idle
+        for this long (the GPU would idle). The grace lets a wave of chains that just
+        finished a draft step come back before a small target batch takes the GPU.
+    Always: a waiting request asks for next-token logits only (a judge PRM: no decode steps).
     """
 
     share: float = 0.0
     max_hold_s: float = 0.0
+    idle_grace_s: float = 0.0
 
 
 DRAFT_GATE = Gate(share=0.125, max_hold_s=0.01)
-TARGET_GATE = Gate(share=0.3, max_hold_s=0.2)
+TARGET_GATE = Gate(share=0.3, max_hold_s=0.3, idle_grace_s=0.01)
 EAGER = Gate()
+PEAK_HALF_LIFE_S = 1.0
 
 COUNTERS = {"admissions": 0, "admitted_rows": 0, "hold_s": 0.0, "held_turns": 0, "decode_rows": 0,
             "gpu_wait_s": 0.0}
@@ -96,6 +101,7 @@ class ColocatedScheduler:
         self._lock = threading.Lock()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self.peak_rows, self._peak_t = 0.0, time.perf_counter()
 
     def add(self, engine: "ColocatedEngine") -> None:
         """Register an engine (done by ColocatedEngine's constructor); starts the thread once."""
@@ -123,9 +129,14 @@ class ColocatedScheduler:
         """Rows every engine holds: running, being prefilled, or waiting for admission."""
         return sum(e._held() for e in self.engines)
 
-    def others_idle(self, engine: "ColocatedEngine") -> bool:
-        """Whether every engine but `engine` holds no rows and has none queued."""
-        return all(e._held() == 0 and e._queue.empty() for e in self.engines if e is not engine)
+    def others_idle_since(self, engine: "ColocatedEngine") -> float | None:
+        """Since when every engine but `engine` has held no rows and had none queued (None: busy)."""
+        since = [e._idle_since for e in self.engines if e is not engine]
+        return None if any(t is None for t in since) else max(since, default=0.0)
+
+    def _update_peak(self, now: float) -> None:
+        decay = 0.5 ** ((now - self._peak_t) / PEAK_HALF_LIFE_S)
+        self.peak_rows, self._peak_t = max(float(self.held_rows()), self.peak_rows * decay), now
 
     def _loop(self) -> None:
         with torch.inference_mode():
@@ -136,6 +147,7 @@ class ColocatedScheduler:
                 if closed:
                     break
                 t0 = time.perf_counter()
+                self._update_peak(t0)
                 busy, deadline = False, None
                 for e in engines:
                     b, d = e._turn()
@@ -167,6 +179,8 @@ class ColocatedEngine(FastStepEngine):
         self._inflight: tuple | None = None  # (jobs, host stats, logits, event) of the launched step
         self._pending: list[tuple] = []  # prefills issued, first tokens not read: (jobs, stats, logits, event, keep)
         self._pinned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # bucket -> pinned (inputs, stats)
+        self._idle_since: float | None = 0.0  # since when it holds no rows (None: it holds some)
+        self._wake_at: float | None = None  # when a closed gate may open without a new event
         super().__init__(model, tokenizer, **kwargs)  # its own thread exits at once (see _loop)
         self._thread.join()
         self.stats.update(COUNTERS)
@@ -210,7 +224,6 @@ class ColocatedEngine(FastStepEngine):
                 and not self._waiting and self._queue.empty():
             return False, None
         stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
-        deadline = None
         with self._ctx(), stream:
             try:
                 t0 = time.perf_counter()
@@ -223,13 +236,12 @@ class ColocatedEngine(FastStepEngine):
                 if not self._pull(block=False):
                     self._shutdown()
                     return False, None
+                self._wake_at = None
                 if self._waiting:
                     if self._gate_open():
                         self._admit_async()
                     else:
                         self.stats["held_turns"] += 1
-                        if self.gate.max_hold_s > 0:
-                            deadline = self._waiting[0].queued_at + self.gate.max_hold_s
                 t2 = time.perf_counter()
                 self.stats["prefill_s"] += t2 - t1
                 if self._running:
@@ -240,17 +252,30 @@ class ColocatedEngine(FastStepEngine):
                 failed = self._running + [j for p in self._pending for j in p[0]]
                 self._pending, self._running = [], []
                 self._fail(failed, e, keep=False)
-        return self._inflight is not None or bool(self._pending), deadline
+        if self._held() or not self._queue.empty():
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = time.perf_counter()
+        return self._inflight is not None or bool(self._pending), self._wake_at
 
     def _gate_open(self) -> bool:
-        g = self.gate
+        g, now = self.gate, time.perf_counter()
         if g.share <= 0 or any(j.row is None for j in self._waiting):
             return True  # eager, or a judge's next-token logits (a prefill, no decode steps)
-        if not self._running and not self._pending and self.scheduler.others_idle(self):
-            return True  # nothing else would use the GPU
-        if len(self._waiting) >= g.share * self.scheduler.held_rows():
+        if len(self._waiting) >= g.share * max(self.scheduler.peak_rows, self.scheduler.held_rows()):
             return True
-        return g.max_hold_s > 0 and time.perf_counter() - self._waiting[0].queued_at >= g.max_hold_s
+        wake = []
+        if g.max_hold_s > 0:
+            if now - self._waiting[0].queued_at >= g.max_hold_s:
+                return True
+            wake.append(self._waiting[0].queued_at + g.max_hold_s)
+        since = self.scheduler.others_idle_since(self)
+        if not self._running and not self._pending and since is not None:  # else the GPU would idle
+            if now - since >= g.idle_grace_s:
+                return True
+            wake.append(since + g.idle_grace_s)
+        self._wake_at = min(wake, default=None)
+        return False
 
     def _admit_async(self) -> None:
         """Give waiting jobs slots (FIFO, while slots last) and issue their prefills (not awaited)."""

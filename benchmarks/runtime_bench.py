@@ -16,8 +16,8 @@ same with a CUDA stream per engine (ARBITRAGE_COLOCATED_STREAMS=1; experimental:
 the H200). The JSON is written
 after each layout, so a cut-off run keeps the layouts that finished.
 
-`--coloc-gates name=TS:TH:DS:DH,...` (colocated layouts) also runs the coordinator under other
-admission gates (target share, target max hold s, draft share, draft max hold s; see
+`--coloc-gates name=TS:TH:TG:DS:DH,...` (colocated layouts) also runs the coordinator under other
+admission gates (target share, max hold s, idle grace s; draft share, max hold s; see
 arbitrage/colocated.py `Gate`), set on the live actor after the default gates' rows:
 coordinator only, same chain counts, `gate_sweep` in the JSON.
 
@@ -154,8 +154,9 @@ def gate_sweep(rt, a) -> dict[str, list[dict]]:
     default = ray.get(coloc_actor(rt).gates.remote())
     for spec in [x for x in a.coloc_gates.split(",") if x]:
         name, vals = spec.split("=")
-        ts, th, ds, dh = (float(v) for v in vals.split(":"))
-        gates = {"target": {"share": ts, "max_hold_s": th}, "draft": {"share": ds, "max_hold_s": dh}}
+        ts, th, tg, ds, dh = (float(v) for v in vals.split(":"))
+        gates = {"target": {"share": ts, "max_hold_s": th, "idle_grace_s": tg},
+                 "draft": {"share": ds, "max_hold_s": dh}}
         ray.get(coloc_actor(rt).set_gates.remote(gates))
         rows = []
         for n in a.chain_counts:
@@ -284,8 +285,8 @@ def main() -> None:
     ap.add_argument("--layouts", default="separate",
                     help=f"comma list of runtime layouts to run, one after the other: {', '.join(LAYOUTS)}")
     ap.add_argument("--coloc-gates", default="",
-                    help="colocated layouts: also sweep admission gates, name=TS:TH:DS:DH,... (target share, "
-                    "target max_hold_s, draft share, draft max_hold_s)")
+                    help="colocated layouts: also sweep admission gates, name=TS:TH:TG:DS:DH,... (target share, "
+                    "max_hold_s, idle_grace_s; draft share, max_hold_s)")
     ap.add_argument("--out", default="benchmarks/results/runtime.json")
     a = ap.parse_args()
     a.target_gpus = a.gpu_fraction if a.target_gpus is None else a.target_gpus

@@ -203,6 +203,21 @@ def test_gate_opens_at_its_bound_and_for_a_judge(tokenizer):
         sched.close()
 
 
+def test_gate_opens_after_the_idle_grace_without_another_event(tokenizer):
+    """A row no share admits waits while the other engine decodes and then out the grace once it
+    is idle; the scheduler wakes for it by itself (no later submit)."""
+    sched = ColocatedScheduler()
+    try:
+        d = ColocatedEngine(random_causal_lm("tiny-llama", seed=1), tokenizer, sched, max_context=256, max_slots=2)
+        t = ColocatedEngine(random_causal_lm("tiny-llama", seed=2), tokenizer, sched,
+                            gate=Gate(share=2.0, idle_grace_s=0.05), max_context=256, max_slots=2)
+        fd = d.submit_steps([_long(0, 30)])
+        assert t.generate_steps([_req("alone", forced_tokens=3)])[0].num_tokens == 3
+        assert fd[0].done() and t.stats["held_turns"] > 0 and t.stats["admitted_rows"] == 1
+    finally:
+        sched.close()
+
+
 def test_layout_is_a_config_field(tiny_config):
     from configs.schema import ConfigError
 
