@@ -361,8 +361,8 @@ def plan(cfg, node_types: dict | None = None) -> Plan:
                                            m.prm.max_context, False, f"{m.prm.source.name} ({m.prm.kind})", True))
     r = m.router
     if r is not None:
-        if r.kind == "probe":
-            out.roles.append(RolePlan("router", "probe (in each coordinator)", "cpu", False, note="no model"))
+        if r.kind in ("probe", "hidden"):
+            out.roles.append(RolePlan("router", f"{r.kind} (in each coordinator)", "cpu", False, note="no model"))
         else:
             if r.path is not None and (Path(r.path) / "config.json").is_file():
                 src, label = resolve_arch(name=str(r.path)), r.path

@@ -100,17 +100,27 @@ def train_prm(rows: list[dict], engine, out: str | Path, backbone: str, system: 
     v = torch.tensor([e["v"] for e in examples])
     train_ids, val_ids = split_problems(sorted({e["problem_id"] for e in examples}), val_fraction, seed)
     val_set = set(val_ids)
-    tr = torch.tensor([e["problem_id"] not in val_set for e in examples])
+    # Early stopping and the width are chosen on development problems carved out of the training
+    # problems, so the reported validation problems play no part in fitting.
+    fit_ids, dev_ids = split_problems(train_ids, 0.2, seed + 1)
+    dev_set = set(dev_ids)
+    fit_m = torch.tensor([e["problem_id"] in set(fit_ids) for e in examples])
+    dev_m = torch.tensor([e["problem_id"] in dev_set for e in examples])
     best = None
     for width in widths:
         ts = HeadTraining(width=width, seed=seed)
-        head, fit = train_value_head(x[tr], v[tr], ts, x[~tr], v[~tr])
-        if best is None or fit["val_loss"] < best[2]["val_loss"]:
-            best = (head, ts, fit)
-    head, ts, fit = best
+        _, fit = train_value_head(x[fit_m], v[fit_m], ts, x[dev_m], v[dev_m])
+        if best is None or fit["val_loss"] < best[1]["val_loss"]:
+            best = (ts, fit)
+    # refit on all training problems for the chosen width and epoch count
+    ts = HeadTraining(width=best[0].width, epochs=best[1]["best_epoch"] + 1, seed=seed)
+    tr = fit_m | dev_m
+    head, fit = train_value_head(x[tr], v[tr], ts)
+    fit = {**fit, "dev_loss": best[1]["val_loss"], "dev_problems": len(dev_ids)}
     with torch.no_grad():
         scores = torch.sigmoid(head(x)).tolist()
     score_of = {(e["problem_id"], e["steps"]): s for e, s in zip(examples, scores)}
+    hidden_of = {(e["problem_id"], e["steps"]): h for e, h in zip(examples, x)}
     val_ex = [(s, e["v"]) for e, s in zip(examples, scores) if e["problem_id"] in val_set]
     val_rows = [r for r in rows if str(r["problem_id"]) in val_set]
 
@@ -138,18 +148,21 @@ def train_prm(rows: list[dict], engine, out: str | Path, backbone: str, system: 
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     head.save(out, report)
+    hidden = (lambda pid, steps: hidden_of[(pid, steps)]) if backbone == "draft" else None
     write_scored_rows(rows, lambda pid, steps: score_of[(pid, steps)], Path(out) / "scored.jsonl",
-                      f"value:{Path(out).name}")
-    write_scored_rows(rows, None, Path(out) / "mc.jsonl", "mc")
+                      f"value:{Path(out).name}", hidden)
+    write_scored_rows(rows, None, Path(out) / "mc.jsonl", "mc", hidden)
     return report
 
 
-def write_scored_rows(rows: list[dict], score, path: Path, name: str) -> None:
+def write_scored_rows(rows: list[dict], score, path: Path, name: str, hidden=None) -> None:
     """The rows re-scored for router training (`arbitrage train-router --data`).
 
     `draft_score` and the greedy target's `score` become the trained PRM's (or, with
     `score` None, the Monte-Carlo values V), so the router pipeline's advantage
     A = target score - draft score is the new PRM's (or A_mc). Extra target samples are dropped.
+    With `hidden` (the draft backbone's state after the draft step), rows carry it as
+    `draft_hidden` (4 significant digits) for the hidden-state router (`--kind hidden`).
     """
     lines = []
     for r in rows:
@@ -159,8 +172,11 @@ def write_scored_rows(rows: list[dict], score, path: Path, name: str) -> None:
             d, t = float(r["v_draft"]), float(r["v_target"])
         else:
             d, t = score(pid, prefix + (r["draft"],)), score(pid, prefix + (target["text"],))
+        extra = {}
+        if hidden is not None:
+            extra["draft_hidden"] = [float(f"{v:.4g}") for v in hidden(pid, prefix + (r["draft"],)).tolist()]
         lines.append(json.dumps({**r, "draft_score": d, "targets": [{**target, "score": t}], "target_score": t,
-                                 "advantage": t - d, "prm": name, "k": 1}))
+                                 "advantage": t - d, "prm": name, "k": 1, **extra}))
     path.write_text("".join(line + "\n" for line in lines))
 
 

@@ -41,6 +41,8 @@ class RouterRequest:
 
 
 ROUTER_STEP_TOKEN = "\n\n"  # the authors' step word
+# Router kinds that run no model (they read what the draft step carries): served in-process.
+MODEL_FREE_ROUTERS = ("probe", "hidden")
 # Recorded in router.json: classifier folders trained before it (text joined by blank lines,
 # read at the last text token) would read other positions, so they are refused.
 ROUTER_INPUT_FORMAT = "authors-v1: problem+\\n, pieces each + step token 271, read at the last step token"
@@ -226,10 +228,14 @@ def build_router(cfg) -> Router:
     if saved is not None and saved != cfg.kind:
         raise ValueError(f"router folder {cfg.path} holds a {saved} router but models.router.kind is "
                          f"{cfg.kind!r}; set kind: {saved}")
-    if cfg.kind == "probe":
+    if cfg.kind in MODEL_FREE_ROUTERS:
         if cfg.path is None:
-            raise ValueError("router kind 'probe' needs `path` (a folder written by "
-                             "`arbitrage train-router --kind probe`), not `source`")
+            raise ValueError(f"router kind {cfg.kind!r} needs `path` (a folder written by "
+                             f"`arbitrage train-router --kind {cfg.kind}`), not `source`")
+        if cfg.kind == "hidden":
+            from arbitrage.hidden_router import HiddenRouter
+
+            return HiddenRouter.from_pretrained(cfg.path)
         from arbitrage.probe import ProbeRouter
 
         return ProbeRouter.from_pretrained(cfg.path)
@@ -271,7 +277,7 @@ def _saved_kind(path: str | Path) -> str | None:
 
 
 class InProcessRouter:
-    """A model-free router (kind `probe`) served inside the caller's process: no actor, no RPC.
+    """A model-free router (kind `probe` or `hidden`) served inside the caller's process: no actor, no RPC.
 
     It has a router actor's interface (async `predict`, `health`, `stats`), so the runtime
     hands it to each coordinator as the router "handle" and `RayBackend` awaits it like an
@@ -281,8 +287,9 @@ class InProcessRouter:
     """
 
     def __init__(self, cfg):
-        if cfg.kind != "probe":
-            raise ValueError(f"only the model-free probe router runs in-process, not kind {cfg.kind!r}")
+        if cfg.kind not in MODEL_FREE_ROUTERS:
+            raise ValueError(f"only model-free routers ({', '.join(MODEL_FREE_ROUTERS)}) run in-process, "
+                             f"not kind {cfg.kind!r}")
         self.cfg = cfg
         self._router: Router | None = None
         self.calls = 0

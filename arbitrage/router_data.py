@@ -89,7 +89,7 @@ def advantage(row: dict) -> float:
 def example_from_row(row: dict, margin: float = 0.0) -> RouterExample:
     """A `RouterExample` from one collected row; y = 1[A > margin] with A from `advantage`."""
     history = tuple((a, t) for a, t in row["history"])
-    req = RouterRequest(row["problem"], history, row["draft"], row.get("draft_features"))
+    req = RouterRequest(row["problem"], history, row["draft"], row.get("draft_features"), row.get("draft_hidden"))
     adv = advantage(row)
     return RouterExample(str(row["problem_id"]), int(row["step_index"]), req, adv,
                          int(adv > margin), float(row["draft_score"]),

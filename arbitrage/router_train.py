@@ -38,7 +38,8 @@ import torch
 from arbitrage.router import ROUTER_INPUT_FORMAT, ClassifierRouter, Router, RouterRequest
 from arbitrage.router_data import RouterDataset, RouterExample
 
-DEFAULT_LR = {"classifier": 3e-5, "probe": 0.05}
+DEFAULT_LR = {"classifier": 3e-5, "probe": 0.05, "hidden": 3e-3}
+KINDS = ("classifier", "probe", "hidden")
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -46,7 +47,7 @@ SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 class TrainSettings:
     """How a router is trained."""
 
-    kind: str = "classifier"  # classifier | probe
+    kind: str = "classifier"  # classifier | probe | hidden
     backbone: str = "all-minilm-l6-v2"  # packaged name, HF folder, or random:<shape>
     epochs: int = 3
     lr: float | None = None  # None: DEFAULT_LR[kind]
@@ -59,6 +60,8 @@ class TrainSettings:
     probe_steps: int = 500
     seed: int = 0
     head: str = "auto"  # auto | token | sequence (classifier only; see the module docstring)
+    init_prm: str | None = None  # hidden: a value-PRM folder to start from (arbitrage.hidden_router)
+    prior: float = 1e-2  # hidden: L2 pull towards the initial head
 
 
 # ---- the classifier -------------------------------------------------------------------
@@ -187,6 +190,25 @@ def train_classifier(ds: RouterDataset, ts: TrainSettings,
     return router, {"backbone": ts.backbone, **info, "lr": lr, "train_loss": losses, "epochs": history}
 
 
+def fit_hidden(train: list[RouterExample], ts: TrainSettings):
+    """A hidden-state router (`arbitrage.hidden_router`) on examples whose requests carry the
+    draft's hidden state (rows scored by `arbitrage train-prm` hold it as `draft_hidden`)."""
+    from arbitrage.hidden_router import HiddenRouter
+    from arbitrage.value_prm import ValueHead
+
+    missing = sum(1 for e in train if not e.request.hidden)
+    if missing:
+        raise ValueError(f"--kind hidden: {missing} of {len(train)} training rows carry no `draft_hidden`; "
+                         "train on the scored rows `arbitrage train-prm` writes (<prm folder>/scored.jsonl)")
+    x = torch.tensor([e.request.hidden for e in train], dtype=torch.float32)
+    y = torch.tensor([e.label for e in train], dtype=torch.float32)
+    init = ValueHead.load(ts.init_prm)[0] if ts.init_prm else None
+    lr = ts.lr or DEFAULT_LR["hidden"]
+    router, losses = HiddenRouter.fit(x, y, init=init, width=ts.probe_hidden, steps=ts.probe_steps, lr=lr,
+                                      prior=ts.prior, seed=ts.seed)
+    return router, {"backbone": ts.init_prm, "lr": lr, "train_loss": losses}
+
+
 # ---- training entry point -------------------------------------------------------------
 
 
@@ -203,8 +225,8 @@ def train(ds: RouterDataset, out: str | Path, ts: TrainSettings, data_path: str 
     Returns:
         (the trained router, as saved; the router.json dict).
     """
-    if ts.kind not in ("classifier", "probe"):
-        raise ValueError(f"router kind must be classifier or probe, got {ts.kind!r}")
+    if ts.kind not in KINDS:
+        raise ValueError(f"router kind must be one of {', '.join(KINDS)}, got {ts.kind!r}")
     if ts.save_dtype not in SAVE_DTYPES:
         raise ValueError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, got {ts.save_dtype!r}")
     out = Path(out)
@@ -217,6 +239,9 @@ def train(ds: RouterDataset, out: str | Path, ts: TrainSettings, data_path: str 
         router, losses = ProbeRouter.fit([e.request for e in ds.train], [e.label for e in ds.train],
                                          hidden=ts.probe_hidden, steps=ts.probe_steps, lr=lr, seed=ts.seed)
         extra = {"backbone": None, "lr": lr, "train_loss": losses}
+        router.save_pretrained(out)
+    elif ts.kind == "hidden":
+        router, extra = fit_hidden(ds.train, ts)
         router.save_pretrained(out)
     else:
         router, extra = train_classifier(ds, ts, log)
@@ -455,6 +480,8 @@ def cross_validate(rows: list[dict], ts: TrainSettings, folds: int = 5, margin: 
             router, _ = ProbeRouter.fit([e.request for e in train_set], [e.label for e in train_set],
                                         hidden=ts.probe_hidden, steps=ts.probe_steps,
                                         lr=ts.lr or DEFAULT_LR["probe"], seed=ts.seed)
+        elif ts.kind == "hidden":
+            router, _ = fit_hidden(train_set, ts)
         else:
             ds = RouterDataset(train_set, [], sorted({e.problem_id for e in train_set}), [], {})
             router, _ = train_classifier(ds, ts, log)

@@ -202,4 +202,76 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> tuple[str, list[
     (out_dir / "report.md").write_text(f"# Report: {run_dir.name}\n\n{table}\n\n{cache_md}" +
                                        "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
     rows = load_results(run_dir / "results.jsonl").values()
+    research = research_section(rows, out_dir)
+    if research is not None:
+        md, plot_path = research
+        plots.append(plot_path)
+        with (out_dir / "report.md").open("a") as f:
+            f.write("\n" + md + f"\n![{plot_path.stem}]({plot_path.name})\n")
     return summary_table(summaries, cache_line(rows)), plots
+
+
+def research_section(rows, out_dir: Path, policy: str = "router",
+                     baselines: tuple[str, ...] = ("rsd", "confidence")) -> tuple[str, Path] | None:
+    """Accuracy with 95% problem-bootstrap intervals, acceptance and target tokens per cell, and
+    `policy` against each baseline cell at matched target tokens (`arbitrage.sweep_stats`).
+
+    Writes `research.json` and `accuracy_vs_target_tokens.png`; returns the markdown and the plot,
+    or None when the sweep has no `policy` cells.
+    """
+    from arbitrage.sweep_stats import cells_from_rows, research_summary
+
+    cells = cells_from_rows(rows, group_label)
+    if not any(c.policy == policy for c in cells.values()) or len(cells) < 2:
+        return None
+    res = research_summary(cells, policy, baselines)
+    (out_dir / "research.json").write_text(json.dumps(res, indent=2))
+    lines = [f"## Accuracy at matched target tokens ({res['problems']} problems every cell shares)", "",
+             "Accuracy with 95% bootstrap intervals by problem; acceptance = accepted draft tokens / draft "
+             "tokens generated; target tokens per problem.", "",
+             "| cell | accuracy | 95% CI | acceptance | target tokens / problem |", "|---|---|---|---|---|"]
+    for c in res["cells"]:
+        ta = "-" if c["token_acceptance"] is None else f"{c['token_acceptance']:.3f}"
+        lines.append(f"| {c['cell']} | {c['accuracy']:.3f} | {c['ci'][0]:.3f}-{c['ci'][1]:.3f} | {ta} | "
+                     f"{c['target_tokens_per_problem']:.1f} |")
+    lines += ["", f"{policy} minus each baseline cell at the baseline's target tokens: {policy}'s two "
+              "neighbouring cells mixed per problem so that the mixture's mean target tokens equal the "
+              "baseline's; paired bootstrap by problem.", "",
+              f"| baseline | target tokens / problem | {policy} (between) | baseline accuracy | difference | 95% CI |",
+              "|---|---|---|---|---|---|"]
+    for m in res["matched"]:
+        if not m["matched"]:
+            lines.append(f"| {m['baseline']} | outside {policy}'s range | - | - | - | - |")
+            continue
+        lines.append(f"| {m['baseline']} | {m['tokens_per_problem']:.1f} | {m['accuracy']:.3f} "
+                     f"({m['between'][0]} / {m['between'][1]}, w={m['weight']:.2f}) | {m['baseline_accuracy']:.3f} | "
+                     f"{m['difference']:+.3f} | {m['ci'][0]:+.3f}..{m['ci'][1]:+.3f} |")
+    return "\n".join(lines) + "\n", _plot_tokens(res, out_dir)
+
+
+def _plot_tokens(res: dict, out_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    by_policy: dict[str, list[dict]] = defaultdict(list)
+    for c in res["cells"]:
+        by_policy[c["policy"]].append(c)
+    for i, (policy, cs) in enumerate(sorted(by_policy.items())):
+        cs = sorted(cs, key=lambda c: c["target_tokens_per_problem"])
+        xs = [c["target_tokens_per_problem"] for c in cs]
+        ys = [c["accuracy"] for c in cs]
+        err = [[y - c["ci"][0] for y, c in zip(ys, cs)], [c["ci"][1] - y for y, c in zip(ys, cs)]]
+        ax.errorbar(xs, ys, yerr=err, fmt="*" if policy in THRESHOLD_FREE else "o-", capsize=3,
+                    label=policy, color=f"C{i}", markersize=9 if policy in THRESHOLD_FREE else 5)
+    ax.set_xlabel("target tokens per problem")
+    ax.set_ylabel(f"accuracy (95% bootstrap CI, {res['problems']} problems)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "accuracy_vs_target_tokens.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

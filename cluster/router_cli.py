@@ -163,16 +163,20 @@ def collect_on_runtime(cfg, problems: list, out: Path, k: int, temperature: floa
 def train_router(
     data: Path = typer.Option(..., "--data", help="JSONL written by `arbitrage collect`."),
     out: Path = typer.Option(..., "--out", help="Router folder to write."),
-    kind: str = typer.Option("classifier", help="classifier | probe"),
+    kind: str = typer.Option("classifier", help="classifier | probe | hidden (a head on the draft's hidden "
+                             "state; --data: a value PRM's scored.jsonl)"),
     backbone: str = typer.Option("all-minilm-l6-v2",
                                  help="classifier: a packaged model name, an HF folder, or random:<shape>."),
     epochs: int = typer.Option(3, help="classifier: passes over the balanced training steps."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: 3e-5 classifier, 0.05 probe)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: 3e-5 classifier, 0.05 probe, 3e-3 hidden)."),
     batch_size: int = typer.Option(16, help="classifier: batch size."),
     max_length: int = typer.Option(384, help="classifier: input truncation in tokens (left)."),
     save_dtype: str = typer.Option("float32", help="classifier: float32 | float16 | bfloat16 weights on disk."),
     probe_hidden: int = typer.Option(0, help="probe: MLP hidden units (0 = logistic regression)."),
-    probe_steps: int = typer.Option(500, help="probe: full-batch optimisation steps."),
+    probe_steps: int = typer.Option(500, help="probe / hidden: full-batch optimisation steps."),
+    init_prm: Optional[Path] = typer.Option(None, "--init-prm", help="hidden: start from this value PRM's head "
+                                            "(`arbitrage train-prm --out`), negated: P(escalate) = 1 - V."),
+    prior: float = typer.Option(1e-2, help="hidden: L2 pull towards the initial head."),
     margin: float = typer.Option(0.0, help="Label y = 1[A > margin]."),
     val_fraction: float = typer.Option(0.2, help="Share of problems held out for validation."),
     seed: int = typer.Option(0, help="Seed of the split, the balancing and the training."),
@@ -181,14 +185,20 @@ def train_router(
     cli = _cli()
     try:
         from arbitrage.router_data import build_dataset, load_rows
-        from arbitrage.router_train import TrainSettings, train
+        from arbitrage.router_train import KINDS, TrainSettings, train
 
-        if kind not in ("classifier", "probe"):
-            raise ValueError(f"--kind must be classifier or probe, got {kind!r}")
+        if kind not in KINDS:
+            raise ValueError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if init_prm is not None and kind != "hidden":
+            raise ValueError("--init-prm applies to --kind hidden only")
+        if init_prm is not None and not (init_prm / "value_head.json").is_file():
+            raise ValueError(f"--init-prm: {init_prm} is not a value PRM folder (no value_head.json); "
+                             "write one with `arbitrage train-prm`")
         ds = build_dataset(load_rows(data), margin=margin, val_fraction=val_fraction, seed=seed)
         ts = TrainSettings(kind=kind, backbone=backbone, epochs=epochs, lr=lr, batch_size=batch_size,
                            max_length=max_length, save_dtype=save_dtype, probe_hidden=probe_hidden,
-                           probe_steps=probe_steps, seed=seed)
+                           probe_steps=probe_steps, seed=seed,
+                           init_prm=str(init_prm) if init_prm else None, prior=prior)
         typer.echo(f"train-router: {kind} on {json.dumps(ds.stats)}", err=True)
         t0 = time.perf_counter()
         _, info = train(ds, out, ts, data_path=str(data), log=lambda m: typer.echo(m, err=True))

@@ -35,6 +35,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from actors.backend import RayBackend, call_handle_sync
 from actors.coordinator import make_coordinator
 from actors.model_actor import as_config, make_model_actor, prm_on_target
+from arbitrage.router import MODEL_FREE_ROUTERS, InProcessRouter
 from arbitrage.runner import as_input
 from configs.schema import ArbitrageConfig, load_config
 
@@ -114,9 +115,7 @@ class Runtime:
             actor, views = make_colocated_actor(self.cfg)
             self._owned.append(("target", actor))  # its resources are reported as the target's
             self.handles.update(views)
-            if "router" in roles and "router" not in views:  # a probe: inside each coordinator
-                from arbitrage.router import InProcessRouter
-
+            if "router" in roles and "router" not in views:  # model-free: inside each coordinator
                 self.handles["router"] = [InProcessRouter(self.cfg.models.router)]
             return
         as_group = self.cfg.runtime.target.tensor_parallel > 1
@@ -124,9 +123,7 @@ class Runtime:
         for role in roles:
             if (role == "target" and as_group) or (role == "prm" and prm_rides):
                 continue
-            if role == "router" and self.cfg.models.router.kind == "probe":
-                from arbitrage.router import InProcessRouter
-
+            if role == "router" and self.cfg.models.router.kind in MODEL_FREE_ROUTERS:
                 self.handles[role] = [InProcessRouter(self.cfg.models.router)]  # inside each coordinator
                 continue
             hs = make_model_actor(role, self.cfg)

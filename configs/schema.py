@@ -141,10 +141,12 @@ class PRMConfig(ModelConfig):
 class RouterConfig(_Base):
     """The router: P(target step scores higher | context, draft step)."""
 
-    kind: Literal["classifier", "probe"] = Field(
+    kind: Literal["classifier", "probe", "hidden"] = Field(
         default="classifier",
         description="classifier: an HF 2-label classifier over the annotated history; "
-        "probe: a small head over the draft's own step features (no extra forward pass).",
+        "probe: a small head over the draft's own step features (no extra forward pass); "
+        "hidden: a head over the draft's hidden state after the step, started from a value PRM "
+        "(needs models.draft.hidden_states: true; no extra forward pass).",
     )
     path: str | None = Field(
         default=None, description="Folder of a trained router (classifier or probe)."
@@ -170,7 +172,7 @@ class RouterConfig(_Base):
 
     @model_validator(mode="after")
     def _needs_weights(self) -> "RouterConfig":
-        if self.kind in ("classifier", "probe") and self.path is None and self.source is None:
+        if self.path is None and self.source is None:
             raise ValueError(f"router kind {self.kind!r} needs `path` (or `source`)")
         return self
 

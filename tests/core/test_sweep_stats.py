@@ -1,0 +1,75 @@
+"""Sweep statistics: matched-token comparison, bootstrap intervals, acceptance from hand-made rows."""
+
+import pytest
+
+from arbitrage.sweep_stats import (accuracy_interval, bootstrap_mean, cells_from_rows, common_problems,
+                                   matched_difference, paired_difference, research_summary)
+
+
+def _row(pid, policy, tau, correct, steps):
+    """A results.jsonl row: steps are (author, num_tokens, draft_tokens, target_tokens)."""
+    return {"problem_id": pid, "policy": policy, "threshold": tau, "correct": correct,
+            "target_tokens": sum(s[3] for s in steps),
+            "steps": [{"author": a, "num_tokens": n, "draft_tokens": d, "target_tokens": t} for a, n, d, t in steps]}
+
+
+def _label(p, t):
+    return p if p in ("draft_only", "target_only") else f"{p}@{t:g}"
+
+
+def test_token_acceptance_is_kept_draft_tokens_over_generated():
+    # step 1: draft 10 tokens kept; step 2: draft wrote 8, target replaced with 12; step 3: draft 5 kept
+    rows = [_row("a", "router", 0.5, True, [("draft", 10, 10, 0), ("target", 12, 8, 12), ("draft", 5, 5, 0)])]
+    cell = cells_from_rows(rows, _label)["router@0.5"]
+    assert cell.token_acceptance(["a"]) == pytest.approx(15 / 23)
+    assert cell.target_tokens["a"] == 12
+
+
+def test_matched_difference_mixes_neighbours_to_the_reference_tokens():
+    probs = [str(i) for i in range(4)]
+    rows = []
+    # router@0.7: 10 target tokens per problem, correct on 0, 1; router@0.3: 30 tokens, correct on all
+    for p in probs:
+        rows.append(_row(p, "router", 0.7, p in ("0", "1"), [("target", 10, 5, 10)]))
+        rows.append(_row(p, "router", 0.3, True, [("target", 30, 5, 30)]))
+        # rsd@0.5: 25 tokens, correct on 0 only
+        rows.append(_row(p, "rsd", 0.5, p == "0", [("target", 25, 5, 25)]))
+    cells = cells_from_rows(rows, _label)
+    curve = [cells["router@0.7"], cells["router@0.3"]]
+    m = matched_difference(curve, cells["rsd@0.5"], probs, n_boot=200)
+    assert m.weight == pytest.approx(0.75)  # 10 + 0.75 * 20 = 25
+    # mixture accuracy: 0.25 * 0.5 + 0.75 * 1.0 = 0.875; rsd 0.25
+    assert m.accuracy == pytest.approx(0.875)
+    assert m.difference[0] == pytest.approx(0.625)
+    assert m.difference[1] <= m.difference[0] <= m.difference[2]
+    # outside the curve's range: no extrapolation
+    far = cells_from_rows([_row(p, "rsd", 0.9, True, [("target", 99, 1, 99)]) for p in probs], _label)["rsd@0.9"]
+    assert matched_difference(curve, far, probs) is None
+
+
+def test_bootstrap_intervals_cover_the_mean_and_shrink_with_data():
+    small = bootstrap_mean([1.0, 0.0] * 10, n_boot=500)
+    large = bootstrap_mean([1.0, 0.0] * 200, n_boot=500)
+    assert small[0] == large[0] == 0.5
+    assert small[1] < 0.5 < small[2]
+    assert (large[2] - large[1]) < (small[2] - small[1])
+    assert paired_difference([1, 1, 1], [1, 1, 1], n_boot=50) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        paired_difference([1], [1, 0])
+
+
+def test_research_summary_uses_shared_problems_and_reports_goal_shares():
+    rows = [_row(p, "target_only", 0, True, [("target", 40, 0, 40)]) for p in "abc"]
+    rows += [_row(p, "router", t, p != "c", [("target", n, 5, n)]) for p in "abc" for t, n in ((0.2, 30), (0.8, 10))]
+    rows += [_row(p, "rsd", 0.5, p == "a", [("target", 20, 5, 20)]) for p in "ab"]  # rsd lacks problem c
+    cells = cells_from_rows(rows, _label)
+    assert common_problems(cells.values()) == ["a", "b"]
+    res = research_summary(cells, n_boot=100)
+    assert res["problems"] == 2
+    (m,) = [m for m in res["matched"] if m["baseline"] == "rsd@0.5"]
+    assert m["matched"] and m["difference"] == pytest.approx(0.5)
+    shares = {c["cell"]: c for c in res["goal"]["cells"]}
+    assert shares["router@0.8"]["target_token_share"] == pytest.approx(0.25)
+    assert shares["router@0.8"]["accuracy_share"] == pytest.approx(1.0)
+    acc, lo, hi = accuracy_interval(cells["rsd@0.5"], ["a", "b"], n_boot=100)
+    assert acc == 0.5 and lo <= acc <= hi
