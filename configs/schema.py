@@ -115,6 +115,14 @@ class ModelConfig(_Base):
     )
 
 
+def _shipped_path(v: str | None) -> str | None:
+    """`v`, or the project's own copy of a relative path missing from the working directory."""
+    if v is None or Path(v).is_absolute() or Path(v).exists():
+        return v
+    shipped = PRESET_DIR.parent / v
+    return str(shipped) if shipped.exists() else v
+
+
 class PRMConfig(ModelConfig):
     """A process reward model: scores each reasoning step in [0, 1]."""
 
@@ -131,6 +139,13 @@ class PRMConfig(ModelConfig):
         default=False,
         description="judge only: use the target model's weights instead of loading a copy.",
     )
+
+    @field_validator("head")
+    @classmethod
+    def _shipped_head(cls, v: str | None) -> str | None:
+        """A relative head folder shipped in the project (e.g. `prms/local-value`) resolves
+        against the project root when it is not in the working directory."""
+        return _shipped_path(v)
     step_token: str = Field(
         default="\n\n", min_length=1,
         description="skywork only: the text whose last token follows each step and carries its "
@@ -181,10 +196,7 @@ class RouterConfig(_Base):
     def _shipped_router(cls, v: str | None) -> str | None:
         """A relative path missing from the working directory but shipped in the project
         (e.g. `routers/local-probe`) resolves against the project root, so presets work from anywhere."""
-        if v is None or Path(v).is_absolute() or Path(v).exists():
-            return v
-        shipped = PRESET_DIR.parent / v
-        return str(shipped) if shipped.exists() else v
+        return _shipped_path(v)
 
 
 class ModelsConfig(_Base):
