@@ -19,6 +19,12 @@ completions from it that reach the gold answer:
 
 Resumable like `arbitrage.collect`: each labelled row is appended (flushed, fsynced) as soon
 as all rollouts of both of its steps are done; re-running labels only the missing rows.
+
+Every finished rollout is also appended to a rollouts file (`rollouts_path`: the labelled
+file's name with `.rollouts.jsonl`): its unit (`<problem>@<step>/<side>`), seed index, the
+steps it wrote and whether it reached the gold answer. Each prefix of a rollout is then an
+outcome-labelled example of the draft policy's value (as in outcome-supervised value models),
+which `arbitrage train-prm --rollouts` can add to the Monte-Carlo values.
 """
 
 from __future__ import annotations
@@ -189,6 +195,12 @@ def read_labelled(path: Path) -> dict[str, dict]:
     return done
 
 
+def rollouts_path(out: Path) -> Path:
+    """Where the rollouts of a labelled file go: `<name>.rollouts.jsonl` beside it."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".rollouts.jsonl")
+
+
 def label_rows(rows: list[dict], out: Path, ls: LabelSettings,
                run: Callable[[list[ChainInput], Callable[[dict], None]], None],
                solutions: dict[str, str] | None = None, separator: str = "\n\n",
@@ -223,6 +235,7 @@ def label_rows(rows: list[dict], out: Path, ls: LabelSettings,
     by_key = {row_key(r): r for r in todo}
     out.parent.mkdir(parents=True, exist_ok=True)
     sink = out.open("a")
+    roll_sink = rollouts_path(out).open("a")
 
     def complete(u: _Unit) -> bool:
         return u.direct is not None or len(u.results) >= ls.k
@@ -248,6 +261,11 @@ def label_rows(rows: list[dict], out: Path, ls: LabelSettings,
         stats["rollouts"] += 1
         stats["failed_rollouts"] += int(failed)
         u.results.append(bool(res.get("correct")) and not failed)
+        if not failed:
+            roll_sink.write(json.dumps({"unit": unit_key, "rollout": str(res["problem_id"]).rsplit("#", 1)[1],
+                                        "steps": [s["text"] for s in res.get("steps", [])],
+                                        "correct": bool(res.get("correct")), "stop_reason": res.get("stop_reason")}) + "\n")
+            roll_sink.flush()
         if complete(u):
             for rk in rows_of_unit[unit_key]:
                 emit_ready(rk)
@@ -260,6 +278,7 @@ def label_rows(rows: list[dict], out: Path, ls: LabelSettings,
             run(items, on_result)
     finally:
         sink.close()
+        roll_sink.close()
     return stats
 
 

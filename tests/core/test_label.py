@@ -8,7 +8,7 @@ import json
 import pytest
 
 from arbitrage.label import (ROLLOUT_SEED_STRIDE, LabelSettings, label_rows, label_statistics, read_labelled,
-                             reference_check)
+                             reference_check, rollouts_path)
 from arbitrage.loop import LoopSettings, run_chains
 from arbitrage.policies import make_policy
 from arbitrage.types import StepOutput
@@ -57,6 +57,12 @@ def test_values_are_exact_on_a_scripted_model(tmp_path):
     assert (got[0]["v_draft"], got[0]["v_target"], got[0]["a_mc"]) == (2 / 8, 6 / 8, 0.5)
     assert (got[1]["v_draft"], got[1]["v_target"], got[1]["a_mc"]) == (6 / 8, 2 / 8, -0.5)
     assert not got[0]["tie"] and got[0]["mc_k"] == 8
+    # every rollout is kept, with the steps it wrote and its grade (outcome-labelled prefixes)
+    rolls = [json.loads(x) for x in rollouts_path(tmp_path / "labels.jsonl").read_text().splitlines()]
+    assert len(rolls) == 32 and {r["unit"] for r in rolls} == {"p1@0/draft", "p1@0/target", "p1@1/draft",
+                                                                  "p1@1/target"}
+    good = [r for r in rolls if r["unit"] == "p1@0/target"]
+    assert sum(r["correct"] for r in good) == 6 and all(r["steps"][0].startswith("So the answer") for r in good)
 
 
 def test_ties_share_one_value_and_answers_are_graded_directly(tmp_path):
