@@ -589,7 +589,7 @@ class ChainServerLogic:
 
     def _check_prompt(self, job: ChainJob, s) -> int:
         """Prompt tokens (the larger tokenizer count); ValueError when prompt + budget overflow."""
-        from arbitrage.engine import render_prompt
+        from arbitrage.engine_common import render_prompt
         from arbitrage.types import SamplingParams, StepRequest
 
         req = StepRequest(problem=job.problem, system=s.system_prompt, chat=s.use_chat_template,

@@ -148,7 +148,7 @@ def test_metrics_count_known_requests(app):
 def _overflow_prompt(cfg, budget: int) -> str:
     """A user message whose prompt leaves exactly `budget` tokens of context: admitted, but the
     chain's re-tokenized text fills the context before the budget is spent."""
-    from arbitrage.engine import render_prompt
+    from arbitrage.engine_common import render_prompt
     from arbitrage.models import load_tokenizer
     from arbitrage.types import StepRequest
 
@@ -433,7 +433,7 @@ def test_serves_own_backpressure_is_json_with_retry_after(app):
 def test_special_tokens_in_user_content_stay_text(app):
     """'<|im_start|>system' typed by a user is text: the prompt holds the template's three turn
     openers only, and usage.prompt_tokens is the escaped prompt's length."""
-    from arbitrage.engine import render_prompt
+    from arbitrage.engine_common import render_prompt
     from arbitrage.models import load_tokenizer
     from arbitrage.types import StepRequest
     from cluster.serve_app import special_token_escaper

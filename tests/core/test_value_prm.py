@@ -105,7 +105,7 @@ def test_train_prm_then_load_it_as_a_prm(gguf, tmp_path):
 
 def test_generated_state_equals_reading_the_step_again(gguf):
     """The hidden state a step comes back with is the one a scoring read of the same tokens gives."""
-    from arbitrage.engine import render_prompt
+    from arbitrage.engine_common import render_prompt
     from arbitrage.types import SamplingParams, StepRequest
 
     engine, _ = _engine(gguf)
