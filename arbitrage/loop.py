@@ -26,7 +26,8 @@ from arbitrage.backend import ModelBackend
 from arbitrage.policies import DecisionPolicy, StepContext
 from arbitrage.prm import PRMRequest
 from arbitrage.router import RouterRequest
-from arbitrage.step_cache import CACHED_ROLES, prm_key, step_key
+from arbitrage.roles import CACHED_ROLES
+from arbitrage.step_cache import prm_key, step_key
 from arbitrage.types import ChainResult, ContextOverflow, SamplingParams, StepOutput, StepRequest, TraceStep
 
 

@@ -234,7 +234,7 @@ class RouterConfig(_Base):
 
     @model_validator(mode="after")
     def _needs_weights(self) -> "RouterConfig":
-        if self.path is None and self.source is None:
+        if self.path is None and self.source is None:  # every kind loads weights
             raise ValueError(f"router kind {self.kind!r} needs `path` (or `source`)")
         return self
 

@@ -36,7 +36,7 @@ def judge_prm(target_engine):
 @pytest.fixture(scope="session")
 def tiny_router():
     from configs.schema import RouterConfig
-    from arbitrage.router import build_router
+    from arbitrage.router_factory import build_router
 
     torch.manual_seed(0)
     return build_router(RouterConfig(kind="classifier", source={"kind": "random", "name": "tiny-llama"},
