@@ -21,6 +21,7 @@ import torch
 from arbitrage.engine_common import Job, new_row, render_prompt, unique_keys
 from arbitrage.types import ContextOverflow, SamplingParams, StepOutput, StepRequest
 
+
 class StepEngine(abc.ABC):
     """Decodes one reasoning step per request for a batch of chains (text in, text out)."""
 

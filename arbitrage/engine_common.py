@@ -14,6 +14,7 @@ import hashlib
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -69,7 +70,7 @@ class Row:
     logprobs: list[float]
     entropies: list[float]
     done: bool = False
-    stop_reason: str = "length"
+    stop_reason: Literal["separator", "eos", "length"] = "length"
     text: str = ""
     limit: int = 1 << 30  # tokens this row may add before its prompt + step fills max_context
 
@@ -155,8 +156,14 @@ def step_output(r: Row, prompt_tokens: int, tokenizer) -> StepOutput:
     """The finished row as a StepOutput."""
     if r.params.forced_tokens is not None:
         r.text = tokenizer.decode(r.ids, skip_special_tokens=True)
-    return StepOutput(text=r.text.strip(), num_tokens=len(r.ids), logprobs=r.logprobs,
-                      stop_reason=r.stop_reason, entropies=r.entropies, prompt_tokens=prompt_tokens)
+    return StepOutput(
+        text=r.text.strip(),
+        num_tokens=len(r.ids),
+        logprobs=r.logprobs,
+        stop_reason=r.stop_reason,
+        entropies=r.entropies,
+        prompt_tokens=prompt_tokens,
+    )
 
 
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:
@@ -199,7 +206,7 @@ class SlotPool:
             is busy. A chain whose slot is busy (a concurrent request) runs uncached (key None).
         """
         s = self.owner.get(key) if key is not None else None
-        if s is not None and not self.busy[s]:
+        if key is not None and s is not None and not self.busy[s]:
             n = common_prefix(self.ids[s], ids, limit=len(ids) - 1)  # keep >= 1 token to compute
             del self.ids[s][n:]  # rollback: a replaced step's tokens are dropped
             self.busy[s] = True

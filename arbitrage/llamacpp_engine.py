@@ -328,7 +328,7 @@ class LlamaCppStepEngine(QueuedStepEngine):
             raise RuntimeError(f"llama_decode failed with code {rc} ({n} tokens)")
         hidden = [(job, i) for job, i in zip(outputs, out_index) if isinstance(job, _HiddenJob)]
         if hidden:
-            done = set()
+            done: set[Job] = set()
             for job, i in hidden:
                 job.future.set_result(torch.from_numpy(self._embedding(i)))
                 self._retire(job, done)
@@ -356,7 +356,7 @@ class LlamaCppStepEngine(QueuedStepEngine):
         (`StepOutput.hidden`: the state after reading the whole step), for value-head PRMs and
         probe routers at no extra forward pass.
         """
-        done = set()
+        done: set[Job] = set()
         greedy, greedy_lp, entropy = stats.tolist()
         for i, job in enumerate(jobs):
             if job.row is None:  # next_token_logits

@@ -354,7 +354,7 @@ def plan(cfg, node_types: dict | None = None) -> Plan:
     out.roles.append(_decoder_role("target", m.target, rt.target, cfg, node_types, tp=rt.target.tensor_parallel))
     if m.prm is not None:
         if m.prm.kind == "judge" and m.prm.reuse_target:
-            out.roles.append(RolePlan("prm", f"judge on the target's weights", "with the target", False,
+            out.roles.append(RolePlan("prm", "judge on the target's weights", "with the target", False,
                                       note="counted in the target"))
         elif m.prm.kind == "judge":
             out.roles.append(_decoder_role("prm", m.prm, rt.prm, cfg, node_types))

@@ -47,5 +47,7 @@ def check_available(policy, available: Iterable[str]) -> None:
     have = set(available)
     missing = [r for r in policy.required_roles() if r not in have]
     if missing:
-        raise ValueError(f"policy {policy.name!r} needs the {', '.join(missing)} actor(s), which this "
-                         f"runtime lacks; configure models.{missing[0]} or choose another policy")
+        raise ValueError(
+            f"policy {policy.name!r} needs the {', '.join(missing)} actor(s), which this "
+            f"runtime lacks; configure models.{missing[0]} or choose another policy"
+        )

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import abc
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from arbitrage.prm import left_pad, resolve_device_dtype
+from arbitrage.prm import left_pad
 from arbitrage.types import AUTHOR_ID
 
 

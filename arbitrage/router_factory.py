@@ -34,12 +34,15 @@ def build_router(cfg) -> Router:
         raise ModelNotFoundError(missing_router_message(cfg.path, cfg.backbone))
     saved = _saved_kind(cfg.path) if cfg.path is not None else None
     if saved is not None and saved != cfg.kind:
-        raise ValueError(f"router folder {cfg.path} holds a {saved} router but models.router.kind is "
-                         f"{cfg.kind!r}; set kind: {saved}")
+        raise ValueError(
+            f"router folder {cfg.path} holds a {saved} router but models.router.kind is {cfg.kind!r}; set kind: {saved}"
+        )
     if cfg.kind in MODEL_FREE_ROUTERS:
         if cfg.path is None:
-            raise ValueError(f"router kind {cfg.kind!r} needs `path` (a folder written by "
-                             f"`arbitrage train-router --kind {cfg.kind}`), not `source`")
+            raise ValueError(
+                f"router kind {cfg.kind!r} needs `path` (a folder written by "
+                f"`arbitrage train-router --kind {cfg.kind}`), not `source`"
+            )
         if cfg.kind == "hidden":
             from arbitrage.hidden_router import HiddenRouter
 
@@ -61,8 +64,13 @@ def build_router(cfg) -> Router:
         return ClassifierRouter(model.to(device), byte_tokenizer(config.vocab_size), cfg.max_length)
     from arbitrage.models import model_location
 
-    return ClassifierRouter.from_pretrained(model_location(cfg.source), device=device, dtype=dtype,
-                                            max_length=cfg.max_length, tokenizer=cfg.source.tokenizer)
+    return ClassifierRouter.from_pretrained(
+        model_location(cfg.source),
+        device=device,
+        dtype=dtype,
+        max_length=cfg.max_length,
+        tokenizer=cfg.source.tokenizer,
+    )
 
 
 def missing_router_message(path: str | Path, backbone: str | None = None, config: str | None = None) -> str:
@@ -70,9 +78,11 @@ def missing_router_message(path: str | Path, backbone: str | None = None, config
     cfg = config or "<config>"
     data = f"data/{Path(path).name}.jsonl"
     bb = f" --backbone {backbone}" if backbone else ""
-    return (f"router {path} not found: this preset's router is trained, not shipped; make it with "
-            f"`arbitrage collect --config {cfg} --split train --out {data}` then "
-            f"`arbitrage train-router --data {data} --out {path}{bb}`")
+    return (
+        f"router {path} not found: this preset's router is trained, not shipped; make it with "
+        f"`arbitrage collect --config {cfg} --split train --out {data}` then "
+        f"`arbitrage train-router --data {data} --out {path}{bb}`"
+    )
 
 
 def _saved_kind(path: str | Path) -> str | None:
@@ -96,8 +106,9 @@ class InProcessRouter:
 
     def __init__(self, cfg):
         if cfg.kind not in MODEL_FREE_ROUTERS:
-            raise ValueError(f"only model-free routers ({', '.join(MODEL_FREE_ROUTERS)}) run in-process, "
-                             f"not kind {cfg.kind!r}")
+            raise ValueError(
+                f"only model-free routers ({', '.join(MODEL_FREE_ROUTERS)}) run in-process, not kind {cfg.kind!r}"
+            )
         self.cfg = cfg
         self._router: Router | None = None
         self.calls = 0
@@ -107,7 +118,7 @@ class InProcessRouter:
         return {"cfg": self.cfg}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["cfg"])
+        self.cfg, self._router, self.calls, self.busy_s = state["cfg"], None, 0, 0.0
 
     async def predict(self, req: RouterRequest) -> float:
         t0 = time.perf_counter()
@@ -123,5 +134,9 @@ class InProcessRouter:
 
     def stats(self) -> dict:
         """This copy's calls (each coordinator holds its own copy)."""
-        return {"role": "router", "in_process": True, "forward_calls": 0,
-                "methods": {"predict": {"batch_sizes": {1: self.calls} if self.calls else {}, "busy_s": self.busy_s}}}
+        return {
+            "role": "router",
+            "in_process": True,
+            "forward_calls": 0,
+            "methods": {"predict": {"batch_sizes": {1: self.calls} if self.calls else {}, "busy_s": self.busy_s}},
+        }

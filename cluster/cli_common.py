@@ -36,8 +36,9 @@ def load_cli_config(config: str, **overrides):
     try:
         p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config {p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                          "a config is a YAML file") from None
+        raise ConfigError(
+            f"config {p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); a config is a YAML file"
+        ) from None
     except OSError as e:
         raise ConfigError(f"config {p}: cannot read it: {e.strerror}") from None
     return load_config(config, **{k: v for k, v in overrides.items() if v is not None})

@@ -16,8 +16,14 @@ CONTEXT = 256
 
 
 def _cfg(**sizing) -> ModelConfig:
-    return ModelConfig(source={"kind": "random", "name": "tiny-llama"}, engine="fast", device="cpu",
-                       dtype="float32", max_context=CONTEXT, **sizing)
+    return ModelConfig(
+        source={"kind": "random", "name": "tiny-llama"},
+        engine="fast",
+        device="cpu",
+        dtype="float32",
+        max_context=CONTEXT,
+        **sizing,
+    )
 
 
 def _both_paths(cfg: ModelConfig) -> tuple[FastStepEngine, FastStepEngine]:
@@ -25,12 +31,15 @@ def _both_paths(cfg: ModelConfig) -> tuple[FastStepEngine, FastStepEngine]:
     return load_engine(cfg), wrap_engine(cfg, model, tokenizer, tp_size=1)
 
 
-@pytest.mark.parametrize("sizing,slots", [
-    ({"max_slots": 4}, 4),  # max_slots alone: the pool is max_slots (no default cut)
-    ({"max_slots": 4, "kv_cache_tokens": 0}, 4),  # no reuse: still max_slots
-    ({}, 65536 // CONTEXT),  # neither: as many as the default token budget holds
-    ({"max_slots": 4, "kv_cache_tokens": 8 * CONTEXT}, 4),  # a bound above the pool cuts nothing
-])
+@pytest.mark.parametrize(
+    "sizing,slots",
+    [
+        ({"max_slots": 4}, 4),  # max_slots alone: the pool is max_slots (no default cut)
+        ({"max_slots": 4, "kv_cache_tokens": 0}, 4),  # no reuse: still max_slots
+        ({}, 65536 // CONTEXT),  # neither: as many as the default token budget holds
+        ({"max_slots": 4, "kv_cache_tokens": 8 * CONTEXT}, 4),  # a bound above the pool cuts nothing
+    ],
+)
 def test_both_engine_paths_size_the_kv_cache_identically(sizing, slots):
     cfg = _cfg(**sizing)
     with warnings.catch_warnings():
@@ -59,10 +68,18 @@ def test_a_capped_kv_cache_warns_naming_the_field_on_both_paths():
 
 def test_memory_plan_counts_the_slots_the_engine_allocates():
     """The plan sizes the fast engine's KV by the same rule (a cut included)."""
-    cfg = load_config("tiny", **{"models.draft.device": "cuda", "models.draft.engine": "fast",
-                                 "models.draft.max_slots": 8, "models.draft.kv_cache_tokens": 2 * CONTEXT,
-                                 "models.draft.max_context": CONTEXT, "models.draft.gpu_memory_gib": 2.0,
-                                 "runtime.draft.num_gpus": 1})
+    cfg = load_config(
+        "tiny",
+        **{
+            "models.draft.device": "cuda",
+            "models.draft.engine": "fast",
+            "models.draft.max_slots": 8,
+            "models.draft.kv_cache_tokens": 2 * CONTEXT,
+            "models.draft.max_context": CONTEXT,
+            "models.draft.gpu_memory_gib": 2.0,
+            "runtime.draft.num_gpus": 1,
+        },
+    )
     with pytest.warns(UserWarning, match="kv_cache_tokens"):
         rp = plan(cfg, node_types={}).roles[0]
     assert rp.note.startswith("2 slots")

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the `cpu` extra) is not installed: pip install -e '.[cpu]'")
 
 from arbitrage.prm import PRMRequest, build_prm  # noqa: E402
-from arbitrage.prm_train import examples_from_rows, train_prm, write_scored_rows  # noqa: E402
+from arbitrage.prm_train import examples_from_rows, train_prm  # noqa: E402
 from arbitrage.tiny import write_tiny_gguf  # noqa: E402
 from arbitrage.value_prm import HeadTraining, train_value_head  # noqa: E402
 from configs.schema import PRMConfig, PromptConfig  # noqa: E402
