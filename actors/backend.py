@@ -33,8 +33,8 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, WorkerCrashedError
 
-from actors.model_actor import ROLE_METHOD
 from arbitrage.backend import ModelBackend
+from arbitrage.roles import ROLE_METHOD, check_role
 from configs.schema import RetryConfig
 
 MAX_RETRY_LOG = 1000  # retries kept in RayBackend.retries (the count is exact beyond it)
@@ -48,7 +48,7 @@ def is_retryable(err: BaseException) -> bool:
     return isinstance(err, (RayActorError, WorkerCrashedError)) or bool(getattr(err, "retryable", False))
 
 
-def step_key(role: str, req) -> tuple[str, str | None, int]:
+def retry_key(role: str, req) -> tuple[str, str | None, int]:
     """(role, chain id, step index) of a request: what a retry is keyed and logged by.
 
     StepRequest: the steps accepted so far; PRMRequest: its steps end with the scored one;
@@ -111,8 +111,7 @@ class RayBackend(ModelBackend):
         self.failed_calls = 0  # calls that exhausted their retries
         self.handles: dict[str, list] = {}
         for role, hs in handles.items():
-            if role not in ROLE_METHOD:
-                raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLE_METHOD)}")
+            check_role(role)
             hs = list(hs) if isinstance(hs, (list, tuple)) else [hs]
             if hs and hs[0] is not None:
                 self.handles[role] = hs
@@ -149,7 +148,7 @@ class RayBackend(ModelBackend):
                     self.failed_calls += 1
                     raise
                 wait = min(r.max_backoff_s, r.backoff_s * 2 ** min(attempt - 1, 16))
-                self._log_retry(step_key(role, req), attempt, e, wait)
+                self._log_retry(retry_key(role, req), attempt, e, wait)
                 await asyncio.sleep(wait)
         raise AssertionError("unreachable")
 

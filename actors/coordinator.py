@@ -25,6 +25,7 @@ from actors.backend import UNAVAILABLE, RayBackend, is_retryable
 from actors.model_actor import as_config
 from arbitrage.loop import ChainInput, LoopSettings, failed_chain, run_chain
 from arbitrage.policies import DecisionPolicy, make_policy
+from arbitrage.roles import check_available
 from arbitrage.runner import as_input
 from arbitrage.types import ChainResult
 
@@ -48,18 +49,20 @@ class Coordinator:
         self._steps_decided = 0  # over this actor's lifetime, for the CLI's progress bar
 
     # ---- policy and one chain ---------------------------------------------------------
-    def _policy(self, name: str | None, threshold: float | None) -> DecisionPolicy:
+    def policy(self, name: str | None = None, threshold: float | None = None) -> DecisionPolicy:
+        """The policy a call asks for (default: the config's), checked against the roles served here.
+
+        Raises:
+            ValueError: an unknown policy, tau outside [0, 1], or a role the policy needs is missing.
+        """
         p = self.cfg.policy
         policy = make_policy(name or p.name, p.threshold if threshold is None else threshold,
                              seed=self.cfg.generation.seed)
-        need = policy.required_roles()  # what the decision itself calls (escalation scoring is optional)
-        missing = [r for r in need if r not in self.backend.handles]
-        if missing:
-            raise ValueError(f"policy {policy.name!r} needs the {', '.join(missing)} actor(s), which this "
-                             f"runtime lacks; configure models.{missing[0]} or choose another policy")
+        check_available(policy, self.backend.handles)
         return policy
 
-    async def _run_one(self, item: ChainInput, policy: DecisionPolicy, on_step=None) -> ChainResult:
+    async def _run_one(self, item: ChainInput, policy: DecisionPolicy, on_step=None,
+                       settings: LoopSettings | None = None) -> ChainResult:
         """One chain under the concurrency bound and timeout; never raises for the chain's own failure."""
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.max_concurrent)
@@ -70,8 +73,8 @@ class Coordinator:
 
         async def guarded() -> ChainResult:
             async with self._sem:
-                return await asyncio.wait_for(run_chain(item, self.backend, policy, self.settings, counted),
-                                              self.timeout_s)
+                return await asyncio.wait_for(
+                    run_chain(item, self.backend, policy, settings or self.settings, counted), self.timeout_s)
 
         task = asyncio.ensure_future(guarded())
         self._tasks[item.id].add(task)
@@ -98,14 +101,14 @@ class Coordinator:
         Returns:
             `ChainResult.to_dict()` per item.
         """
-        pol = self._policy(policy, threshold)
+        pol = self.policy(policy, threshold)
         results = await asyncio.gather(*(self._run_one(as_input(i), pol) for i in items))
         return [r.to_dict() for r in results]
 
     async def stream(self, items: Iterable, policy: str | None = None,
                      threshold: float | None = None) -> AsyncIterator[tuple[int, dict]]:
         """Run chains concurrently; yield `(input index, result dict)` as each finishes."""
-        pol = self._policy(policy, threshold)
+        pol = self.policy(policy, threshold)
         inputs = [as_input(i) for i in items]
 
         async def indexed(i: int, item: ChainInput) -> tuple[int, ChainResult]:
@@ -120,21 +123,23 @@ class Coordinator:
             for t in tasks:
                 t.cancel()
 
-    async def solve(self, item, policy: str | None = None, threshold: float | None = None,
-                    stream_steps: bool = True) -> AsyncIterator[dict]:
+    async def solve(self, item, policy: str | DecisionPolicy | None = None, threshold: float | None = None,
+                    stream_steps: bool = True, settings: LoopSettings | None = None) -> AsyncIterator[dict]:
         """Run one chain; yield `{"event": "step", "step": ...}` per decided step, then the result.
 
         Args:
             item: one problem (dict, ChainInput or data.Problem).
-            policy, threshold: override the config's policy.
+            policy, threshold: override the config's policy (a policy object: used as it is).
             stream_steps: False yields only the final `{"event": "result", "result": ...}`.
+            settings: this chain's loop settings (default: the config's; the Serve app passes
+                each request's own).
         """
-        pol = self._policy(policy, threshold)
+        pol = policy if isinstance(policy, DecisionPolicy) else self.policy(policy, threshold)
         queue: asyncio.Queue[dict] = asyncio.Queue()
         on_step = (lambda st: queue.put_nowait({"event": "step", "step": asdict(st)})) if stream_steps else None
 
         async def runner() -> None:
-            res = await self._run_one(as_input(item), pol, on_step)
+            res = await self._run_one(as_input(item), pol, on_step, settings)
             queue.put_nowait({"event": "result", "result": res.to_dict()})
 
         task = asyncio.ensure_future(runner())

@@ -25,11 +25,9 @@ from typing import Any
 
 import ray
 
+from arbitrage.roles import check_role
 from configs.schema import ActorConfig, ArbitrageConfig
 
-MODEL_ROLES = ("draft", "target", "prm", "router")
-# role -> the actor method that serves it
-ROLE_METHOD = {"draft": "generate_step", "target": "generate_step", "prm": "score", "router": "predict"}
 MAX_CONCURRENCY = 1000  # async actor: requests in flight per actor (they wait in the batcher)
 MAX_HANDED_BATCHES = MAX_CONCURRENCY  # continuous engines: batches handed over and awaited at once
 # Ray does not re-send a lost call itself: RayBackend retries it (actors/backend.py), so a
@@ -58,9 +56,7 @@ class ModelActor:
     def __init__(self, role: str, cfg: ArbitrageConfig | dict):
         import torch
 
-        if role not in MODEL_ROLES:
-            raise ValueError(f"unknown role {role!r}; expected one of {', '.join(MODEL_ROLES)}")
-        self.role = role
+        self.role = check_role(role)
         self.cfg = as_config(cfg)
         actor_cfg: ActorConfig = getattr(self.cfg.runtime, role)
         torch.set_num_threads(max(1, int(actor_cfg.num_cpus)))
@@ -97,7 +93,7 @@ class ModelActor:
         else:
             if m.router is None:
                 raise ValueError("role 'router' needs models.router in the config")
-            from arbitrage.router import build_router
+            from arbitrage.router_factory import build_router
 
             self.router = build_router(m.router)
 
@@ -187,8 +183,7 @@ def make_model_actor(role: str, cfg: ArbitrageConfig | dict, name: str | None = 
         The actor handles, one per replica (the backend round-robins over them).
     """
     cfg = as_config(cfg)
-    if role not in MODEL_ROLES:
-        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(MODEL_ROLES)}")
+    check_role(role)
     replicas = getattr(cfg.runtime, role).replicas
     data = cfg.model_dump()
     remote_cls = ray.remote(ModelActor)

@@ -12,15 +12,13 @@ import abc
 from typing import TYPE_CHECKING, Any
 
 from arbitrage.batching import DynamicBatcher
+from arbitrage.roles import ROLES
 from arbitrage.types import StepOutput, StepRequest
 
 if TYPE_CHECKING:
     from arbitrage.prm import PRMRequest
     from arbitrage.router import RouterRequest
     from arbitrage.step_cache import StepCache
-
-ROLES = ("draft", "target", "prm", "router")
-
 
 class ModelBackend(abc.ABC):
     """Async access to the four roles; each call is one chain's single request."""
@@ -95,7 +93,7 @@ class LocalBackend(ModelBackend):
         """Load the configured models for `roles` (an ArbitrageConfig)."""
         from arbitrage.models import load_engine
         from arbitrage.prm import build_prm
-        from arbitrage.router import build_router
+        from arbitrage.router_factory import build_router
 
         m = cfg.models
         draft = load_engine(m.draft) if "draft" in roles else None

@@ -32,12 +32,12 @@ class DynamicBatcher(Generic[T, R]):
     """Collects awaited requests into batches for `batch_fn(list[T]) -> list[R]`."""
 
     def __init__(self, batch_fn: Callable[[list[T]], list[R]], max_batch_size: int = 16,
-                 max_wait_ms: float = 5.0, run_in_thread: bool = True, max_inflight: int = 1):
+                 max_wait_ms: float = 5.0, max_inflight: int = 1):
         """
         Args:
-            batch_fn: the batched call; a coroutine function is awaited on the event loop.
+            batch_fn: the batched call; a coroutine function is awaited on the event loop, any
+                other runs in a worker thread (never blocking the event loop).
             max_batch_size, max_wait_ms: how a batch forms.
-            run_in_thread: run batch_fn in a worker thread (never block the event loop).
             max_inflight: batches handed to batch_fn at once. 1 for engines that run one
                 batch at a time; more for engines that admit new rows into a running batch
                 (continuous batching), so a new chain's step never waits for a batch to end.
@@ -46,7 +46,6 @@ class DynamicBatcher(Generic[T, R]):
         self.max_inflight = max_inflight
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
-        self.run_in_thread = run_in_thread
         self.batch_sizes: Counter[int] = Counter()
         self.busy_s = 0.0
         self.isolated = 0  # failed batches split to find the requests at fault
@@ -139,9 +138,7 @@ class DynamicBatcher(Generic[T, R]):
     async def _call(self, items: list[T]) -> list[R]:
         if inspect.iscoroutinefunction(self.batch_fn):  # e.g. hands rows to a continuous engine
             return await self.batch_fn(items)
-        if self.run_in_thread:
-            return await asyncio.to_thread(self.batch_fn, items)
-        return self.batch_fn(items)
+        return await asyncio.to_thread(self.batch_fn, items)
 
 
 def _process_failure(err: BaseException) -> bool:

@@ -53,8 +53,9 @@ from typing import Any
 
 import torch
 
+from arbitrage.engine_common import token_stats
 from arbitrage.fast_engine import (PREFILL_BLOCK, WINDOW_BLOCK, FastStepEngine, _prefill_attention,
-                                   _prefill_groups, _round_up, token_stats)
+                                   _prefill_groups, _round_up)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The step engine: decode one reasoning step for a batch of chains with HF transformers.
+"""The reference step engine: decode one reasoning step for a batch of chains with HF transformers.
 
 A small, direct decode loop (prefill -> decode_one_token -> decode_step), in the
 manner of gpt-fast: left-padded batch, explicit position ids, a dynamic KV cache,
@@ -10,7 +10,6 @@ own tokenizer, so draft and target may use different tokenizers.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import threading
 from collections import OrderedDict
@@ -18,72 +17,34 @@ from dataclasses import dataclass
 
 import torch
 
+from arbitrage.engine_base import StepEngine
+from arbitrage.engine_common import (Row, common_prefix, eos_ids, new_row, pad_id, record_token, render_prompt,
+                                     step_output, unique_keys, update_stop)
 from arbitrage.types import ContextOverflow, SamplingParams, StepOutput, StepRequest
+from configs.schema import DEFAULT_KV_CACHE_TOKENS
 
 
-def render_prompt(tokenizer, req: StepRequest) -> str:
-    """Chat prefix (or raw prompt) followed by the accepted steps, each ending in the separator."""
-    sep = req.params.separator
-    if req.chat and getattr(tokenizer, "chat_template", None):
-        msgs = ([{"role": "system", "content": req.system}] if req.system else []) + [
-            {"role": "user", "content": req.problem}
-        ]
-        head = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    elif req.chat:  # base model without a chat template
-        head = (f"{req.system}\n\n" if req.system else "") + f"Problem: {req.problem}\n\nSolution:\n"
-    else:
-        head = req.problem
-    return head + "".join(s + sep for s in req.steps)
+class HFStepEngine(StepEngine):
+    """Generates one step for each request of a batch with an HF transformers causal LM."""
 
-
-def eos_ids(model, tokenizer) -> set[int]:
-    """Every id that ends generation: the tokenizer's EOS and the generation config's."""
-    ids: set[int] = set()
-    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
-        val = getattr(src, "eos_token_id", None) if src is not None else None
-        if isinstance(val, int):
-            ids.add(val)
-        elif isinstance(val, (list, tuple)):
-            ids.update(int(v) for v in val)
-    return ids
-
-
-def find_separator(text: str, sep: str) -> int:
-    """Index of the separator that ends the step, ignoring separators before any content."""
-    start = len(text) - len(text.lstrip())
-    return text.find(sep, start) if start < len(text) else -1
-
-
-@dataclass
-class _Row:
-    """Decode state of one request in the batch."""
-
-    params: SamplingParams
-    generator: torch.Generator | None
-    ids: list[int]
-    logprobs: list[float]
-    entropies: list[float]
-    done: bool = False
-    stop_reason: str = "length"
-    text: str = ""
-    limit: int = 1 << 30  # tokens this row may add before its prompt + step fills max_context
-
-
-class StepEngine:
-    """Generates one step for each request of a batch with a causal LM."""
-
-    def __init__(self, model, tokenizer, max_context: int = 4096, kv_cache_tokens: int = 65536):
+    def __init__(self, model, tokenizer, max_context: int = 4096, kv_cache_tokens: int | None = None):
+        """Args:
+            model, tokenizer: an HF causal LM and its tokenizer.
+            max_context: tokens of prompt + step per chain.
+            kv_cache_tokens: tokens of per-chain KV kept between steps (LRU; None:
+                DEFAULT_KV_CACHE_TOKENS); 0 keeps none.
+        """
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_context = max_context
         self.device = next(model.parameters()).device
         self.eos = eos_ids(model, tokenizer)
-        pad = tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else next(iter(self.eos), 0)
-        self.forward_calls = 0  # forward passes (prefill + decode), for tests and metrics
-        self.prefill_tokens = 0  # prompt tokens computed
-        self.reused_tokens = 0  # prompt tokens served from a chain's cached KV
-        self.prefix_cache = PrefixCache(kv_cache_tokens)
+        self.pad_id = pad_id(tokenizer, self.eos)
+        self.forward_calls = 0
+        self.prefill_tokens = 0
+        self.reused_tokens = 0
+        self.stats = {}
+        self.prefix_cache = PrefixCache(DEFAULT_KV_CACHE_TOKENS if kv_cache_tokens is None else kv_cache_tokens)
         self._lock = threading.Lock()  # one batch at a time per engine
         # transformers >= 5.2x names the KV cache argument `cache`; older 5.x `past_key_values`.
         params = inspect.signature(type(model).forward).parameters
@@ -101,22 +62,16 @@ class StepEngine:
         if not requests:
             return []
         prompts = [render_prompt(self.tokenizer, r) for r in requests]
-        keys = _unique_keys([r.chain_id for r in requests])
+        keys = unique_keys([r.chain_id for r in requests])
         with self._lock, torch.inference_mode():
             return self._generate(prompts, [r.params for r in requests], keys)
 
     def next_token_logits(self, token_ids: list[list[int]], keys: list[str | None]) -> torch.Tensor:
         """Logits of the token after each prompt, reusing and then extending chains' cached KV.
 
-        Used by scorers that share this engine's model (the LLM-judge PRM).
-
-        Args:
-            token_ids: one prompt per row, already tokenized.
-            keys: cache key per row (None: no reuse).
-        Returns:
-            logits: [B, V] float32.
+        Used by scorers that share this engine's model (the LLM-judge PRM); see StepEngine.
         """
-        keys = _unique_keys(keys)
+        keys = unique_keys(keys)
         with self._lock, torch.inference_mode():
             past = [self.prefix_cache.take(k, e) for k, e in zip(keys, token_ids)]
             self.prefill_tokens += sum(len(e) - p.length for e, p in zip(token_ids, past))
@@ -125,9 +80,6 @@ class StepEngine:
             logits = self._forward(ids, mask, pos, cache)
             self._store(keys, [list(e) for e in token_ids], mask, cache)
         return logits
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # ---- the decode ladder --------------------------------------------------------
     def _prefill_inputs(self, enc: list[list[int]], past: list["_Past"]):
@@ -175,8 +127,7 @@ class StepEngine:
         past = [self.prefix_cache.take(k, e) for k, e in zip(keys, enc)]
         self.prefill_tokens += sum(len(e) - p.length for e, p in zip(enc, past))
         self.reused_tokens += sum(p.length for p in past)
-        rows = [_Row(p, _row_generator(p, prompt), [], [], [], limit=self.max_context - len(e))
-                for p, prompt, e in zip(params, prompts, enc)]
+        rows = [new_row(p, prompt, limit=self.max_context - len(e)) for p, prompt, e in zip(params, prompts, enc)]
         # Each row stops at its own context limit: a long prompt does not cut its batch-mates' steps.
         budget = max(min(r.params.forced_tokens or r.params.max_tokens, r.limit) for r in rows)
         ids, mask, pos, cache = self._prefill_inputs(enc, past)
@@ -193,7 +144,7 @@ class StepEngine:
             pos = pos + 1
             logits = self._forward(next_ids[:, None], mask, pos, cache)
         self._store(keys, [e + r.ids[:f] for e, r, f in zip(enc, rows, fed)], mask, cache)
-        return [self._output(r, len(e)) for r, e in zip(rows, enc)]
+        return [step_output(r, len(e), self.tokenizer) for r, e in zip(rows, enc)]
 
     def _store(self, keys, cached_ids: list[list[int]], mask, cache) -> None:
         """Keep each chain's KV (prompt + the step tokens fed back) for its next step."""
@@ -207,7 +158,7 @@ class StepEngine:
                   for layer in cache.layers]
             self.prefix_cache.put(key, cached_ids[i], kv)
 
-    def _sample_and_record(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+    def _sample_and_record(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
         logp_raw = torch.log_softmax(logits, dim=-1)  # [B, V]
         entropy = -(logp_raw.exp() * logp_raw).sum(-1)  # [B]
         greedy = logits.argmax(-1)  # [B]
@@ -216,39 +167,11 @@ class StepEngine:
             if r.done:
                 next_ids[i] = self.pad_id
                 continue
-            if r.params.temperature > 0:
-                tok, lp = _sample(logits[i], r.params, r.generator)
-            else:
-                tok, lp = int(greedy[i]), float(logp_raw[i, greedy[i]])
+            g = int(greedy[i])
+            tok = record_token(r, logits[i], g, float(logp_raw[i, g]), float(entropy[i]))
             next_ids[i] = tok
-            r.ids.append(tok)
-            r.logprobs.append(lp)
-            r.entropies.append(float(entropy[i]))
-            self._update_stop(r, tok)
+            update_stop(r, tok, self.eos, self.tokenizer)
         return next_ids
-
-    def _update_stop(self, r: _Row, tok: int) -> None:
-        p = r.params
-        if p.forced_tokens is not None:
-            r.done = len(r.ids) >= min(p.forced_tokens, r.limit)
-            return
-        if tok in self.eos:
-            r.done, r.stop_reason = True, "eos"
-            r.text = self.tokenizer.decode(r.ids[:-1], skip_special_tokens=True)
-            return
-        text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
-        cut = find_separator(text, p.separator)
-        if cut >= 0:
-            r.done, r.stop_reason, r.text = True, "separator", text[:cut]
-        else:
-            r.text = text
-            r.done = len(r.ids) >= min(p.max_tokens, r.limit)
-
-    def _output(self, r: _Row, prompt_tokens: int) -> StepOutput:
-        if r.params.forced_tokens is not None:
-            r.text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
-        return StepOutput(text=r.text.strip(), num_tokens=len(r.ids), logprobs=r.logprobs,
-                          stop_reason=r.stop_reason, entropies=r.entropies, prompt_tokens=prompt_tokens)
 
 
 @dataclass
@@ -277,10 +200,7 @@ class PrefixCache:
             return _Past()
         cached_ids, kv = self._entries.pop(key)
         self._tokens -= len(cached_ids)
-        n = 0
-        limit = min(len(cached_ids), len(ids) - 1)  # keep >= 1 new token to get logits from
-        while n < limit and cached_ids[n] == ids[n]:
-            n += 1
+        n = common_prefix(cached_ids, ids, limit=len(ids) - 1)  # keep >= 1 new token to get logits from
         if n == 0:
             return _Past()
         return _Past(n, [(k[:, :, :n], v[:, :, :n]) for k, v in kv])
@@ -306,35 +226,3 @@ def _left_pad(t: torch.Tensor | None, width: int, past: list[_Past]) -> torch.Te
     if t.shape[2] == width:
         return t
     return torch.cat([t.new_zeros((1, t.shape[1], width - t.shape[2], t.shape[3])), t], dim=2)
-
-
-def _unique_keys(keys: list[str | None]) -> list[str | None]:
-    """A chain appears once per batch; a duplicate key runs uncached."""
-    seen: set[str] = set()
-    out = []
-    for k in keys:
-        out.append(k if k is not None and k not in seen else None)
-        if k is not None:
-            seen.add(k)
-    return out
-
-
-def _row_generator(params: SamplingParams, prompt: str) -> torch.Generator | None:
-    """Per-row RNG seeded by (seed, prompt): sampling does not depend on batch composition."""
-    if params.temperature <= 0:
-        return None
-    digest = hashlib.sha256(f"{params.seed}|{prompt}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
-def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> tuple[int, float]:
-    """Temperature + top-p sampling for one row; returns (token, log-prob under that law)."""
-    logp = torch.log_softmax(logits / params.temperature, dim=-1).cpu()  # [V]
-    if params.top_p < 1.0:
-        sorted_lp, order = logp.sort(descending=True)
-        keep = sorted_lp.exp().cumsum(0) - sorted_lp.exp() < params.top_p
-        masked = torch.full_like(logp, float("-inf"))
-        masked[order[keep]] = logp[order[keep]]
-        logp = torch.log_softmax(masked, dim=-1)
-    tok = int(torch.multinomial(logp.exp(), 1, generator=gen))
-    return tok, float(logp[tok])

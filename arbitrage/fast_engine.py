@@ -1,7 +1,8 @@
 """A gpt-fast-style step engine: own Llama/Qwen2 forward, static slot KV cache, CUDA graphs.
 
-`FastStepEngine` is a drop-in for `arbitrage.engine.StepEngine` (same requests, outputs,
-stop rules, sampling RNG, counters and `next_token_logits`) built for speed:
+`FastStepEngine` is a drop-in for `arbitrage.engine.HFStepEngine` (same `StepEngine`
+contract, and the stop rules, sampling RNG and counters of `arbitrage.engine_common`) built
+for speed:
 
 - **Own forward.** `_FastLM` runs Llama / Qwen2 directly over the HF model's weight tensors
   (no copies): embed -> per layer RMSNorm, q/k/v (+ Qwen2 biases), RoPE, GQA attention
@@ -11,12 +12,10 @@ stop rules, sampling RNG, counters and `next_token_logits`) built for speed:
   On CUDA (defaults) two things cut the kernels per decode step, which at batch 1 cost as
   much as the weight streaming: the pointwise pieces (residual add + RMSNorm, RoPE of q
   and k, SwiGLU, log-softmax/entropy/argmax) are `torch.compile`d into one Triton kernel
-  each inside the CUDA graphs (cold compile ~15 s on first capture), and q/k/v and
+  each inside the CUDA graphs (compiled on first capture), and q/k/v and
   gate/up become one GEMM each: their weights are concatenated once and the model's
   parameters re-pointed at views of the fused tensors (one copy in memory; the HF model
-  keeps working). Measured on one H200 (random weights, bf16, batch 1, generate_steps):
-  Llama-3.2-1B 2.30 -> 1.66 ms/step, Llama-3.1-8B 7.22 -> 5.40 ms/step, against
-  weight-streaming floors of 0.58 and 3.76 ms (benchmarks/engine_bench.py).
+  keeps working). Timings: docs/BENCHMARKS.md (benchmarks/engine_bench.py).
 - **Static slot KV cache.** Per layer, keys and values are [n_slots + 1, n_kv_heads,
   max_context, head_dim] each, allocated once as one tensor [n_slots + 1, 2, ...] (so a
   step writes and gathers both with one kernel each); the last slot is a dummy that
@@ -41,7 +40,7 @@ stop rules, sampling RNG, counters and `next_token_logits`) built for speed:
   positions, slots), lazily, and replayed; a batch is padded to its bucket (1, 2, 4, ...,
   64) with the dummy slot. Graphs are captured when first needed (a fraction of a second;
   they share one memory pool). On CPU the step runs eagerly.
-- **Numerics.** float32 matches StepEngine to ~1e-6 in log-probs; in bf16 results differ
+- **Numerics.** float32 matches HFStepEngine to ~1e-6 in log-probs; in bf16 results differ
   from HF's by rounding (other kernels, fused norms), like any two engines.
 - **Continuous admission.** One scheduler thread owns the model and the cache. Callers
   (any number of threads) queue their requests and wait on futures; between two decode
@@ -64,12 +63,9 @@ Not supported: sliding-window layers, and rope types that recompute frequencies 
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
 import time
 import warnings
-from collections import OrderedDict, deque
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
 
@@ -77,9 +73,9 @@ import torch
 import torch.nn.functional as F
 
 from arbitrage import decode_attention
-from arbitrage.engine import (_Row, _row_generator, _sample, _unique_keys, eos_ids, find_separator,
-                              render_prompt)
-from arbitrage.types import ContextOverflow, SamplingParams, StepOutput, StepRequest
+from arbitrage.engine_base import QueuedStepEngine
+from arbitrage.engine_common import Job, SlotPool, eos_ids, pad_id, record_token, step_output, token_stats, update_stop
+from configs.schema import kv_slots
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 WINDOW_BLOCK = 256  # decode attends over the cache rounded up to a multiple of this
@@ -171,18 +167,18 @@ def check_supported(model) -> None:
     mt = getattr(cfg, "model_type", None)
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"FastStepEngine runs model_type {' or '.join(SUPPORTED_MODEL_TYPES)}, got {mt!r}; "
-                         "use arbitrage.engine.StepEngine for this model")
+                         "use arbitrage.engine.HFStepEngine for this model")
     kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
     if kinds != {"full_attention"} or getattr(cfg, "use_sliding_window", False):
         raise ValueError(f"FastStepEngine has no sliding-window attention (layer_types {sorted(kinds)}); "
-                         "use arbitrage.engine.StepEngine")
+                         "use arbitrage.engine.HFStepEngine")
     rope = getattr(model.model.rotary_emb, "rope_type", "default")
     if any(d in str(rope) for d in _DYNAMIC_ROPE):
         raise ValueError(f"rope_type {rope!r} recomputes frequencies per call; FastStepEngine needs a "
-                         "static rope type (default, linear, llama3, yarn); use arbitrage.engine.StepEngine")
+                         "static rope type (default, linear, llama3, yarn); use arbitrage.engine.HFStepEngine")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"FastStepEngine's MLP is SwiGLU (hidden_act 'silu'), got {cfg.hidden_act!r}; "
-                         "use arbitrage.engine.StepEngine")
+                         "use arbitrage.engine.HFStepEngine")
 
 
 # Pointwise pieces of the forward. On CUDA they are torch.compile'd, so each is one fused
@@ -214,15 +210,6 @@ def _rope_qkv(q, k, v, cos, sin_signed):
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
-
-
-def token_stats(logits: torch.Tensor) -> torch.Tensor:
-    """[B, V] float32 logits -> [3, B] float64: greedy id, its log-prob, entropy (one D2H copy)."""
-    logp = torch.log_softmax(logits, dim=-1)  # [B, V]
-    entropy = -(logp.exp() * logp).sum(-1)  # [B]
-    greedy = logits.argmax(-1)  # [B]
-    lp = logp.gather(-1, greedy[:, None])[:, 0]  # [B]
-    return torch.stack([greedy.double(), lp.double(), entropy.double()])
 
 
 @dataclass(frozen=True)
@@ -467,91 +454,11 @@ def _batch_buckets(n_slots: int) -> list[int]:
     return out
 
 
-# ---- slots --------------------------------------------------------------------------------
-class SlotPool:
-    """Which chain owns which KV slot, what tokens each slot holds, and LRU eviction."""
-
-    def __init__(self, n: int):
-        self.ids: list[list[int]] = [[] for _ in range(n)]  # tokens whose K/V is in slot s
-        self.busy = [False] * n  # a running request holds the slot
-        self.owner: OrderedDict[str, int] = OrderedDict()  # chain -> slot, least recently used first
-        self.key_of: list[str | None] = [None] * n
-        self.evictions = 0
-
-    def acquire(self, key: str | None, ids: list[int]) -> tuple[int, int, str | None] | None:
-        """Take a slot for a prompt.
-
-        Returns:
-            (slot, reused prefix length, key to keep the slot under), or None when every slot
-            is busy. A chain whose slot is busy (a concurrent request) runs uncached (key None).
-        """
-        s = self.owner.get(key) if key is not None else None
-        if s is not None and not self.busy[s]:
-            n = _common_prefix(self.ids[s], ids, limit=len(ids) - 1)  # keep >= 1 token to compute
-            del self.ids[s][n:]  # rollback: a replaced step's tokens are dropped
-            self.busy[s] = True
-            self.owner.move_to_end(key)
-            return s, n, key
-        if s is not None:
-            key = None
-        s = self._free_slot()
-        if s is None:
-            return None
-        self.busy[s], self.ids[s] = True, []
-        if key is not None:
-            self.owner[key], self.key_of[s] = s, key
-        return s, 0, key
-
-    def release(self, s: int, keep: bool) -> None:
-        """A request is done with slot s: keep its tokens for its chain, or free it."""
-        self.busy[s] = False
-        if keep and self.key_of[s] is not None:
-            return
-        self.ids[s] = []
-        if self.key_of[s] is not None:
-            del self.owner[self.key_of[s]]
-            self.key_of[s] = None
-
-    def _free_slot(self) -> int | None:
-        for s, (busy, key) in enumerate(zip(self.busy, self.key_of)):
-            if not busy and key is None:
-                return s
-        for key, s in self.owner.items():  # least recently used first
-            if not self.busy[s]:
-                del self.owner[key]
-                self.key_of[s] = None
-                self.evictions += 1
-                return s
-        return None
-
-
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n, limit = 0, min(len(a), limit)
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
-
-
 # ---- the engine -----------------------------------------------------------------------------
-@dataclass(eq=False)
-class _Job:
-    """One queued prompt: a step to decode (row set) or next-token logits only (row None)."""
-
-    ids: list[int]  # prompt token ids
-    key: str | None  # chain id: the slot is kept for it afterwards
-    future: Future
-    row: _Row | None = None
-    budget: int = 0  # most tokens this row may generate
-    slot: int = -1
-    next_tok: int = -1  # sampled, not yet fed
-
-
-class FastStepEngine:
+class FastStepEngine(QueuedStepEngine):
     """Step engine with its own Llama/Qwen2 forward, slot KV cache, CUDA graphs and continuous batching."""
 
-    continuous = True  # admits new rows into the running batch (see DynamicBatcher.max_inflight)
-
-    def __init__(self, model, tokenizer, max_context: int = 4096, max_slots: int = 64,
+    def __init__(self, model, tokenizer, max_context: int = 4096, max_slots: int | None = 64,
                  kv_cache_tokens: int | None = None, use_cuda_graphs: bool = True,
                  compile_ops: bool | None = None, fuse_weights: bool | None = None,
                  tp: TensorParallel | None = None, decode_kernel: bool | None = None):
@@ -560,14 +467,15 @@ class FastStepEngine:
             tokenizer: the model's tokenizer.
             max_context: tokens per slot (prompt + step).
             max_slots: KV slots = most chains cached and rows decoded at once.
-            kv_cache_tokens: optional bound on cached tokens: slots = kv_cache_tokens // max_context
-                (at least 1, at most max_slots); 0 keeps no chain's KV between requests.
+            kv_cache_tokens: optional bound on cached tokens; the slots are
+                `configs.schema.kv_slots(max_slots, max_context, kv_cache_tokens)`; 0 keeps no
+                chain's KV between requests.
             use_cuda_graphs: replay the decode step as CUDA graphs (CUDA only).
             compile_ops: torch.compile the pointwise pieces (norms, rope, SwiGLU, sampling
                 statistics) of the CUDA-graph decode step into fused kernels; default: on CUDA.
             fuse_weights: concatenate q/k/v and gate/up weights into one GEMM each; the model's
                 parameters are re-pointed at views of the fused tensors (no second copy; the
-                model still works, e.g. for a StepEngine or PRM sharing it); default: on CUDA only.
+                model still works, e.g. for an HFStepEngine or PRM sharing it); default: on CUDA only.
             tp: the model is this rank's AutoTP shard (see TensorParallel); every rank must
                 submit the same requests in the same order, one batch at a time.
             decode_kernel: decode attention with the Triton kernel of arbitrage.decode_attention
@@ -577,13 +485,12 @@ class FastStepEngine:
         self.tokenizer = tokenizer
         self.max_context = max_context
         self.eos = eos_ids(model, tokenizer)
-        pad = tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else next(iter(self.eos), 0)
-        self.forward_calls = 0  # forward passes (prefill + decode), for tests and metrics
-        self.prefill_tokens = 0  # prompt tokens computed
-        self.reused_tokens = 0  # prompt tokens served from a chain's cached KV
+        self.pad_id = pad_id(tokenizer, self.eos)
+        self.forward_calls = 0
+        self.prefill_tokens = 0
+        self.reused_tokens = 0
         self.reuse = kv_cache_tokens != 0
-        n_slots = max_slots if not kv_cache_tokens else max(1, min(max_slots, kv_cache_tokens // max_context))
+        n_slots = kv_slots(max_slots, max_context, kv_cache_tokens)
         on_cuda = next(model.parameters()).device.type == "cuda"
         compiled = on_cuda if compile_ops is None else compile_ops
         fuse = on_cuda if fuse_weights is None else fuse_weights
@@ -598,10 +505,7 @@ class FastStepEngine:
         # decode: forward or graph replay + sampling bookkeeping; idle: waiting for requests).
         self.stats = {"decode_steps": 0, "admitted_mid_decode": 0, "max_running": 0,
                       "prefill_s": 0.0, "decode_s": 0.0, "idle_s": 0.0}
-        self._queue: queue.Queue = queue.Queue()  # lists of _Job; None closes
-        self._waiting: deque[_Job] = deque()  # queued, not yet holding a slot
-        self._running: list[_Job] = []  # holding a slot (being prefilled or decoded)
-        self._closed = False
+        self._init_queue()
         self._thread = threading.Thread(target=self._loop, name="fast-step-engine", daemon=True)
         self._thread.start()
 
@@ -611,76 +515,12 @@ class FastStepEngine:
         """Bytes of the static KV cache (all slots and the dummy slot)."""
         return self.lm.bytes_per_slot * (self.lm.n_slots + 1)
 
-    def generate_steps(self, requests: list[StepRequest]) -> list[StepOutput]:
-        """Decode one step per request; thread-safe, batched with other callers' requests.
-
-        Args:
-            requests: one per chain; params may differ per row.
-        Returns:
-            One StepOutput per request, in order.
-        """
-        return [f.result() for f in self.submit_steps(requests)]
-
-    def submit_steps(self, requests: list[StepRequest]) -> list[Future]:
-        """Queue one step per request and return at once: one future per request (its StepOutput).
-
-        For async callers (the model actors): the rows join the running batch, and the caller
-        awaits the futures without holding a thread per batch.
-        """
-        if not requests:
-            return []
-        prompts = [render_prompt(self.tokenizer, r) for r in requests]
-        keys = _unique_keys([r.chain_id if self.reuse else None for r in requests])
-        jobs = [self._step_job(p, r.params, k) for p, r, k in zip(prompts, requests, keys)]
-        self._submit(jobs)
-        return [j.future for j in jobs]
-
-    def next_token_logits(self, token_ids: list[list[int]], keys: list[str | None]) -> torch.Tensor:
-        """Logits of the token after each prompt, reusing and then extending chains' cached KV.
-
-        Args:
-            token_ids: one prompt per row, already tokenized.
-            keys: cache key per row (None: no reuse).
-        Returns:
-            logits: [B, V] float32.
-        """
-        keys = _unique_keys([k if self.reuse else None for k in keys])
-        for e in token_ids:
-            if not 0 < len(e) <= self.max_context:
-                raise ContextOverflow(f"prompt has {len(e)} tokens; it must have 1..max_context={self.max_context}")
-        jobs = [_Job(list(e), k, Future()) for e, k in zip(token_ids, keys)]
-        self._submit(jobs)
-        return torch.stack([j.future.result() for j in jobs])
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def close(self) -> None:
         """Stop the scheduler thread; requests still queued or running fail with RuntimeError."""
         if not self._closed:
             self._closed = True
             self._queue.put(None)
             self._thread.join(timeout=60)
-
-    def __enter__(self) -> "FastStepEngine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # ---- callers' side ------------------------------------------------------------------
-    def _step_job(self, prompt: str, params: SamplingParams, key: str | None) -> _Job:
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if len(ids) >= self.max_context:
-            raise ContextOverflow(f"prompt has {len(ids)} tokens; max_context is {self.max_context}")
-        row = _Row(params, _row_generator(params, prompt), [], [], [])
-        budget = max(1, min(params.forced_tokens or params.max_tokens, self.max_context - len(ids)))
-        return _Job(ids, key, Future(), row, budget)
-
-    def _submit(self, jobs: list[_Job]) -> None:
-        if self._closed:
-            raise RuntimeError("FastStepEngine is closed")
-        self._queue.put(jobs)
 
     # ---- the scheduler thread ---------------------------------------------------------------
     def _loop(self) -> None:
@@ -706,20 +546,6 @@ class FastStepEngine:
                     self._running = []
             self._fail(self._running + list(self._waiting), RuntimeError("FastStepEngine closed"), keep=False)
 
-    def _pull(self, block: bool) -> bool:
-        """Move queued jobs to the waiting list (blocking only when idle); False once closed."""
-        try:
-            item = self._queue.get(block=block)
-        except queue.Empty:
-            return True
-        while item is not None:
-            self._waiting.extend(item)
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return True
-        return False
-
     def _admit(self) -> None:
         """Give waiting jobs slots (FIFO, while slots last) and prefill them into the batch."""
         admitted = []
@@ -742,7 +568,7 @@ class FastStepEngine:
             self._prefill(group)
         self.stats["max_running"] = max(self.stats["max_running"], len(self._running))
 
-    def _prefill(self, group: list[tuple[_Job, int]]) -> None:
+    def _prefill(self, group: list[tuple[Job, int]]) -> None:
         """One forward over the uncached tails of a group of rows (right-padded)."""
         # Shapes are rounded (tail to PREFILL_BLOCK, window to WINDOW_BLOCK) so they repeat:
         # every new shape costs kernel selection / planning on first use.
@@ -786,7 +612,7 @@ class FastStepEngine:
         self.stats["decode_steps"] += 1
         self._consume(jobs, stats, logits)
 
-    def _consume(self, jobs: list[_Job], stats: torch.Tensor, logits: torch.Tensor) -> None:
+    def _consume(self, jobs: list[Job], stats: torch.Tensor, logits: torch.Tensor) -> None:
         """Record each row's next token (greedy from stats, or sampled); retire finished rows.
 
         stats: [3, B] float64 on CPU (greedy id, its log-prob, entropy); logits: [B, V].
@@ -800,24 +626,18 @@ class FastStepEngine:
                 done.add(job)
                 continue
             r = job.row
-            if r.params.temperature > 0:
-                tok, lp = _sample(logits[i], r.params, r.generator)
-            else:
-                tok, lp = int(greedy[i]), greedy_lp[i]
-            r.ids.append(tok)
-            r.logprobs.append(lp)
-            r.entropies.append(entropy[i])
-            _update_stop(r, tok, self.eos, self.tokenizer)
+            tok = record_token(r, logits[i], int(greedy[i]), greedy_lp[i], entropy[i])
+            update_stop(r, tok, self.eos, self.tokenizer)
             r.done = r.done or len(r.ids) >= job.budget
             job.next_tok = tok
             if r.done:
-                job.future.set_result(_output(r, len(job.ids), self.tokenizer))
+                job.future.set_result(step_output(r, len(job.ids), self.tokenizer))
                 self.slots.release(job.slot, keep=True)
                 done.add(job)
         if done:
             self._running = [j for j in self._running if j not in done]
 
-    def _fail(self, jobs: list[_Job], err: Exception, keep: bool) -> None:
+    def _fail(self, jobs: list[Job], err: Exception, keep: bool) -> None:
         for job in jobs:
             if job.slot >= 0:
                 self.slots.release(job.slot, keep=keep)
@@ -825,10 +645,10 @@ class FastStepEngine:
                 job.future.set_exception(err)
 
 
-def _prefill_groups(admitted: list[tuple[_Job, int]]) -> list[list[tuple[_Job, int]]]:
+def _prefill_groups(admitted: list[tuple[Job, int]]) -> list[list[tuple[Job, int]]]:
     """Rows sorted by tail length, grouped so rows x longest tail <= PREFILL_TOKENS."""
     order = sorted(admitted, key=lambda a: len(a[0].ids) - a[1])
-    groups: list[list[tuple[_Job, int]]] = []
+    groups: list[list[tuple[Job, int]]] = []
     for job, n in order:
         tail = len(job.ids) - n
         if groups and (len(groups[-1]) + 1) * tail <= PREFILL_TOKENS:
@@ -851,29 +671,3 @@ def _prefill_attention(device: torch.device):
 
 def _round_up(n: int, block: int) -> int:
     return -(-n // block) * block
-
-
-def _update_stop(r: _Row, tok: int, eos: set[int], tokenizer) -> None:
-    """StepEngine's stop rule: forced length, EOS, the separator after content, or max_tokens."""
-    p = r.params
-    if p.forced_tokens is not None:
-        r.done = len(r.ids) >= p.forced_tokens
-        return
-    if tok in eos:
-        r.done, r.stop_reason = True, "eos"
-        r.text = tokenizer.decode(r.ids[:-1], skip_special_tokens=True)
-        return
-    text = tokenizer.decode(r.ids, skip_special_tokens=True)
-    cut = find_separator(text, p.separator)
-    if cut >= 0:
-        r.done, r.stop_reason, r.text = True, "separator", text[:cut]
-    else:
-        r.text = text
-        r.done = len(r.ids) >= p.max_tokens
-
-
-def _output(r: _Row, prompt_tokens: int, tokenizer) -> StepOutput:
-    if r.params.forced_tokens is not None:
-        r.text = tokenizer.decode(r.ids, skip_special_tokens=True)
-    return StepOutput(text=r.text.strip(), num_tokens=len(r.ids), logprobs=r.logprobs,
-                      stop_reason=r.stop_reason, entropies=r.entropies, prompt_tokens=prompt_tokens)

@@ -1,6 +1,6 @@
 """The CPU step engine: llama.cpp over a GGUF file, many chains in one `llama_decode`.
 
-Same text-level interface as the HF `StepEngine` and the GPU `FastStepEngine`
+The `StepEngine` contract (`arbitrage.engine_base`) like the HF and GPU engines
 (`generate_steps`, `submit_steps`, `next_token_logits`, `count_tokens`), built on
 `llama-cpp-python`'s low-level API (the optional `cpu` extra):
 
@@ -15,8 +15,8 @@ Same text-level interface as the HF `StepEngine` and the GPU `FastStepEngine`
   puts the running rows' next tokens and chunks of newly admitted prompts into ONE
   `llama_decode` batch (at most `n_batch` tokens), reads the logits of the rows that need
   them, samples, and retires finished rows; new chains join the running batch at once.
-- Stop rules, sampling, log-probabilities and entropies are the shared ones of the other
-  engines (`fast_engine._update_stop`, `engine._sample`, `fast_engine.token_stats`).
+- Stop rules, sampling, log-probabilities and entropies are the shared ones of every
+  engine (`arbitrage.engine_common`), and the slot pool that of the fast engine.
 - `cpu_lock`: engines in different processes on one CPU (the draft and target actors)
   take a file lock around each `llama_decode`, so they alternate on all cores instead of
   oversubscribing them with two thread pools.
@@ -28,20 +28,17 @@ import contextlib
 import ctypes
 import fcntl
 import os
-import queue
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from arbitrage.engine import _row_generator, _sample, _unique_keys, render_prompt
-from arbitrage.fast_engine import SlotPool, _common_prefix, _Job, _output, _Row, _update_stop, token_stats
-from arbitrage.types import ContextOverflow, SamplingParams, StepOutput, StepRequest
+from arbitrage.engine_base import QueuedStepEngine
+from arbitrage.engine_common import Job, SlotPool, common_prefix, pad_id, record_token, step_output, token_stats, update_stop
+from configs.schema import kv_slots
 
 _BACKEND_READY = False
 _BACKEND_LOCK = threading.Lock()
@@ -121,13 +118,11 @@ def default_lock_path() -> str:
     return str(cache_root() / "cpu.lock")
 
 
-class LlamaCppStepEngine:
+class LlamaCppStepEngine(QueuedStepEngine):
     """Step engine on llama.cpp: per-chain sequences, continuous batching, one decode call per token."""
 
-    continuous = True  # admits new rows into the running batch (see DynamicBatcher.max_inflight)
-
     def __init__(self, gguf_path: str | os.PathLike, tokenizer, max_context: int = 4096,
-                 max_slots: int = 16, kv_cache_tokens: int | None = None, n_threads: int | None = None,
+                 max_slots: int | None = 16, kv_cache_tokens: int | None = None, n_threads: int | None = None,
                  n_batch: int = 512, lock_path: str | None = None, embeddings: bool = False,
                  kv_unified: bool = True):
         """Args:
@@ -135,8 +130,9 @@ class LlamaCppStepEngine:
             tokenizer: the model's HF tokenizer (same vocabulary as the GGUF).
             max_context: tokens per chain (prompt + step).
             max_slots: sequences = most chains cached and rows decoded at once.
-            kv_cache_tokens: bound on cached tokens: slots = kv_cache_tokens // max_context
-                (at least 1, at most max_slots); 0 keeps no chain's KV between requests.
+            kv_cache_tokens: bound on cached tokens; the sequences are
+                `configs.schema.kv_slots(max_slots, max_context, kv_cache_tokens)`; 0 keeps no
+                chain's KV between requests.
             n_threads: llama.cpp threads (default: every core).
             n_batch: most tokens in one `llama_decode` (decode rows + prefill chunks).
             lock_path: a file every engine on the machine locks around each decode call
@@ -152,7 +148,7 @@ class LlamaCppStepEngine:
         self.tokenizer = tokenizer
         self.max_context = max_context
         self.reuse = kv_cache_tokens != 0
-        n_slots = slots_for(max_slots, max_context, kv_cache_tokens)
+        n_slots = kv_slots(max_slots, max_context, kv_cache_tokens)
         self.n_batch = max(n_batch, n_slots)
         threads = n_threads or os.cpu_count() or 1
         mp = ll.llama_model_default_params()
@@ -180,8 +176,7 @@ class LlamaCppStepEngine:
         self.kv_unified = kv_unified
         self.eos = {t for t in (ll.llama_vocab_eos(vocab), ll.llama_vocab_eot(vocab)) if t >= 0}
         self.eos |= _hf_eos(tokenizer)
-        pad = tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else next(iter(self.eos), 0)
+        self.pad_id = pad_id(tokenizer, self.eos)
         self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
         self._lock = cpu_lock(lock_path)
         self.slots = SlotPool(n_slots)
@@ -192,39 +187,12 @@ class LlamaCppStepEngine:
         self.min_shared_prefix = 16  # tokens; shorter shared prefixes are not worth a copy call
         self.stats = {"decode_calls": 0, "decode_tokens": 0, "admitted_mid_decode": 0, "max_running": 0,
                       "shared_prefix_tokens": 0, "busy_s": 0.0, "lock_wait_s": 0.0, "idle_s": 0.0}
-        self._queue: queue.Queue = queue.Queue()
-        self._waiting: deque[_Job] = deque()
-        self._running: list[_Job] = []  # holding a slot: prefilling (fed < len(ids)) or decoding
+        self._init_queue()  # _running: holding a slot, prefilling (fed < len(ids)) or decoding
         self._fed: dict[int, int] = {}  # id(job) -> prompt tokens in its sequence
-        self._closed = False
         self._thread = threading.Thread(target=self._loop, name="llamacpp-step-engine", daemon=True)
         self._thread.start()
 
     # ---- public -------------------------------------------------------------------
-    def generate_steps(self, requests: list[StepRequest]) -> list[StepOutput]:
-        """Decode one step per request; thread-safe, batched with other callers' requests."""
-        return [f.result() for f in self.submit_steps(requests)]
-
-    def submit_steps(self, requests: list[StepRequest]) -> list[Future]:
-        """Queue one step per request and return one future per request (its StepOutput)."""
-        if not requests:
-            return []
-        prompts = [render_prompt(self.tokenizer, r) for r in requests]
-        keys = _unique_keys([r.chain_id if self.reuse else None for r in requests])
-        jobs = [self._step_job(p, r.params, k) for p, r, k in zip(prompts, requests, keys)]
-        self._submit(jobs)
-        return [j.future for j in jobs]
-
-    def next_token_logits(self, token_ids: list[list[int]], keys: list[str | None]) -> torch.Tensor:
-        """Logits of the token after each prompt, reusing and extending chains' cached KV; [B, V]."""
-        keys = _unique_keys([k if self.reuse else None for k in keys])
-        for e in token_ids:
-            if not 0 < len(e) <= self.max_context:
-                raise ContextOverflow(f"prompt has {len(e)} tokens; it must have 1..max_context={self.max_context}")
-        jobs = [_Job(list(e), k, Future()) for e, k in zip(token_ids, keys)]
-        self._submit(jobs)
-        return torch.stack([j.future.result() for j in jobs])
-
     def hidden_states(self, token_ids: list[list[int]], keys: list[str | None]) -> torch.Tensor:
         """The final (normed) hidden state at the last token of each prompt; [B, n_embd] float32.
 
@@ -232,16 +200,7 @@ class LlamaCppStepEngine:
         """
         if not self.embeddings:
             raise RuntimeError("hidden_states needs an engine built with embeddings=True")
-        keys = _unique_keys([k if self.reuse else None for k in keys])
-        for e in token_ids:
-            if not 0 < len(e) <= self.max_context:
-                raise ContextOverflow(f"prompt has {len(e)} tokens; it must have 1..max_context={self.max_context}")
-        jobs = [_HiddenJob(list(e), k, Future()) for e, k in zip(token_ids, keys)]
-        self._submit(jobs)
-        return torch.stack([j.future.result() for j in jobs])
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._prompt_jobs(_HiddenJob, token_ids, keys)
 
     def close(self) -> None:
         """Stop the scheduler thread and free the llama.cpp context and model."""
@@ -253,26 +212,6 @@ class LlamaCppStepEngine:
         self.ll.llama_batch_free(self._batch)
         self.ll.llama_free(self._ctx)
         self.ll.llama_model_free(self._model)
-
-    def __enter__(self) -> "LlamaCppStepEngine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # ---- callers' side ------------------------------------------------------------------
-    def _step_job(self, prompt: str, params: SamplingParams, key: str | None) -> _Job:
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if len(ids) >= self.max_context:
-            raise ContextOverflow(f"prompt has {len(ids)} tokens; max_context is {self.max_context}")
-        row = _Row(params, _row_generator(params, prompt), [], [], [])
-        budget = max(1, min(params.forced_tokens or params.max_tokens, self.max_context - len(ids)))
-        return _Job(ids, key, Future(), row, budget)
-
-    def _submit(self, jobs: list[_Job]) -> None:
-        if self._closed:
-            raise RuntimeError("LlamaCppStepEngine is closed")
-        self._queue.put(jobs)
 
     # ---- the scheduler thread ---------------------------------------------------------------
     def _loop(self) -> None:
@@ -292,19 +231,6 @@ class LlamaCppStepEngine:
                 self._fail(self._running, e)
                 self._running = []
         self._fail(self._running + list(self._waiting), RuntimeError("LlamaCppStepEngine closed"))
-
-    def _pull(self, block: bool) -> bool:
-        try:
-            item = self._queue.get(block=block)
-        except queue.Empty:
-            return True
-        while item is not None:
-            self._waiting.extend(item)
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return True
-        return False
 
     def _admit(self) -> None:
         """Give waiting jobs sequences (FIFO) and cut each sequence back to its reused prefix."""
@@ -328,7 +254,7 @@ class LlamaCppStepEngine:
             self.stats["admitted_mid_decode"] += admitted
         self.stats["max_running"] = max(self.stats["max_running"], len(self._running))
 
-    def _share_prefix(self, job: _Job, reused: int) -> int:
+    def _share_prefix(self, job: Job, reused: int) -> int:
         """Start a sequence from the longest prompt prefix any other sequence holds.
 
         In the unified KV cache `llama_memory_seq_cp` only tags the source's cells with the
@@ -340,7 +266,7 @@ class LlamaCppStepEngine:
         for s, ids in enumerate(self.slots.ids):
             if s == job.slot or len(ids) <= best:
                 continue
-            n = _common_prefix(ids, job.ids, limit)
+            n = common_prefix(ids, job.ids, limit)
             if n > best:
                 best, src = n, s
         if src < 0 or best < self.min_shared_prefix or not self.kv_unified:
@@ -354,7 +280,7 @@ class LlamaCppStepEngine:
     def _iterate(self) -> None:
         """One `llama_decode`: each decoding row's next token, then prompt chunks while room lasts."""
         b, n = self._batch, 0
-        outputs: list[_Job] = []  # rows whose logits this call yields, in batch order
+        outputs: list[Job] = []  # rows whose logits this call yields, in batch order
         out_index: list[int] = []
 
         def add(tok: int, pos: int, seq: int, want: bool) -> None:
@@ -402,7 +328,7 @@ class LlamaCppStepEngine:
             raise RuntimeError(f"llama_decode failed with code {rc} ({n} tokens)")
         hidden = [(job, i) for job, i in zip(outputs, out_index) if isinstance(job, _HiddenJob)]
         if hidden:
-            done = set()
+            done: set[Job] = set()
             for job, i in hidden:
                 job.future.set_result(torch.from_numpy(self._embedding(i)))
                 self._retire(job, done)
@@ -423,14 +349,14 @@ class LlamaCppStepEngine:
             raise RuntimeError("llama.cpp returned no hidden state (embeddings off?)")
         return np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
 
-    def _consume(self, jobs: list[_Job], stats: torch.Tensor, logits: torch.Tensor, out_index: list[int]) -> None:
+    def _consume(self, jobs: list[Job], stats: torch.Tensor, logits: torch.Tensor, out_index: list[int]) -> None:
         """Record each row's next token; retire finished rows (their sequences stay for the chain).
 
         With embeddings on, a finished step carries the hidden state that chose its last token
         (`StepOutput.hidden`: the state after reading the whole step), for value-head PRMs and
         probe routers at no extra forward pass.
         """
-        done = set()
+        done: set[Job] = set()
         greedy, greedy_lp, entropy = stats.tolist()
         for i, job in enumerate(jobs):
             if job.row is None:  # next_token_logits
@@ -438,18 +364,12 @@ class LlamaCppStepEngine:
                 self._retire(job, done)
                 continue
             r = job.row
-            if r.params.temperature > 0:
-                tok, lp = _sample(logits[i], r.params, r.generator)
-            else:
-                tok, lp = int(greedy[i]), greedy_lp[i]
-            r.ids.append(tok)
-            r.logprobs.append(lp)
-            r.entropies.append(entropy[i])
-            _update_stop(r, tok, self.eos, self.tokenizer)
+            tok = record_token(r, logits[i], int(greedy[i]), greedy_lp[i], entropy[i])
+            update_stop(r, tok, self.eos, self.tokenizer)
             r.done = r.done or len(r.ids) >= job.budget
             job.next_tok = tok
             if r.done:
-                out = _output(r, len(job.ids), self.tokenizer)
+                out = step_output(r, len(job.ids), self.tokenizer)
                 if self.embeddings:
                     out.hidden = self._embedding(out_index[i]).tolist()
                 job.future.set_result(out)
@@ -457,14 +377,14 @@ class LlamaCppStepEngine:
         if done:
             self._running = [j for j in self._running if j not in done]
 
-    def _retire(self, job: _Job, done: set) -> None:
+    def _retire(self, job: Job, done: set) -> None:
         self._fed.pop(id(job), None)
         self.slots.release(job.slot, keep=True)
         if self.slots.key_of[job.slot] is None:  # not kept for a chain: drop its KV now
             self.ll.llama_memory_seq_rm(self._mem, job.slot, 0, -1)
         done.add(job)
 
-    def _fail(self, jobs: list[_Job], err: Exception) -> None:
+    def _fail(self, jobs: list[Job], err: Exception) -> None:
         for job in jobs:
             if job.slot >= 0:
                 self.slots.release(job.slot, keep=False)
@@ -474,15 +394,8 @@ class LlamaCppStepEngine:
 
 
 @dataclass(eq=False)
-class _HiddenJob(_Job):
+class _HiddenJob(Job):
     """A prompt whose answer is its last token's hidden state (not logits, not a step)."""
-
-
-def slots_for(max_slots: int, max_context: int, kv_cache_tokens: int | None) -> int:
-    """KV slots of an engine: max_slots, cut to kv_cache_tokens // max_context when that is set."""
-    if not kv_cache_tokens:
-        return max_slots
-    return max(1, min(max_slots, kv_cache_tokens // max_context))
 
 
 def _hf_eos(tokenizer) -> set[int]:

@@ -26,7 +26,8 @@ from arbitrage.backend import ModelBackend
 from arbitrage.policies import DecisionPolicy, StepContext
 from arbitrage.prm import PRMRequest
 from arbitrage.router import RouterRequest
-from arbitrage.step_cache import CACHED_ROLES, prm_key, step_key
+from arbitrage.roles import CACHED_ROLES
+from arbitrage.step_cache import prm_key, step_key
 from arbitrage.types import ChainResult, ContextOverflow, SamplingParams, StepOutput, StepRequest, TraceStep
 
 
@@ -184,14 +185,17 @@ async def _decide_step(item: ChainInput, steps: list[TraceStep], max_tokens: int
         ctx.draft, ctx.target = await asyncio.gather(draft(), target())
     else:
         ctx.draft = await draft()
+    d = ctx.draft
+    assert d is not None  # both branches above set it
     if policy.needs_prm_draft or policy.needs_prm_target:
-        ctx.prm_draft, ctx.prm_target = await asyncio.gather(
-            prm(ctx.draft), prm(ctx.target) if policy.needs_prm_target else _none())
+        t = ctx.target if policy.needs_prm_target else None
+        assert t is not None or not policy.needs_prm_target  # needs_prm_target comes with target_first
+        ctx.prm_draft, ctx.prm_target = await asyncio.gather(prm(d), prm(t) if t is not None else _none())
     if policy.needs_router:
         c.router_calls += 1
         history = tuple(("draft", t) for t in item.prefix) + tuple((st.author, st.text) for st in steps)
         ctx.router_prob = await backend.router_prob(
-            RouterRequest(item.problem, history, ctx.draft.text, ctx.draft.features, ctx.draft.hidden))
+            RouterRequest(item.problem, history, d.text, d.features, d.hidden))
     escalated = policy.escalate(ctx)
     if escalated and ctx.target is None:
         ctx.target = await target()
@@ -214,6 +218,7 @@ def _trace(ctx: StepContext, steps: list[TraceStep], escalated: bool, t0: float)
     use_target = escalated or d is None
     both = d is not None and t is not None  # oracle: keep both texts for router training data
     out = t if use_target else d
+    assert out is not None  # the kept step's author produced an output
     wasted = None
     if escalated and ctx.prm_draft is not None and ctx.prm_target is not None:
         wasted = ctx.prm_target <= ctx.prm_draft
@@ -225,7 +230,7 @@ def _trace(ctx: StepContext, steps: list[TraceStep], escalated: bool, t0: float)
         prm_draft=ctx.prm_draft, prm_target=ctx.prm_target, router_prob=ctx.router_prob,
         wasted=wasted, wall_s=time.perf_counter() - t0,
         draft_features=d.features if d is not None else None,
-        target_text=t.text if both else None,
+        target_text=t.text if both and t is not None else None,
     )
 
 

@@ -9,7 +9,7 @@ shape), its dtype and quantization, its engine's KV cache, and its batching:
   take 1 byte a weight (+ a bf16 scale per row), int4 half a byte (+ a bf16 scale and zero
   point per 128 weights; the tinygemm layout pads in_features to a multiple of 1024); a TP rank
   holds 1/N of the layers' linears and of lm_head.
-- KV cache: fast engine `(max_slots + 1) * max_context` tokens (its static slots and the
+- KV cache: fast engine `(slots + 1) * max_context` tokens (slots: `ModelConfig.kv_slots`) (its static slots and the
   dummy slot, allocated at start); hf engine `kv_cache_tokens` cached plus one full batch
   (`max_batch_size * max_context`) in flight; a TP rank holds 1/N of the KV heads.
 - activations: the largest forward the role runs -- fast engine one prefill chunk
@@ -303,14 +303,16 @@ def _decoder_role(role: str, mc, actor, cfg, node_types, tp: int = 1) -> RolePla
     rp.weights = _weight_bytes(arch, elem, quant, tp, causal_lm=True)
     per_tok = arch.kv_bytes_per_token(elem) // tp
     batch = actor.batching.max_batch_size
-    if mc.engine == "fast":
-        rp.kv = (mc.max_slots + 1) * mc.max_context * per_tok
+    if mc.engine == "fast":  # the engine's own sizing rule (configs.schema.kv_slots)
+        slots = mc.kv_slots
+        rp.kv = (slots + 1) * mc.max_context * per_tok
         tokens = min(PREFILL_TOKENS, batch * mc.max_context)
-        rp.note = f"{mc.max_slots} slots x {mc.max_context} tokens"
+        rp.note = f"{slots} slots x {mc.max_context} tokens"
     else:
-        rp.kv = (mc.kv_cache_tokens + batch * mc.max_context) * per_tok
+        cached = mc.prefix_cache_tokens
+        rp.kv = (cached + batch * mc.max_context) * per_tok
         tokens = batch * mc.max_context
-        rp.note = f"{mc.kv_cache_tokens} cached + {batch} x {mc.max_context} in flight"
+        rp.note = f"{cached} cached + {batch} x {mc.max_context} in flight"
     rp.activations = tokens * arch.widest() * elem // tp + batch * arch.vocab * 4
     if mc.engine != "fast":  # transformers' padded-batch mask
         rp.activations += batch * mc.max_context ** 2 * elem
@@ -352,7 +354,7 @@ def plan(cfg, node_types: dict | None = None) -> Plan:
     out.roles.append(_decoder_role("target", m.target, rt.target, cfg, node_types, tp=rt.target.tensor_parallel))
     if m.prm is not None:
         if m.prm.kind == "judge" and m.prm.reuse_target:
-            out.roles.append(RolePlan("prm", f"judge on the target's weights", "with the target", False,
+            out.roles.append(RolePlan("prm", "judge on the target's weights", "with the target", False,
                                       note="counted in the target"))
         elif m.prm.kind == "judge":
             out.roles.append(_decoder_role("prm", m.prm, rt.prm, cfg, node_types))

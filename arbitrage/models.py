@@ -1,4 +1,10 @@
-"""Load a causal LM and its tokenizer from any `ModelSource` kind, and wrap it in a StepEngine.
+"""Where models come from and how they become engines: the one model-source resolver and engine factory.
+
+Every path -- a single-process engine, a tensor-parallel rank, a PRM, a router -- resolves a
+`ModelSource` here (`model_location` for `from_pretrained`, `model_folder` for a local
+folder, `gguf_location` for llama.cpp, `load_tokenizer`) and builds its step engine with
+`load_engine` (load, then wrap) or `wrap_engine` (wrap a model already loaded, e.g. a TP
+shard), so one config sizes and configures an engine the same way on every path.
 
 Kinds (configs/schema.py `ModelSource.kind`):
 
@@ -20,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from arbitrage.engine import StepEngine
+from arbitrage.engine_base import StepEngine
 from arbitrage.offline import (REGISTRY, ModelNotFoundError, convert_gguf, gguf_cache_dir, gguf_file,
                                gguf_tokenizer_dir, materialize)
 from configs.schema import ModelConfig, ModelSource
@@ -30,7 +36,9 @@ __all__ = [
     "load_causal_lm",
     "gguf_location",
     "load_engine",
+    "wrap_engine",
     "load_tokenizer",
+    "model_folder",
     "model_location",
     "resolve_device",
     "resolve_dtype",
@@ -140,7 +148,6 @@ def load_causal_lm(cfg: ModelConfig):
     return model.eval(), load_tokenizer(src)
 
 
-
 def gguf_location(source: ModelSource) -> Path:
     """The .gguf file of a source, for engines that run GGUF files as shipped (llama.cpp).
 
@@ -168,8 +175,8 @@ def load_gguf_tokenizer(source: ModelSource, gguf: Path):
     return _ensure_pad(_from_pretrained(AutoTokenizer, where, None))
 
 
-def load_engine(cfg: ModelConfig):
-    """The step engine a model config names (hf, fast or llamacpp), limited to `cfg.max_context`."""
+def load_engine(cfg: ModelConfig) -> StepEngine:
+    """The step engine a model config names (hf, fast or llamacpp): its model loaded, then wrapped."""
     if cfg.engine == "llamacpp":
         from arbitrage.llamacpp_engine import LlamaCppStepEngine, default_lock_path
 
@@ -181,11 +188,50 @@ def load_engine(cfg: ModelConfig):
                                   n_threads=cfg.threads, lock_path=default_lock_path() if cfg.cpu_lock else None,
                                   embeddings=cfg.hidden_states)
     model, tokenizer = load_causal_lm(cfg)
+    return wrap_engine(cfg, model, tokenizer)
+
+
+def wrap_engine(cfg: ModelConfig, model, tokenizer, tp_size: int = 1) -> StepEngine:
+    """The hf or fast step engine of a model config over a loaded HF causal LM.
+
+    Args:
+        cfg: the model config (engine, max_context, max_slots, kv_cache_tokens).
+        model, tokenizer: the loaded model: a whole model, or this rank's AutoTP shard.
+        tp_size: ranks the model is split over (`arbitrage.sharding`); the fast engine then
+            all-reduces itself (`sharding.tp_layout`), hf runs AutoTP's own layers.
+    """
     if cfg.engine == "fast":
         from arbitrage.fast_engine import FastStepEngine
+        from arbitrage.sharding import tp_layout
 
-        return FastStepEngine(model, tokenizer, max_context=cfg.max_context, max_slots=cfg.max_slots)
-    return StepEngine(model, tokenizer, max_context=cfg.max_context, kv_cache_tokens=cfg.kv_cache_tokens)
+        return FastStepEngine(model, tokenizer, max_context=cfg.max_context, max_slots=cfg.max_slots,
+                              kv_cache_tokens=cfg.kv_cache_tokens, tp=tp_layout(model, tp_size))
+    if cfg.engine == "hf":
+        from arbitrage.engine import HFStepEngine
+
+        return HFStepEngine(model, tokenizer, max_context=cfg.max_context, kv_cache_tokens=cfg.kv_cache_tokens)
+    raise ValueError(f"engine {cfg.engine!r} does not run a loaded HF model; use hf or fast")
+
+
+def model_folder(source: ModelSource, allow_patterns: list[str] | None = None) -> Path:
+    """A local folder holding a source's files (hub: a snapshot from the HF cache, or downloaded).
+
+    Args:
+        source: any kind but "random".
+        allow_patterns: hub only: the files to fetch (default: every file).
+    Raises:
+        ModelNotFoundError: the folder, file, package or repo cannot be found.
+    """
+    if source.kind != "hub":
+        return Path(model_location(source))
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source.name, revision=source.revision, allow_patterns=allow_patterns))
+    except Exception as e:  # offline, gated or missing repo, no cache: one line for the user
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ModelNotFoundError(f"cannot fetch {source.name!r} (hub unreachable or no such repo): "
+                                 f"{first}") from e
 
 
 def _tokenizer_location(spec: str) -> str:

@@ -116,7 +116,7 @@ class Oracle(DecisionPolicy):
         return ctx.prm_target - ctx.prm_draft > self.threshold
 
 
-class Router(DecisionPolicy):
+class RouterPolicy(DecisionPolicy):
     """ARBITRAGE: escalate when the router's P(target step scores higher) > tau."""
 
     name = "router"
@@ -157,7 +157,7 @@ class FixedRate(DecisionPolicy):
 
 
 POLICIES: dict[str, type[DecisionPolicy]] = {
-    cls.name: cls for cls in (DraftOnly, TargetOnly, RSD, Oracle, Router, Confidence, FixedRate)
+    cls.name: cls for cls in (DraftOnly, TargetOnly, RSD, Oracle, RouterPolicy, Confidence, FixedRate)
 }
 
 

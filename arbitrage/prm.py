@@ -453,26 +453,6 @@ class JudgePRM(PRM):
 # ---- building from config --------------------------------------------------------------
 
 
-def model_folder(source) -> Path:
-    """The local folder of a `ModelSource` (hub: a snapshot from the HF cache, or downloaded).
-
-    Raises:
-        ModelNotFoundError: the folder or repo cannot be found.
-    """
-    from arbitrage.models import ModelNotFoundError, model_location
-
-    if source.kind != "hub":
-        return Path(model_location(source))
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(source.name, revision=source.revision))
-    except Exception as e:  # offline, missing repo, no cache: one line for the user
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise ModelNotFoundError(f"cannot fetch {source.name!r} (hub unreachable or no such repo): "
-                                 f"{first}") from e
-
-
 def build_prm(cfg, target_engine=None, prompt=None) -> PRM:
     """Build the PRM a `PRMConfig` describes.
 
@@ -499,7 +479,7 @@ def build_prm(cfg, target_engine=None, prompt=None) -> PRM:
         model, tokenizer = load_causal_lm(cfg)
         return JudgePRM(model, tokenizer, max_length=cfg.max_context)
 
-    from arbitrage.models import load_tokenizer
+    from arbitrage.models import load_tokenizer, model_folder
 
     cls = {"skywork": SkyworkPRMModel, "qwen_prm": QwenPRMModel}[cfg.kind]
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)

@@ -417,7 +417,7 @@ def evaluate_folder(router_dir: str | Path, data: str | Path, split: str = "vali
     Returns:
         `evaluate`'s dict plus the router's kind, backbone, split and data path.
     """
-    from arbitrage.router import build_router
+    from arbitrage.router_factory import build_router
     from arbitrage.router_data import build_dataset, load_rows
     from configs.schema import RouterConfig
 

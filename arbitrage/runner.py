@@ -11,7 +11,8 @@ from typing import Callable, Iterable
 
 from arbitrage.backend import LocalBackend, ModelBackend
 from arbitrage.loop import ChainInput, LoopSettings, run_chains
-from arbitrage.policies import POLICIES, make_policy
+from arbitrage.policies import make_policy
+from arbitrage.roles import roles_for
 
 
 def as_input(item) -> ChainInput:
@@ -21,13 +22,6 @@ def as_input(item) -> ChainInput:
     if isinstance(item, dict):
         return ChainInput(id=str(item["id"]), problem=item["problem"], answer=item.get("answer"))
     return ChainInput(id=str(item.id), problem=item.problem, answer=getattr(item, "answer", None))
-
-
-def roles_for(policy_name: str, cfg) -> tuple[str, ...]:
-    """The roles a policy needs loaded (see `DecisionPolicy.required_roles`)."""
-    if policy_name not in POLICIES:
-        raise ValueError(f"unknown policy {policy_name!r}; choose one of: {', '.join(POLICIES)}")
-    return POLICIES[policy_name].required_roles(cfg.models.prm is not None, cfg.policy.score_escalations)
 
 
 def run_in_process(cfg, items: Iterable, policy: str | None = None, threshold: float | None = None,

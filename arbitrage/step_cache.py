@@ -31,9 +31,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
+from arbitrage.roles import CACHED_ROLES
 from arbitrage.types import StepOutput, StepRequest
-
-CACHED_ROLES = ("draft", "target", "prm")
 
 
 def step_key(role: str, req: StepRequest) -> tuple:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from arbitrage.engine import render_prompt
+from arbitrage.engine_common import render_prompt
 from arbitrage.prm import PRM, PRMRequest
 from arbitrage.types import StepRequest
 

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from arbitrage.engine import StepEngine  # noqa: E402
+from arbitrage.engine import HFStepEngine  # noqa: E402
 from arbitrage.fast_engine import FastStepEngine  # noqa: E402
 from arbitrage.tiny import SHAPES, byte_tokenizer, random_causal_lm  # noqa: E402
 from arbitrage.types import SamplingParams, StepRequest  # noqa: E402
@@ -139,7 +139,7 @@ def decode_ms(engine, batch: int, args) -> dict:
 
 def build_engine(kind: str, model, tokenizer, args):
     if kind == "hf":
-        return StepEngine(model, tokenizer, max_context=args.max_context)
+        return HFStepEngine(model, tokenizer, max_context=args.max_context)
     return FastStepEngine(model, tokenizer, max_context=args.max_context, max_slots=max(args.batches),
                           use_cuda_graphs=kind != "fast_eager", decode_kernel=False if kind == "fast_gather" else None)
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from arbitrage.router import InProcessRouter, RouterRequest  # noqa: E402
+from arbitrage.router import RouterRequest  # noqa: E402
+from arbitrage.router_factory import InProcessRouter  # noqa: E402
 from configs.schema import RouterConfig  # noqa: E402
 
 

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         rows = [r for r in rows if str(r["problem_id"]) not in held]
     router = None
     if args.router:
-        from arbitrage.router import build_router
+        from arbitrage.router_factory import build_router
         from configs.schema import RouterConfig
 
         kind = json.loads((Path(args.router) / ("router.json" if (Path(args.router) / "router.json").is_file()

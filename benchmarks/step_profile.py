@@ -11,7 +11,6 @@ and the engine's own scheduler-thread time per step (prefill / decode / idle, fr
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time

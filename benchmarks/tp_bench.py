@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from actors.target_group import (  # noqa: E402
+from arbitrage.sharding import (  # noqa: E402
     RandomWeights, apply_autotp, build_meta_model, materialize_, rebuild_buffers_, shard_plan, tied_keys)
 from arbitrage.tiny import SHAPES, shape_config  # noqa: E402
 
@@ -199,7 +199,7 @@ def measure(model, args, device: torch.device, tp: int) -> list[dict]:
 
 def measure_fast(model, args, device: torch.device, tp: int) -> list[dict]:
     """FastStepEngine on this rank's shard: ms per decode step per batch size (slowest rank)."""
-    from actors.target_group import tp_layout
+    from arbitrage.sharding import tp_layout
     from arbitrage.fast_engine import FastStepEngine
     from arbitrage.tiny import byte_tokenizer
     from benchmarks.engine_bench import decode_ms

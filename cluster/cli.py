@@ -19,17 +19,18 @@ import json
 import signal
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
 
 from cluster import console
+from cluster.cli_common import USER_ERRORS, check_models, fail, load_cli_config, local_backend, runtime
 from cluster.config_cli import config_app, config_option
+from cluster.research_cli import label, train_prm
+from cluster.router_cli import collect, eval_router, train_router
+from cluster.serve_cli import serve
 from configs.schema import POLICY_NAMES
-
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
 
 
 class ArbitrageApp(typer.Typer):
@@ -100,33 +101,6 @@ def _global(
     """ARBITRAGE: advantage-aware step-level speculative decoding on Ray."""
 
 
-def fail(msg: str) -> None:
-    """Print one line and exit with code 2."""
-    console.error_line(console.specific_line(msg))
-    raise typer.Exit(code=2)
-
-
-def load_cli_config(config: str, **overrides):
-    """Load a config with CLI overrides; None values are not overrides.
-
-    A path that is a folder, cannot be read or is not UTF-8 text is a ConfigError naming it.
-    """
-    from configs import load_config
-    from configs.schema import ConfigError, resolve_preset
-
-    p = resolve_preset(config)
-    if p.is_dir():
-        raise ConfigError(f"config {config}: is a folder, not a YAML file")
-    try:
-        p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config {p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                          "a config is a YAML file") from None
-    except OSError as e:
-        raise ConfigError(f"config {p}: cannot read it: {e.strerror}") from None
-    return load_config(config, **{k: v for k, v in overrides.items() if v is not None})
-
-
 def _print_result(i: int, n: int, r: dict) -> None:
     from tqdm import tqdm
 
@@ -148,42 +122,7 @@ def summary(rows_by_group: dict[tuple[str, float], list[dict]], elapsed: float |
     return summary_table(sums, cache_line([r for rows in rows_by_group.values() for r in rows]))
 
 
-# ---- bring-up and execution shared by run / eval / demo ------------------------------------
-def check_models(cfg, roles: tuple[str, ...] | None) -> dict[str, str]:
-    """`cluster.preflight.check_models`, with a phase line while packaged models are resolved."""
-    from cluster.preflight import check_models as check
-
-    console.phase("checking models")
-    return check(cfg, roles, local=cfg.runtime.address is None)
-
-
-@contextmanager
-def runtime(cfg, models: dict[str, str]) -> Iterator:
-    """Ray (quiet) and the config's actors, with a start-up phase per model."""
-    from cluster.runtime import Runtime
-
-    with console.ray_session(cfg):
-        for role, what in models.items():
-            console.phase(f"loading {role}: {what}")
-        t0 = time.perf_counter()
-        with Runtime(cfg) as rt:
-            console.phase(f"models ready in {time.perf_counter() - t0:.0f}s")
-            yield rt
-
-
-def local_backend(cfg, roles: tuple[str, ...], models: dict[str, str]):
-    """In-process models for `roles`, with a start-up phase per model."""
-    from arbitrage.backend import LocalBackend
-
-    for role in roles:
-        if role in models:
-            console.phase(f"loading {role}: {models[role]} (in this process)")
-    t0 = time.perf_counter()
-    backend = LocalBackend.from_config(cfg, roles=roles)
-    console.phase(f"models ready in {time.perf_counter() - t0:.0f}s")
-    return backend
-
-
+# ---- execution shared by run / eval / demo ------------------------------------------------
 def execute(cfg, items: list[dict], policy: str, threshold: float, on_result, label: str,
             rt=None, backend=None) -> None:
     """Run chains on the runtime `rt` (or in-process on `backend`) with a step-level progress bar."""
@@ -228,7 +167,7 @@ def run(
                                          "data.limit": limit, "data.dataset": dataset,
                                          "data.split": split, "runtime.address": address})
         from arbitrage.data import load_problems
-        from arbitrage.runner import roles_for
+        from arbitrage.roles import roles_for
 
         problems = load_problems(cfg.data)
         roles = roles_for(cfg.policy.name, cfg)
@@ -304,7 +243,7 @@ def sweep(cfg, problems: list, groups: list, out: Path, in_process: bool) -> Non
 
     A sweep with nothing missing starts nothing; a partial one says how much is done.
     """
-    from arbitrage.runner import roles_for
+    from arbitrage.roles import roles_for
     from cluster.evaluate import Group, load_results, row_key, run_sweep
     from cluster.report import write_report
 
@@ -463,13 +402,10 @@ def setup_models(config: str = config_option()) -> None:
 
 
 # Commands that live in their own modules (heavy imports stay inside the functions).
-from cluster.serve_cli import serve  # noqa: E402
 app.command("serve")(serve)
-from cluster.router_cli import collect, train_router, eval_router  # noqa: E402
 app.command("collect")(collect)
 app.command("train-router")(train_router)
 app.command("eval-router")(eval_router)
-from cluster.research_cli import label, train_prm  # noqa: E402
 app.command("label")(label)
 app.command("train-prm")(train_prm)
 

@@ -48,7 +48,7 @@ def parse_sets(sets: list[str] | None) -> dict[str, object]:
 
 def load_with_sets(config: str, sets: list[str] | None = None):
     """The config a command would run with: the file (or preset) and its `--set` overrides, validated."""
-    from cluster.cli import load_cli_config
+    from cluster.cli_common import load_cli_config
 
     overrides = parse_sets(sets)
     try:

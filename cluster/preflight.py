@@ -96,7 +96,7 @@ def _model(field: str, mc) -> str:
 
 
 def _router(rc, config: str | None = None) -> str:
-    from arbitrage.router import missing_router_message
+    from arbitrage.router_factory import missing_router_message
     from cluster.console import short_path
 
     if rc.path is not None:

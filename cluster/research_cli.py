@@ -19,7 +19,7 @@ import typer
 
 
 def _cli():
-    import cluster.cli as cli  # lazy: cluster.cli imports this module at its end
+    import cluster.cli_common as cli
 
     return cli
 

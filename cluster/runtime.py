@@ -19,7 +19,7 @@ placement group), which restarts the whole group when a rank dies. A judge
 PRM with `reuse_target` is served by the target actor itself (no second copy of the
 weights); with a tensor-parallel target that cannot score, a separate PRM actor loads
 the judge from `models.prm.source`. A probe router (`models.router.kind: probe`) has no
-model, so it gets no actor: each coordinator asks its own `arbitrage.router.InProcessRouter`
+model, so it gets no actor: each coordinator asks its own `arbitrage.router_factory.InProcessRouter`
 (no RPC per step).
 """
 
@@ -35,7 +35,9 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from actors.backend import RayBackend, call_handle_sync
 from actors.coordinator import make_coordinator
 from actors.model_actor import as_config, make_model_actor, prm_on_target
-from arbitrage.router import MODEL_FREE_ROUTERS, InProcessRouter
+from arbitrage.roles import configured_roles
+from arbitrage.router import MODEL_FREE_ROUTERS
+from arbitrage.router_factory import InProcessRouter
 from arbitrage.runner import as_input
 from configs.schema import ArbitrageConfig, load_config
 
@@ -44,12 +46,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 class RuntimeStartError(RuntimeError):
     """A role's actors did not come up; the message names the role and the cause."""
-
-
-def configured_roles(cfg: ArbitrageConfig) -> tuple[str, ...]:
-    """The roles this config has models for (draft and target always)."""
-    m = cfg.models
-    return ("draft", "target") + (("prm",) if m.prm else ()) + (("router",) if m.router else ())
 
 
 def _first_line(err: BaseException) -> str:
@@ -135,14 +131,9 @@ class Runtime:
             self.handles["prm"] = list(self.handles["target"])
 
     def _prm_rides_on_target(self, as_group: bool) -> bool:
-        """A judge PRM reusing the target is served by the target, if the target can score."""
-        if not prm_on_target(self.cfg):
-            return False
-        if not as_group:
-            return True
-        from actors.target_group import TargetGroup
-
-        return callable(getattr(TargetGroup, "score", None))
+        """A judge PRM reusing the target is served by the target actor; a TP group does not
+        score, so beside one the judge gets a PRM actor of its own (`ModelActor` role prm)."""
+        return prm_on_target(self.cfg) and not as_group
 
     def _create_target_group(self) -> None:
         from actors.target_group import make_target_group_actor  # lazy: DeepSpeed / torch.distributed

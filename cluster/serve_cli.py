@@ -28,7 +28,7 @@ def serve(
 ) -> None:
     """Serve the OpenAI-compatible API (POST /v1/chat/completions, /v1/completions) on Ray Serve."""
     from cluster import console
-    from cluster.cli import USER_ERRORS, check_models, fail, load_cli_config
+    from cluster.cli_common import USER_ERRORS, check_models, fail, load_cli_config
 
     try:
         cfg = load_cli_config(config, **{"serve.host": host, "serve.port": port, "serve.api_key": api_key,

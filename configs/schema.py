@@ -9,6 +9,7 @@ error into one line naming the field and the reason.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,6 +65,37 @@ class ModelSource(_Base):
     revision: str | None = Field(default=None, description="Hub revision (hub only).")
 
 
+DEFAULT_KV_CACHE_TOKENS = 65536  # models.<role>.kv_cache_tokens when unset
+
+
+def kv_slots(max_slots: int | None, max_context: int, kv_cache_tokens: int | None) -> int:
+    """KV slots (chains cached and decoded at once) of a slot engine: the one sizing rule.
+
+    Args:
+        max_slots: slots asked for; None: as many as kv_cache_tokens (default
+            DEFAULT_KV_CACHE_TOKENS) holds.
+        max_context: tokens per slot.
+        kv_cache_tokens: a bound on the tokens kept; None: no bound beyond max_slots; 0 keeps
+            no chain's KV between requests (and bounds nothing).
+    Returns:
+        max_slots, cut to kv_cache_tokens // max_context (at least 1) when that is smaller: a cut
+        warns, naming both fields and the kv_cache_tokens that would keep max_slots.
+    """
+    if max_slots is None:  # sized by the token budget alone
+        tokens = kv_cache_tokens or DEFAULT_KV_CACHE_TOKENS
+        return max(1, tokens // max_context)
+    if not kv_cache_tokens:  # unset, or 0 (no reuse): the pool is max_slots
+        return max_slots
+    held = max(1, kv_cache_tokens // max_context)
+    if held < max_slots:
+        warnings.warn(f"kv_cache_tokens={kv_cache_tokens} holds {held} slot(s) of max_context {max_context}, "
+                      f"so max_slots={max_slots} is cut to {held}; set kv_cache_tokens to "
+                      f"{max_slots * max_context} (or leave it unset) to size the pool by max_slots",
+                      stacklevel=2)
+        return held
+    return max_slots
+
+
 class ModelConfig(_Base):
     """One role's model: source, numerics and placement hints for the engine."""
 
@@ -88,9 +120,12 @@ class ModelConfig(_Base):
         description="Memory plan: GiB of one GPU this role runs on, when no ray_cluster.yaml node "
         "type it is pinned to says (None: the node type's, else the local GPU's).",
     )
-    kv_cache_tokens: int = Field(
-        default=65536, ge=0,
-        description="Tokens of per-chain KV kept between steps (LRU); 0 disables reuse.",
+    kv_cache_tokens: int | None = Field(
+        default=None, ge=0,
+        description="Tokens of per-chain KV kept between steps; 0 disables reuse. hf engine: its LRU "
+        "prefix cache (unset: 65536). fast / llamacpp engines: a bound on the slot pool, "
+        "kv_cache_tokens // max_context slots, which cuts max_slots with a warning when smaller "
+        "(unset: no bound beyond max_slots). One rule for every path: `kv_slots`.",
     )
     engine: Literal["hf", "fast", "llamacpp"] = Field(
         default="hf",
@@ -99,8 +134,10 @@ class ModelConfig(_Base):
         "llama.cpp on the CPU over a GGUF as shipped (source kind gguf or packaged; needs the "
         "`cpu` extra).",
     )
-    max_slots: int = Field(default=64, ge=1, le=4096,
-                           description="fast / llamacpp engines: chains held in the KV pool.")
+    max_slots: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="fast / llamacpp engines: chains held in the KV pool (slots of max_context "
+        "tokens); unset: as many as kv_cache_tokens (default 65536) holds.")
     threads: int | None = Field(default=None, ge=1, le=1024,
                                 description="llamacpp engine: CPU threads (default: every core).")
     hidden_states: bool = Field(
@@ -113,6 +150,16 @@ class ModelConfig(_Base):
         description="llamacpp engine: engines on one machine take turns on the CPU (a file lock "
         "around each decode call) instead of oversubscribing the cores with several thread pools.",
     )
+
+    @property
+    def kv_slots(self) -> int:
+        """KV slots of this model's fast / llamacpp engine (see `kv_slots`)."""
+        return kv_slots(self.max_slots, self.max_context, self.kv_cache_tokens)
+
+    @property
+    def prefix_cache_tokens(self) -> int:
+        """Tokens of per-chain KV the hf engine keeps."""
+        return DEFAULT_KV_CACHE_TOKENS if self.kv_cache_tokens is None else self.kv_cache_tokens
 
 
 def _shipped_path(v: str | None) -> str | None:
@@ -187,7 +234,7 @@ class RouterConfig(_Base):
 
     @model_validator(mode="after")
     def _needs_weights(self) -> "RouterConfig":
-        if self.path is None and self.source is None:
+        if self.path is None and self.source is None:  # every kind loads weights
             raise ValueError(f"router kind {self.kind!r} needs `path` (or `source`)")
         return self
 

@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.target_group import (
-    RandomWeights, ShardSlice, TargetGroup, _bundles, build_meta_model, load_tp_causal_lm,
-    local_cuda_index, tied_keys)
-from arbitrage.engine import StepEngine
+from actors.target_group import TargetGroup, _bundles, local_cuda_index
+from arbitrage.sharding import RandomWeights, ShardSlice, build_meta_model, load_tp_causal_lm, tied_keys
+from arbitrage.engine import HFStepEngine
 from arbitrage.types import SamplingParams, StepRequest
 from configs.schema import ArbitrageConfig
 
@@ -56,7 +55,7 @@ def random_cfg():
 def reference(random_cfg):
     """The unsplit model of the same config, in-process."""
     model, tok = load_tp_causal_lm(random_cfg.models.target, tp_size=1)
-    return StepEngine(model, tok, max_context=random_cfg.models.target.max_context)
+    return HFStepEngine(model, tok, max_context=random_cfg.models.target.max_context)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +180,7 @@ def test_fast_engine_tp2_matches_unsplit_fast_engine(ray_local, random_cfg):
 
 # ---- shard construction, without Ray ---------------------------------------------------
 def test_random_weights_are_the_same_whatever_the_split(monkeypatch):
-    import actors.target_group as tg
+    import arbitrage.sharding as tg
 
     monkeypatch.setattr(tg, "ROW_BLOCK_ELEMENTS", 70 * 7)  # 7-row blocks: slices cross blocks
     w, cpu = RandomWeights(seed=5), torch.device("cpu")
@@ -214,7 +213,7 @@ COUNT_SCRIPT = textwrap.dedent("""
     from torch.testing._internal.distributed.fake_pg import FakeStore
     tp, rank = int(sys.argv[1]), int(sys.argv[2])
     dist.init_process_group("fake", rank=rank, world_size=tp, store=FakeStore())
-    from actors.target_group import apply_autotp, build_meta_model, shard_plan, tied_keys
+    from arbitrage.sharding import apply_autotp, build_meta_model, shard_plan, tied_keys
     from arbitrage.tiny import shape_config
     model = build_meta_model(shape_config("llama-3.1-70b"), torch.bfloat16)
     full = sum(p.numel() for p in model.parameters())

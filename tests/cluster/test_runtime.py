@@ -76,7 +76,7 @@ def test_tensor_parallel_target_group_serves_chains(ray_local, tiny_config):
 def test_probe_router_runs_inside_the_coordinator_without_an_actor(ray_local, tiny_config):
     """kind: probe needs no model, so no router actor: each coordinator asks its own copy
     (no RPC per step); chains equal the in-process loop's."""
-    from arbitrage.router import InProcessRouter
+    from arbitrage.router_factory import InProcessRouter
     from arbitrage.runner import run_in_process
     from cluster.runtime import PROJECT_ROOT, Runtime
 

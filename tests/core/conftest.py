@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from arbitrage.backend import LocalBackend
-from arbitrage.engine import StepEngine
+from arbitrage.engine import HFStepEngine
 from arbitrage.loop import ChainInput, LoopSettings
 from arbitrage.tiny import byte_tokenizer, random_causal_lm
 
@@ -18,12 +18,12 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def draft_engine(tokenizer):
-    return StepEngine(random_causal_lm("tiny-llama", seed=1), tokenizer)
+    return HFStepEngine(random_causal_lm("tiny-llama", seed=1), tokenizer)
 
 
 @pytest.fixture(scope="session")
 def target_engine(tokenizer):
-    return StepEngine(random_causal_lm("tiny-llama-wide", seed=2), tokenizer)
+    return HFStepEngine(random_causal_lm("tiny-llama-wide", seed=2), tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +36,7 @@ def judge_prm(target_engine):
 @pytest.fixture(scope="session")
 def tiny_router():
     from configs.schema import RouterConfig
-    from arbitrage.router import build_router
+    from arbitrage.router_factory import build_router
 
     torch.manual_seed(0)
     return build_router(RouterConfig(kind="classifier", source={"kind": "random", "name": "tiny-llama"},

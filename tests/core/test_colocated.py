@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from arbitrage.colocated import DRAFT_GATE, TARGET_GATE, ColocatedEngine, ColocatedScheduler, Gate
-from arbitrage.engine import StepEngine
+from arbitrage.engine import HFStepEngine
 from arbitrage.tiny import random_causal_lm
 from arbitrage.types import SamplingParams, StepRequest
 
@@ -59,7 +59,7 @@ def colocated(tokenizer):
     sched = ColocatedScheduler()
     d = ColocatedEngine(dm, tokenizer, sched, max_context=1024, max_slots=8)
     t = ColocatedEngine(tm, tokenizer, sched, max_context=1024, max_slots=8)
-    yield (StepEngine(dm, tokenizer, kv_cache_tokens=0), StepEngine(tm, tokenizer, kv_cache_tokens=0), d, t, sched)
+    yield (HFStepEngine(dm, tokenizer, kv_cache_tokens=0), HFStepEngine(tm, tokenizer, kv_cache_tokens=0), d, t, sched)
     sched.close()
 
 
@@ -136,8 +136,8 @@ def test_gated_engines_equal_step_engine_under_concurrency(tokenizer):
     try:
         d = ColocatedEngine(dm, tokenizer, sched, gate=DRAFT_GATE, max_context=1024, max_slots=8)
         t = ColocatedEngine(tm, tokenizer, sched, gate=TARGET_GATE, max_context=1024, max_slots=8)
-        want = {"d": StepEngine(dm, tokenizer, kv_cache_tokens=0).generate_steps(_reqs()),
-                "t": StepEngine(tm, tokenizer, kv_cache_tokens=0).generate_steps(_reqs())}
+        want = {"d": HFStepEngine(dm, tokenizer, kv_cache_tokens=0).generate_steps(_reqs()),
+                "t": HFStepEngine(tm, tokenizer, kv_cache_tokens=0).generate_steps(_reqs())}
         got: dict[str, list] = {}
         threads = [threading.Thread(target=lambda n=n, e=e, i=i: got.__setitem__(f"{n}{i}", e.generate_steps(_reqs())))
                    for i in range(3) for n, e in (("d", d), ("t", t))]
@@ -240,7 +240,7 @@ def test_cuda_colocated_equals_step_engine(tokenizer, streams):
         d = ColocatedEngine(dm, tokenizer, sched, max_context=1024, max_slots=8)
         t = ColocatedEngine(tm, tokenizer, sched, max_context=1024, max_slots=8)
         assert (d.stream is not None) == streams and d.graphs is not None  # streams: tiny models only (see ColocatedScheduler)
-        ref_d, ref_t = StepEngine(dm, tokenizer, kv_cache_tokens=0), StepEngine(tm, tokenizer, kv_cache_tokens=0)
+        ref_d, ref_t = HFStepEngine(dm, tokenizer, kv_cache_tokens=0), HFStepEngine(tm, tokenizer, kv_cache_tokens=0)
         want = {"d": ref_d.generate_steps(_reqs()), "t": ref_t.generate_steps(_reqs())}
         got: dict[str, list] = {}
         threads = [threading.Thread(target=lambda n=n, e=e, i=i: got.__setitem__(f"{n}{i}", e.generate_steps(_reqs())))

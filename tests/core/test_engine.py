@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from arbitrage.engine import StepEngine, find_separator, render_prompt
+from arbitrage.engine import HFStepEngine
+from arbitrage.engine_common import find_separator, render_prompt
 from arbitrage.tiny import random_causal_lm
 from arbitrage.types import SamplingParams, StepRequest
 
@@ -49,20 +50,20 @@ def test_stop_reasons(tokenizer):
     inner = random_causal_lm("tiny-llama")
     ab = [ord("a"), ord("b")]
     sep = BiasedLM(inner, ab + [10, 10, ord("c")])
-    out = StepEngine(sep, tokenizer).generate_steps([_req("x", max_tokens=20)])[0]
+    out = HFStepEngine(sep, tokenizer).generate_steps([_req("x", max_tokens=20)])[0]
     assert (out.text, out.stop_reason, out.num_tokens) == ("ab", "separator", 4)
     assert len(out.logprobs) == 4 and all(lp <= 0 for lp in out.logprobs)
 
     eos = BiasedLM(inner, ab + [tokenizer.eos_token_id])
-    out = StepEngine(eos, tokenizer).generate_steps([_req("x", max_tokens=20)])[0]
+    out = HFStepEngine(eos, tokenizer).generate_steps([_req("x", max_tokens=20)])[0]
     assert (out.text, out.stop_reason, out.num_tokens) == ("ab", "eos", 3)
 
     length = BiasedLM(inner, ab * 10)
-    out = StepEngine(length, tokenizer).generate_steps([_req("x", max_tokens=5)])[0]
+    out = HFStepEngine(length, tokenizer).generate_steps([_req("x", max_tokens=5)])[0]
     assert (out.text, out.stop_reason, out.num_tokens) == ("ababa", "length", 5)
 
     custom = BiasedLM(inner, ab + [ord("|"), ord("|"), ord("c")])
-    out = StepEngine(custom, tokenizer).generate_steps([_req("x", max_tokens=20, separator="||")])[0]
+    out = HFStepEngine(custom, tokenizer).generate_steps([_req("x", max_tokens=20, separator="||")])[0]
     assert (out.text, out.stop_reason) == ("ab", "separator")
 
 
@@ -86,7 +87,7 @@ def test_sampling_is_seeded_per_row(draft_engine):
 
 
 def test_prompt_too_long_is_an_error(tokenizer):
-    eng = StepEngine(random_causal_lm("tiny-llama"), tokenizer, max_context=32)
+    eng = HFStepEngine(random_causal_lm("tiny-llama"), tokenizer, max_context=32)
     import pytest
 
     with pytest.raises(ValueError, match="max_context is 32"):
@@ -102,7 +103,7 @@ def test_features_for_probe(draft_engine):
 
 def test_kv_reuse_equals_recomputation(tokenizer):
     model = random_causal_lm("tiny-llama-wide", seed=2)
-    cached, fresh = StepEngine(model, tokenizer), StepEngine(model, tokenizer, kv_cache_tokens=0)
+    cached, fresh = HFStepEngine(model, tokenizer), HFStepEngine(model, tokenizer, kv_cache_tokens=0)
     chains = {f"c{i}": [] for i in range(3)}
     for step in range(3):
         reqs = [StepRequest(problem=f"Problem {k} " * (i + 1), steps=tuple(s), system="sys",

@@ -8,8 +8,9 @@ import time
 import pytest
 import torch
 
-from arbitrage.engine import StepEngine
-from arbitrage.fast_engine import FastStepEngine, SlotPool
+from arbitrage.engine import HFStepEngine
+from arbitrage.engine_common import SlotPool
+from arbitrage.fast_engine import FastStepEngine
 from arbitrage.tiny import random_causal_lm
 from arbitrage.types import SamplingParams, StepRequest
 
@@ -36,7 +37,7 @@ def pair(request, tokenizer):
     """(reference StepEngine without KV reuse, FastStepEngine) on one tiny random model."""
     model = random_causal_lm(request.param, seed=3)
     fast = FastStepEngine(model, tokenizer, max_context=1024, max_slots=8)
-    yield StepEngine(model, tokenizer, kv_cache_tokens=0), fast
+    yield HFStepEngine(model, tokenizer, kv_cache_tokens=0), fast
     fast.close()
 
 
@@ -111,7 +112,7 @@ def test_kv_reuse_with_rollback_equals_recomputation(tokenizer):
     model = random_causal_lm("tiny-llama-wide", seed=2)
     with FastStepEngine(model, tokenizer, max_context=1024, max_slots=4) as cached, \
             FastStepEngine(model, tokenizer, max_context=1024, max_slots=4, kv_cache_tokens=0) as fresh:
-        want = _run_chains(StepEngine(model, tokenizer, kv_cache_tokens=0))
+        want = _run_chains(HFStepEngine(model, tokenizer, kv_cache_tokens=0))
         _same(_run_chains(cached), want)
         _same(_run_chains(fresh), want)
         assert cached.reused_tokens > 0 and fresh.reused_tokens == 0
@@ -120,7 +121,7 @@ def test_kv_reuse_with_rollback_equals_recomputation(tokenizer):
 
 def test_fused_weights_equal_and_leave_the_model_working(tokenizer):
     model = random_causal_lm("tiny-qwen2", seed=8)  # q/k/v biases are fused too
-    ref = StepEngine(model, tokenizer, kv_cache_tokens=0)
+    ref = HFStepEngine(model, tokenizer, kv_cache_tokens=0)
     reqs = [_req(p, s, max_tokens=12) for p, s in PROMPTS]
     want = ref.generate_steps(reqs)
     q_ptr = model.model.layers[0].self_attn.q_proj.weight.data_ptr()
@@ -149,7 +150,7 @@ def test_compile_failure_falls_back_to_eager():
 
 def test_slot_eviction_with_two_slots_stays_correct(tokenizer):
     model = random_causal_lm("tiny-llama", seed=4)
-    want = _run_chains(StepEngine(model, tokenizer, kv_cache_tokens=0))
+    want = _run_chains(HFStepEngine(model, tokenizer, kv_cache_tokens=0))
     with FastStepEngine(model, tokenizer, max_context=1024, max_slots=2) as fast:
         _same(_run_chains(fast), want)
         assert fast.slots.evictions > 0 and fast.stats["max_running"] <= 2
@@ -178,14 +179,14 @@ def test_continuous_admission_from_two_threads(tokenizer):
     with FastStepEngine(model, tokenizer, max_context=1024, max_slots=4) as alone:
         _same(results["long"], alone.generate_steps(long_req))
         _same(results["short"], alone.generate_steps(short_req))
-    _same(results["short"], StepEngine(model, tokenizer).generate_steps(short_req))
+    _same(results["short"], HFStepEngine(model, tokenizer).generate_steps(short_req))
 
 
 def test_more_requests_than_slots_wait_for_a_slot(tokenizer):
     model = random_causal_lm("tiny-llama", seed=6)
     reqs = [_req(f"Problem number {i}", max_tokens=8) for i in range(5)]
     with FastStepEngine(model, tokenizer, max_context=1024, max_slots=2) as fast:
-        _same(fast.generate_steps(reqs), StepEngine(model, tokenizer).generate_steps(reqs))
+        _same(fast.generate_steps(reqs), HFStepEngine(model, tokenizer).generate_steps(reqs))
 
 
 def test_slot_pool_rollback_and_lru():
@@ -233,7 +234,7 @@ def test_cache_memory_is_reported(tokenizer):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cuda_graphs_match_step_engine(shape, tokenizer):
     model = random_causal_lm(shape, seed=3, device="cuda")  # float32: comparable to HF within 1e-4
-    ref = StepEngine(model, tokenizer, kv_cache_tokens=0)
+    ref = HFStepEngine(model, tokenizer, kv_cache_tokens=0)
     with FastStepEngine(model, tokenizer, max_context=1024, max_slots=8) as fast:
         reqs = [_req(p, s, max_tokens=16) for p, s in PROMPTS]
         reqs += [_req("Sample me", max_tokens=10, temperature=1.0, top_p=0.9, seed=3)]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from arbitrage.hidden_router import HiddenRouter
-from arbitrage.router import InProcessRouter, RouterRequest, build_router
+from arbitrage.router import RouterRequest
+from arbitrage.router_factory import InProcessRouter, build_router
 from arbitrage.router_data import build_dataset
 from arbitrage.router_train import TrainSettings, train
 from arbitrage.value_prm import HeadTraining, ValueHead, train_value_head

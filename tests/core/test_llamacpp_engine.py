@@ -12,8 +12,9 @@ import torch
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the `cpu` extra) is not installed: pip install -e '.[cpu]'")
 
-from arbitrage.engine import StepEngine  # noqa: E402
-from arbitrage.llamacpp_engine import LlamaCppStepEngine, slots_for  # noqa: E402
+from arbitrage.engine import HFStepEngine  # noqa: E402
+from arbitrage.llamacpp_engine import LlamaCppStepEngine  # noqa: E402
+from configs.schema import kv_slots  # noqa: E402
 from arbitrage.tiny import write_tiny_gguf  # noqa: E402
 from arbitrage.types import ContextOverflow, SamplingParams, StepRequest  # noqa: E402
 
@@ -52,7 +53,7 @@ def test_logits_match_transformers_on_the_same_weights(tiny):
 def test_greedy_steps_equal_the_hf_engine(tiny):
     _, model, tok = tiny
     reqs = [_req(f"problem {i}: add {i} and {2 * i}.") for i in range(3)]
-    want = StepEngine(model, tok, max_context=512).generate_steps(reqs)
+    want = HFStepEngine(model, tok, max_context=512).generate_steps(reqs)
     with _engine(tiny) as eng:
         got = eng.generate_steps(reqs)
     assert [g.text for g in got] == [w.text for w in want]
@@ -130,7 +131,7 @@ def test_hidden_states_free_with_each_step_and_on_demand(tiny):
 def test_slots_are_sized_like_the_fast_engine():
     from arbitrage.fast_engine import FastStepEngine  # noqa: F401 - same rule, one function
 
-    assert slots_for(64, 4096, 65536) == 16
-    assert slots_for(8, 4096, 65536) == 8
-    assert slots_for(64, 4096, 0) == 64
-    assert slots_for(64, 4096, 1000) == 1
+    assert kv_slots(64, 4096, 65536) == 16
+    assert kv_slots(8, 4096, 65536) == 8
+    assert kv_slots(64, 4096, 0) == 64
+    assert kv_slots(64, 4096, 1000) == 1

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from arbitrage import offline
-from arbitrage.engine import StepEngine
+from arbitrage.engine import HFStepEngine
 from arbitrage.models import (ModelNotFoundError, load_causal_lm, load_engine, load_tokenizer,
                               resolve_device, resolve_dtype)
 from arbitrage.tiny import byte_tokenizer, random_causal_lm
@@ -20,7 +20,7 @@ def _cfg(kind: str, name: str, **kw) -> ModelConfig:
     return ModelConfig(source=ModelSource(kind=kind, name=name), device="cpu", **kw)
 
 
-def _one_step(engine: StepEngine) -> str:
+def _one_step(engine: HFStepEngine) -> str:
     req = StepRequest(problem="What is 2 + 3?", system="Reason step by step.",
                       params=SamplingParams(max_tokens=6))
     out = engine.generate_steps([req])[0]
@@ -35,7 +35,7 @@ def _assert_one_line(err: pytest.ExceptionInfo) -> None:
 
 def test_random_kind_loads_and_generates():
     engine = load_engine(_cfg("random", "tiny-llama", seed=3, max_context=512))
-    assert isinstance(engine, StepEngine)
+    assert isinstance(engine, HFStepEngine)
     assert engine.max_context == 512
     assert engine.model.dtype == torch.float32
     assert engine.tokenizer.pad_token is not None
@@ -72,7 +72,7 @@ def test_local_folder_round_trip(tmp_path):
     assert loaded_tok.chat_template == tok.chat_template
 
     engine = load_engine(_cfg("local", str(tmp_path)))
-    ref = StepEngine(model, tok)
+    ref = HFStepEngine(model, tok)
     assert _one_step(engine) == _one_step(ref)
 
 

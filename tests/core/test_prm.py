@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from arbitrage.engine import StepEngine
+from arbitrage.engine import HFStepEngine
 from arbitrage.prm import (JudgePRM, PRMRequest, QwenMathPRM, QwenPRMModel, SkyworkPRM,
                            SkyworkPRMModel, build_prm, load_prm_model)
 from arbitrage.tiny import byte_tokenizer, random_causal_lm, shape_config
@@ -277,7 +277,7 @@ def test_build_prm_from_config(tok):
     for prm in (sky, qwen):
         assert all(0.0 <= s <= 1.0 for s in prm.score(_requests()))
 
-    engine = StepEngine(random_causal_lm("tiny-llama", seed=1), tok, max_context=1024)
+    engine = HFStepEngine(random_causal_lm("tiny-llama", seed=1), tok, max_context=1024)
     judge_cfg = PRMConfig(kind="judge", source=src, reuse_target=True, device="cpu")
     judge = build_prm(judge_cfg, target_engine=engine)
     assert isinstance(judge, JudgePRM) and judge.model is engine.model
@@ -286,12 +286,12 @@ def test_build_prm_from_config(tok):
 
 
 def test_judge_on_engine_reuses_chain_kv_and_matches_plain_judge():
-    from arbitrage.engine import StepEngine
+    from arbitrage.engine import HFStepEngine
     from arbitrage.prm import JudgePRM, PRMRequest
     from arbitrage.tiny import byte_tokenizer, random_causal_lm
 
     model, tok = random_causal_lm("tiny-llama-wide", seed=5), byte_tokenizer()
-    engine = StepEngine(model, tok)
+    engine = HFStepEngine(model, tok)
     on_engine, plain = JudgePRM.from_engine(engine), JudgePRM(model, tok)
     steps = ("First we add.", "Then we multiply.", "So the answer is 4.")
     for k in range(1, len(steps) + 1):

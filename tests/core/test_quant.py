@@ -8,7 +8,6 @@ import torch
 
 torchao = pytest.importorskip("torchao")
 
-from arbitrage.engine import StepEngine  # noqa: E402
 from arbitrage.models import load_causal_lm  # noqa: E402
 from arbitrage.quant import quantizable, quantize_weights, weight_bytes  # noqa: E402
 from arbitrage.types import SamplingParams, StepRequest  # noqa: E402

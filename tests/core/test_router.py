@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from arbitrage.router import (ClassifierRouter, RouterRequest, build_router, encode_router_input,
-                              format_router_input)
+from arbitrage.router import ClassifierRouter, RouterRequest, encode_router_input, format_router_input
+from arbitrage.router_factory import build_router
 from arbitrage.tiny import byte_tokenizer, shape_config
 from configs.schema import RouterConfig
 

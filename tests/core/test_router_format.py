@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from arbitrage.prm import PRMRequest, SkyworkPRM, SkyworkPRMModel
-from arbitrage.router import ClassifierRouter, RouterRequest, build_router, encode_router_input
+from arbitrage.router import ClassifierRouter, RouterRequest, encode_router_input
+from arbitrage.router_factory import build_router
 from arbitrage.tiny import shape_config
 from configs.schema import RouterConfig
 

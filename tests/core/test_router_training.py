@@ -88,7 +88,8 @@ def test_balanced_and_split_by_problem(dataset):
 
 
 def test_classifier_trains_saves_and_reloads(dataset, collected, tmp_path):
-    from arbitrage.router import ClassifierRouter, build_router
+    from arbitrage.router import ClassifierRouter
+    from arbitrage.router_factory import build_router
     from configs.schema import RouterConfig
 
     ts = TrainSettings(kind="classifier", backbone="random:tiny-llama", epochs=1, batch_size=8, max_length=128)
@@ -108,7 +109,7 @@ def test_classifier_trains_saves_and_reloads(dataset, collected, tmp_path):
 
 def test_probe_reloads_and_runs_no_model_forward(dataset, collected, backend, tmp_path):
     from arbitrage.probe import ProbeRouter
-    from arbitrage.router import build_router
+    from arbitrage.router_factory import build_router
     from configs.schema import RouterConfig
 
     probe, info = train(dataset, tmp_path / "probe", TrainSettings(kind="probe", probe_steps=100), log=lambda m: None)

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the `cpu` extra) is not installed: pip install -e '.[cpu]'")
 
 from arbitrage.prm import PRMRequest, build_prm  # noqa: E402
-from arbitrage.prm_train import examples_from_rows, train_prm, write_scored_rows  # noqa: E402
+from arbitrage.prm_train import examples_from_rows, train_prm  # noqa: E402
 from arbitrage.tiny import write_tiny_gguf  # noqa: E402
 from arbitrage.value_prm import HeadTraining, train_value_head  # noqa: E402
 from configs.schema import PRMConfig, PromptConfig  # noqa: E402
@@ -105,7 +105,7 @@ def test_train_prm_then_load_it_as_a_prm(gguf, tmp_path):
 
 def test_generated_state_equals_reading_the_step_again(gguf):
     """The hidden state a step comes back with is the one a scoring read of the same tokens gives."""
-    from arbitrage.engine import render_prompt
+    from arbitrage.engine_common import render_prompt
     from arbitrage.types import SamplingParams, StepRequest
 
     engine, _ = _engine(gguf)

@@ -1,0 +1,100 @@
+"""The model deployments of the Serve app: one role's model per replica, with metrics for the hub.
+
+`ServedModel` is `actors.model_actor.ModelActor` (dynamic batching inside each replica);
+`TargetGroupServer` is one whole tensor-parallel target group per replica, so the target
+deployment scales by whole groups. Both answer the `actors.protocol.ModelService` methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from actors.model_actor import ModelActor
+from cluster.serve_metrics import MetricSet, Pusher
+
+logger = logging.getLogger("ray.serve")
+
+
+METHOD_ROLE = {"score": "prm", "predict": "router"}  # generate_step: the replica's own role
+
+
+def batch_metrics(role: str, methods: dict[str, dict], queues: dict[str, int] | None = None) -> dict:
+    """A model replica's metric snapshot from its per-method batcher stats."""
+    m = MetricSet()
+    for method, st in methods.items():
+        labels = {"role": METHOD_ROLE.get(method, role), "method": method}
+        m.set_hist("batch_size", {int(k): int(v) for k, v in st.get("batch_sizes", {}).items()}, **labels)
+        m.inc("batch_isolations", st.get("isolated", 0), **labels)
+        if queues is not None:
+            m.set("batch_queue_depth", queues.get(method, 0), **labels)
+    return m.snapshot()
+
+
+class ServedModel(ModelActor):
+    """`ModelActor` as a Serve deployment: the same batched methods, plus metrics for the hub."""
+
+    def __init__(self, role: str, cfg: dict, metrics=None):
+        super().__init__(role, cfg)
+        self._pusher = Pusher(metrics, self._metrics_snapshot)
+
+    async def generate_step(self, req):
+        self._pusher.ensure_started()
+        return await super().generate_step(req)
+
+    async def score(self, req) -> float:
+        self._pusher.ensure_started()
+        return await super().score(req)
+
+    async def predict(self, req) -> float:
+        self._pusher.ensure_started()
+        return await super().predict(req)
+
+    def _metrics_snapshot(self) -> dict:
+        methods = {name: b.stats() for name, b in self._batchers.items()}
+        queues = {name: b.queued() for name, b in self._batchers.items()}
+        return batch_metrics(self.role, methods, queues)
+
+
+class TargetGroupServer:
+    """A tensor-parallel target (`actors.target_group.TargetGroupHost`) behind one Serve replica.
+
+    One replica is one whole group, so autoscaling the target deployment adds or removes whole
+    groups. The host restarts the whole group when a rank dies (and a watchdog does so while idle).
+    """
+
+    def __init__(self, cfg: dict, metrics=None):
+        from actors.target_group import TargetGroupHost  # lazy: DeepSpeed / torch.distributed
+
+        self.host = TargetGroupHost(cfg)
+        self._stats: dict = {}
+        self._pusher = Pusher(metrics, lambda: batch_metrics("target", {"generate_step": self._stats}))
+
+    async def generate_step(self, req):
+        """Decode one step on every rank (StepRequest -> StepOutput)."""
+        if self._pusher.hub is not None and (self._pusher._task is None or self._pusher._task.done()):
+            self._pusher.ensure_started()
+            asyncio.get_running_loop().create_task(self._refresh_stats())
+        return await self.host.generate_step(req)
+
+    async def _refresh_stats(self) -> None:
+        while True:
+            try:
+                self._stats = await self.host.stats()
+            except Exception as e:  # a group restarting: keep the last figures
+                logger.debug("target group stats: %s", e)
+            await asyncio.sleep(1.0)
+
+    async def health(self) -> dict:
+        """The group's health (its ranks' readiness, epoch and restarts)."""
+        return await self.host.health()
+
+    async def stats(self) -> dict:
+        """The group's batch statistics."""
+        return await self.host.stats()
+
+    def __del__(self):
+        try:
+            self.host.shutdown()
+        except Exception:  # best effort: its ranks may already be gone
+            pass
