@@ -37,9 +37,8 @@ from typing import Callable, Iterable
 from arbitrage.backend import ModelBackend
 from arbitrage.loop import ChainInput, LoopSettings
 from arbitrage.prm import PRMRequest
-from arbitrage.types import SamplingParams, StepRequest
+from arbitrage.types import FAILED_STOPS, SamplingParams, StepRequest
 
-FAILED_STOPS = ("error", "timeout", "cancelled")
 SAMPLE_SEED_STRIDE = 7919  # seeds of extra sample j: settings.seed + stride * j + step index
 
 

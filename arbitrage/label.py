@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from arbitrage.loop import ChainInput
+from arbitrage.types import FAILED_STOPS
 
 ROLLOUT_SEED_STRIDE = 104729  # rollout j's seed offset: stride * (j + 1)
 
@@ -257,7 +258,7 @@ def label_rows(rows: list[dict], out: Path, ls: LabelSettings,
     def on_result(res: dict) -> None:
         unit_key = str(res["problem_id"]).rsplit("#", 1)[0]
         u = units[unit_key]
-        failed = res.get("stop_reason") in ("error", "timeout", "cancelled")
+        failed = res.get("stop_reason") in FAILED_STOPS
         stats["rollouts"] += 1
         stats["failed_rollouts"] += int(failed)
         u.results.append(bool(res.get("correct")) and not failed)

@@ -11,6 +11,8 @@ from typing import Literal
 
 Author = Literal["draft", "target"]
 StopReason = Literal["separator", "eos", "length"]
+# How a chain that produced no answer ended (`loop.failed_chain`): redone by resumable runs.
+FAILED_STOPS = ("error", "timeout", "cancelled")
 AUTHOR_ID: dict[str, int] = {"draft": 0, "target": 1}
 
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+from arbitrage.types import FAILED_STOPS
+
 THRESHOLD_FREE = ("draft_only", "target_only")
-RETRY_STOPS = ("error", "timeout", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def load_results(path: Path) -> dict[str, dict]:
         except (ValueError, KeyError, TypeError):
             bad += 1
             continue
-        if row.get("stop_reason") in RETRY_STOPS:
+        if row.get("stop_reason") in FAILED_STOPS:
             bad += 1
             continue
         rows[key] = row
@@ -194,7 +195,7 @@ def run_sweep(cfg, problems: list, groups: list[Group], out_dir: Path,
 
             def on_result(r: dict, g=g, seg_rows=seg_rows) -> None:
                 row = {"key": row_key(r["problem_id"], g.policy, g.threshold), **r}
-                if r.get("stop_reason") not in RETRY_STOPS:
+                if r.get("stop_reason") not in FAILED_STOPS:
                     done[row["key"]] = row
                 sink.write(row)
                 seg_rows.append(row)

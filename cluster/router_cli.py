@@ -124,9 +124,10 @@ def collect_on_runtime(cfg, problems: list, out: Path, k: int, temperature: floa
     import asyncio
 
     from actors.backend import RayBackend
-    from arbitrage.collect import (FAILED_STOPS, CollectStats, RowSink, collect_meta, load_collected,
-                                   pending_items, record, rows_from_chain, sample_targets)
+    from arbitrage.collect import (CollectStats, RowSink, collect_meta, load_collected, pending_items, record,
+                                   rows_from_chain, sample_targets)
     from arbitrage.loop import LoopSettings
+    from arbitrage.types import FAILED_STOPS
     from cluster.progress import poll_coordinators
     from cluster.runtime import Runtime
 
