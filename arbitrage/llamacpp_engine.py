@@ -124,7 +124,7 @@ class LlamaCppStepEngine(QueuedStepEngine):
     def __init__(self, gguf_path: str | os.PathLike, tokenizer, max_context: int = 4096,
                  max_slots: int | None = 16, kv_cache_tokens: int | None = None, n_threads: int | None = None,
                  n_batch: int = 512, lock_path: str | None = None, embeddings: bool = False,
-                 kv_unified: bool = True):
+                 kv_unified: bool = False):
         """Args:
             gguf_path: the model file.
             tokenizer: the model's HF tokenizer (same vocabulary as the GGUF).

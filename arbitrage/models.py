@@ -186,7 +186,7 @@ def load_engine(cfg: ModelConfig) -> StepEngine:
         return LlamaCppStepEngine(gguf, load_gguf_tokenizer(cfg.source, gguf), max_context=cfg.max_context,
                                   max_slots=cfg.max_slots, kv_cache_tokens=cfg.kv_cache_tokens,
                                   n_threads=cfg.threads, lock_path=default_lock_path() if cfg.cpu_lock else None,
-                                  embeddings=cfg.hidden_states)
+                                  embeddings=cfg.hidden_states, kv_unified=cfg.kv_unified)
     model, tokenizer = load_causal_lm(cfg)
     return wrap_engine(cfg, model, tokenizer)
 

@@ -145,6 +145,13 @@ class ModelConfig(_Base):
         description="llamacpp engine: return each step's final hidden state with it (a value PRM or "
         "hidden-state probe router on this model then reads it with no extra forward pass).",
     )
+    kv_unified: bool = Field(
+        default=False,
+        description="llamacpp engine: one KV buffer for every chain, so chains on one problem share "
+        "the prompt's cells (no copy); False (default): one buffer per chain, whose attention then "
+        "reads only its own cells -- 1.65x faster decode at 32 rows on this CPU "
+        "(docs/BENCHMARKS.md, s.11.1).",
+    )
     cpu_lock: bool = Field(
         default=True,
         description="llamacpp engine: engines on one machine take turns on the CPU (a file lock "

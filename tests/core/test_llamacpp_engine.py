@@ -64,8 +64,9 @@ def test_greedy_steps_equal_the_hf_engine(tiny):
         assert g.entropies == pytest.approx(w.entropies, abs=2e-3)
 
 
-def test_kv_reuse_and_rollback_equal_recomputing_from_scratch(tiny):
-    with _engine(tiny) as cached, _engine(tiny, kv_cache_tokens=0) as fresh:
+@pytest.mark.parametrize("kv_unified", [False, True])
+def test_kv_reuse_and_rollback_equal_recomputing_from_scratch(tiny, kv_unified):
+    with _engine(tiny, kv_unified=kv_unified) as cached, _engine(tiny, kv_cache_tokens=0) as fresh:
         steps: list[str] = []
         for i in range(3):
             a = cached.generate_steps([_req("a chain", steps, chain="c1")])[0]
@@ -80,13 +81,14 @@ def test_a_step_in_a_batch_equals_the_step_alone(tiny):
     reqs = [_req(f"question number {i} about apples") for i in range(6)]
     with _engine(tiny) as eng:
         alone = [eng.generate_steps([r])[0] for r in reqs]
-    with _engine(tiny) as eng:
-        batched = eng.generate_steps(reqs)
-    assert [b.text for b in batched] == [a.text for a in alone]
+    for kv_unified in (False, True):  # one buffer per chain, or one for all
+        with _engine(tiny, kv_unified=kv_unified) as eng:
+            batched = eng.generate_steps(reqs)
+        assert [b.text for b in batched] == [a.text for a in alone], kv_unified
 
 
 def test_new_chains_join_the_running_batch_and_share_prefixes(tiny):
-    with _engine(tiny, max_slots=4) as eng:
+    with _engine(tiny, max_slots=4, kv_unified=True) as eng:  # sharing needs the one buffer
         futures = eng.submit_steps([_req("shared prompt, long enough to be worth sharing", n=40)])
         more = eng.submit_steps([_req("shared prompt, long enough to be worth sharing", n=5, seed=s, temperature=1.0)
                                  for s in range(5)])  # more rows than slots: they wait for one
