@@ -63,7 +63,7 @@ class HiddenRouter(Router):
 
     @classmethod
     def fit(cls, x: torch.Tensor, y: torch.Tensor, init: ValueHead | None = None, width: int = 0,
-            steps: int = 300, lr: float = 3e-3, prior: float = 1e-2, seed: int = 0) -> tuple["HiddenRouter", list[float]]:
+            steps: int = 300, lr: float = 3e-3, prior: float = 10.0, seed: int = 0) -> tuple["HiddenRouter", list[float]]:
         """Fit on hidden states x [N, H] and labels y [N] in {0, 1}.
 
         Args:

@@ -152,15 +152,21 @@ def train_prm(rows: list[dict], engine, out: str | Path, backbone: str, system: 
     write_scored_rows(rows, lambda pid, steps: score_of[(pid, steps)], Path(out) / "scored.jsonl",
                       f"value:{Path(out).name}", hidden)
     write_scored_rows(rows, None, Path(out) / "mc.jsonl", "mc", hidden)
+    write_scored_rows(rows, lambda pid, steps: score_of[(pid, steps)], Path(out) / "mc_prm_baseline.jsonl",
+                      f"value:{Path(out).name} (draft score) / A_mc", hidden, mc_advantage=True)
     return report
 
 
-def write_scored_rows(rows: list[dict], score, path: Path, name: str, hidden=None) -> None:
+def write_scored_rows(rows: list[dict], score, path: Path, name: str, hidden=None,
+                      mc_advantage: bool = False) -> None:
     """The rows re-scored for router training (`arbitrage train-router --data`).
 
     `draft_score` and the greedy target's `score` become the trained PRM's (or, with
     `score` None, the Monte-Carlo values V), so the router pipeline's advantage
     A = target score - draft score is the new PRM's (or A_mc). Extra target samples are dropped.
+    With `mc_advantage`, the draft keeps the new PRM's score and the target gets draft score + A_mc:
+    `eval-router` then ranks on the true advantage A_mc beside RSD's ranking by the deployed PRM
+    (on `mc.jsonl` that ranking would read V_mc(draft), half of the label).
     With `hidden` (the draft backbone's state after the draft step), rows carry it as
     `draft_hidden` (4 significant digits) for the hidden-state router (`--kind hidden`).
     """
@@ -170,6 +176,9 @@ def write_scored_rows(rows: list[dict], score, path: Path, name: str, hidden=Non
         target = r["targets"][0]
         if score is None:
             d, t = float(r["v_draft"]), float(r["v_target"])
+        elif mc_advantage:
+            d = score(pid, prefix + (r["draft"],))
+            t = d + float(r["v_target"]) - float(r["v_draft"])
         else:
             d, t = score(pid, prefix + (r["draft"],)), score(pid, prefix + (target["text"],))
         extra = {}

@@ -61,7 +61,7 @@ class TrainSettings:
     seed: int = 0
     head: str = "auto"  # auto | token | sequence (classifier only; see the module docstring)
     init_prm: str | None = None  # hidden: a value-PRM folder to start from (arbitrage.hidden_router)
-    prior: float = 1e-2  # hidden: L2 pull towards the initial head
+    prior: float = 10.0  # hidden: L2 pull towards the initial head (0.01 memorises: BENCHMARKS s.12.3)
 
 
 # ---- the classifier -------------------------------------------------------------------

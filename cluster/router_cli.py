@@ -177,7 +177,7 @@ def train_router(
     probe_steps: int = typer.Option(500, help="probe / hidden: full-batch optimisation steps."),
     init_prm: Optional[Path] = typer.Option(None, "--init-prm", help="hidden: start from this value PRM's head "
                                             "(`arbitrage train-prm --out`), negated: P(escalate) = 1 - V."),
-    prior: float = typer.Option(1e-2, help="hidden: L2 pull towards the initial head."),
+    prior: float = typer.Option(10.0, help="hidden: L2 pull towards the initial head (BENCHMARKS s.12.3)."),
     margin: float = typer.Option(0.0, help="Label y = 1[A > margin]."),
     val_fraction: float = typer.Option(0.2, help="Share of problems held out for validation."),
     seed: int = typer.Option(0, help="Seed of the split, the balancing and the training."),

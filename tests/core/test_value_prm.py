@@ -75,14 +75,18 @@ def test_train_prm_then_load_it_as_a_prm(gguf, tmp_path):
     assert all(r["advantage"] == pytest.approx(r["v_target"] - r["v_draft"]) for r in mc)
     assert all(0.0 <= r["draft_score"] <= 1.0 and r["prm"].startswith("value:") for r in scored)
     assert all(len(r["draft_hidden"]) == 64 for r in scored + mc)  # for the hidden-state router
+    # A_mc as the label, the trained PRM's draft score as RSD's ranking (eval-router's fair baseline)
+    base = [json.loads(line) for line in (tmp_path / "head" / "mc_prm_baseline.jsonl").read_text().splitlines()]
+    assert [b["draft_score"] for b in base] == [s["draft_score"] for s in scored]
+    assert [b["advantage"] for b in base] == pytest.approx([m["advantage"] for m in mc])
 
     # the router the paper's way on these labels: started from the PRM, fitted to A, evaluated on A_mc
     from arbitrage.router_data import build_dataset, load_rows
     from arbitrage.router_train import TrainSettings, evaluate_folder, train
 
-    ds = build_dataset(load_rows(tmp_path / "head" / "scored.jsonl"), val_fraction=0.34, seed=0)
+    ds = build_dataset(load_rows(tmp_path / "head" / "mc.jsonl"), val_fraction=0.34, seed=0)
     train(ds, tmp_path / "router", TrainSettings(kind="hidden", init_prm=str(tmp_path / "head"), probe_steps=50))
-    ev = evaluate_folder(tmp_path / "router", tmp_path / "head" / "mc.jsonl", split="all")
+    ev = evaluate_folder(tmp_path / "router", tmp_path / "head" / "mc_prm_baseline.jsonl", split="all")
     assert ev["kind"] == "hidden" and ev["steps"] == len(rows)
 
     prm_cfg = PRMConfig(**{**mcfg.model_dump(), "kind": "value", "head": str(tmp_path / "head")})
