@@ -27,6 +27,7 @@ from arbitrage.router import Router, RouterRequest
 from arbitrage.value_prm import ValueHead
 
 WEIGHTS_FILE = "hidden_router.safetensors"
+DEFAULT_PRIOR = 10.0  # L2 pull to the initial head; weaker pulls memorise the training steps
 
 
 class HiddenRouter(Router):
@@ -63,7 +64,7 @@ class HiddenRouter(Router):
 
     @classmethod
     def fit(cls, x: torch.Tensor, y: torch.Tensor, init: ValueHead | None = None, width: int = 0,
-            steps: int = 300, lr: float = 3e-3, prior: float = 10.0, seed: int = 0) -> tuple["HiddenRouter", list[float]]:
+            steps: int = 300, lr: float = 3e-3, prior: float = DEFAULT_PRIOR, seed: int = 0) -> tuple["HiddenRouter", list[float]]:
         """Fit on hidden states x [N, H] and labels y [N] in {0, 1}.
 
         Args:

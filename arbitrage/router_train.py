@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from arbitrage.hidden_router import DEFAULT_PRIOR
 from arbitrage.router import ROUTER_INPUT_FORMAT, ClassifierRouter, Router, RouterRequest
 from arbitrage.router_data import RouterDataset, RouterExample
 
@@ -61,7 +62,7 @@ class TrainSettings:
     seed: int = 0
     head: str = "auto"  # auto | token | sequence (classifier only; see the module docstring)
     init_prm: str | None = None  # hidden: a value-PRM folder to start from (arbitrage.hidden_router)
-    prior: float = 10.0  # hidden: L2 pull towards the initial head (0.01 memorises: BENCHMARKS s.12.3)
+    prior: float = DEFAULT_PRIOR  # hidden: L2 pull towards the initial head
 
 
 # ---- the classifier -------------------------------------------------------------------

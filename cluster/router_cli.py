@@ -177,7 +177,8 @@ def train_router(
     probe_steps: int = typer.Option(500, help="probe / hidden: full-batch optimisation steps."),
     init_prm: Optional[Path] = typer.Option(None, "--init-prm", help="hidden: start from this value PRM's head "
                                             "(`arbitrage train-prm --out`), negated: P(escalate) = 1 - V."),
-    prior: float = typer.Option(10.0, help="hidden: L2 pull towards the initial head (BENCHMARKS s.12.3)."),
+    prior: Optional[float] = typer.Option(None, help="hidden: L2 pull towards the initial head "
+                                          "(default: arbitrage.hidden_router.DEFAULT_PRIOR)."),
     margin: float = typer.Option(0.0, help="Label y = 1[A > margin]."),
     val_fraction: float = typer.Option(0.2, help="Share of problems held out for validation."),
     seed: int = typer.Option(0, help="Seed of the split, the balancing and the training."),
@@ -199,7 +200,8 @@ def train_router(
         ts = TrainSettings(kind=kind, backbone=backbone, epochs=epochs, lr=lr, batch_size=batch_size,
                            max_length=max_length, save_dtype=save_dtype, probe_hidden=probe_hidden,
                            probe_steps=probe_steps, seed=seed,
-                           init_prm=str(init_prm) if init_prm else None, prior=prior)
+                           init_prm=str(init_prm) if init_prm else None,
+                           **({} if prior is None else {"prior": prior}))
         typer.echo(f"train-router: {kind} on {json.dumps(ds.stats)}", err=True)
         t0 = time.perf_counter()
         _, info = train(ds, out, ts, data_path=str(data), log=lambda m: typer.echo(m, err=True))

@@ -149,8 +149,7 @@ class ModelConfig(_Base):
         default=False,
         description="llamacpp engine: one KV buffer for every chain, so chains on one problem share "
         "the prompt's cells (no copy); False (default): one buffer per chain, whose attention then "
-        "reads only its own cells -- 1.65x faster decode at 32 rows on this CPU "
-        "(docs/BENCHMARKS.md, s.11.1).",
+        "reads only its own cells (faster batched decode: docs/BENCHMARKS.md, s.11.1).",
     )
     cpu_lock: bool = Field(
         default=True,
