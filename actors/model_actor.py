@@ -18,7 +18,6 @@ target handle (`prm_on_target(cfg)`).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from typing import Any
@@ -99,6 +98,7 @@ class ModelActor:
 
     def _batcher(self, method: str, fn):
         from arbitrage.batching import DynamicBatcher
+        from arbitrage.engine_base import step_batch_fn
 
         if fn is None:
             raise RuntimeError(f"the {self.role} actor does not serve {method!r}")
@@ -109,14 +109,9 @@ class ModelActor:
                 # Continuous admission: every batch is handed over at once (its rows join the
                 # running batch; the engine queues rows beyond its slots) and awaited without
                 # a thread, so the running batch can hold every chain in flight.
-                fn, inflight = self._submit_steps, MAX_HANDED_BATCHES
+                fn, inflight = step_batch_fn(self.engine), MAX_HANDED_BATCHES
             self._batchers[method] = DynamicBatcher(fn, b.max_batch_size, b.max_wait_ms, max_inflight=inflight)
         return self._batchers[method]
-
-    async def _submit_steps(self, reqs: list) -> list:
-        """A continuous engine's batch: queue it (prompt rendering in a thread), await its rows."""
-        futures = await asyncio.to_thread(self.engine.submit_steps, reqs)
-        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
 
     # ---- served methods -------------------------------------------------------------
     async def generate_step(self, req):

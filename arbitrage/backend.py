@@ -12,6 +12,7 @@ import abc
 from typing import TYPE_CHECKING, Any
 
 from arbitrage.batching import DynamicBatcher
+from arbitrage.engine_base import step_batch_fn
 from arbitrage.roles import ROLES
 from arbitrage.types import StepOutput, StepRequest
 
@@ -56,36 +57,17 @@ class ModelBackend(abc.ABC):
 CONTINUOUS_INFLIGHT = 64  # batches handed to a continuous engine at once (each joins its running batch)
 
 
-def _continuous(fn) -> bool:
-    return getattr(fn, "continuous", False)
-
-
-def _step_fn(engine):
-    """The batch function for an engine: continuous engines get their rows handed over and awaited
-    (new chains join the running batch), others run one batch at a time in a worker thread."""
-    if not getattr(engine, "continuous", False):
-        return engine.generate_steps
-
-    async def submit(reqs: list[StepRequest]) -> list[StepOutput]:
-        import asyncio
-
-        futures = await asyncio.to_thread(engine.submit_steps, reqs)  # renders and tokenizes
-        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
-
-    submit.continuous = True
-    return submit
-
-
 class LocalBackend(ModelBackend):
     """In-process engines, PRM and router, each behind a dynamic batcher."""
 
     def __init__(self, draft=None, target=None, prm=None, router=None,
                  max_batch_size: int = 16, max_wait_ms: float = 5.0):
         self.draft, self.target, self.prm, self.router = draft, target, prm, router
-        fns = {"draft": draft and _step_fn(draft), "target": target and _step_fn(target),
+        fns = {"draft": draft and step_batch_fn(draft), "target": target and step_batch_fn(target),
                "prm": prm and prm.score, "router": router and router.predict}
-        self.batchers = {role: DynamicBatcher(fn, max_batch_size, max_wait_ms,
-                                              max_inflight=CONTINUOUS_INFLIGHT if _continuous(fn) else 1)
+        engines = {"draft": draft, "target": target}
+        self.batchers = {role: DynamicBatcher(fn, max_batch_size, max_wait_ms, max_inflight=CONTINUOUS_INFLIGHT
+                                              if getattr(engines.get(role), "continuous", False) else 1)
                          for role, fn in fns.items() if fn is not None}
 
     @classmethod

@@ -6,6 +6,10 @@ a worker thread so the event loop never blocks, and resolves each caller's futur
 While one batch runs, the next fills. The model actors and the in-process backend
 both use it; it records a batch-size histogram.
 
+A batch function may answer with one future per item instead of the results (a continuous
+engine's rows, `arbitrage.engine_base.step_batch_fn`): each caller then gets its own row the
+moment that row finishes, and a row that fails fails only its caller.
+
 Per-request isolation: when a batch of several requests fails, the fault may be one
 request's (a prompt over the context, parameters that cannot be sampled), so the batch is
 split in halves and each half runs again, down to single requests; only the requests that
@@ -18,6 +22,7 @@ caller's retry layer to send again.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import sys
 import time
@@ -130,15 +135,34 @@ class DynamicBatcher(Generic[T, R]):
                 if not fut.done():
                     fut.set_exception(e)
             return
-        self.busy_s += time.perf_counter() - t0
+        rows = [_forward(res, fut) for (_, fut), res in zip(batch, results) if _is_row_future(res)]
         for (_, fut), res in zip(batch, results):
-            if not fut.done():
+            if not _is_row_future(res) and not fut.done():
                 fut.set_result(res)
+        if rows:  # a continuous engine's rows: each caller gets its own the moment it finishes
+            await asyncio.gather(*rows)
+        self.busy_s += time.perf_counter() - t0
 
     async def _call(self, items: list[T]) -> list[R]:
         if inspect.iscoroutinefunction(self.batch_fn):  # e.g. hands rows to a continuous engine
             return await self.batch_fn(items)
         return await asyncio.to_thread(self.batch_fn, items)
+
+
+def _is_row_future(res: Any) -> bool:
+    return isinstance(res, concurrent.futures.Future) or asyncio.isfuture(res)
+
+
+async def _forward(row: "concurrent.futures.Future | asyncio.Future", fut: asyncio.Future) -> None:
+    """Hand one row's result (or its own error) to its caller."""
+    try:
+        value = await (asyncio.wrap_future(row) if isinstance(row, concurrent.futures.Future) else row)
+    except Exception as e:  # noqa: BLE001 - this row's failure is its caller's alone
+        if not fut.done():
+            fut.set_exception(e)
+        return
+    if not fut.done():
+        fut.set_result(value)
 
 
 def _process_failure(err: BaseException) -> bool:

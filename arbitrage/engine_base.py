@@ -11,6 +11,7 @@ a slot engine's KV pool is `configs.schema.kv_slots` (torch-free: the memory pla
 from __future__ import annotations
 
 import abc
+import asyncio
 import queue
 from collections import deque
 from concurrent.futures import Future
@@ -20,6 +21,23 @@ import torch
 
 from arbitrage.engine_common import Job, new_row, render_prompt, unique_keys
 from arbitrage.types import ContextOverflow, SamplingParams, StepOutput, StepRequest
+
+
+def step_batch_fn(engine: "StepEngine"):
+    """The `DynamicBatcher` batch function for an engine's steps.
+
+    A continuous engine's batch is queued (prompt rendering in a worker thread) and answered
+    with its rows' futures, which the batcher hands to each caller as each row finishes: a
+    short step never waits for the longest step of its batch. Any other engine runs one batch
+    at a time in a worker thread (`generate_steps`).
+    """
+    if not engine.continuous:
+        return engine.generate_steps
+
+    async def submit(requests: list[StepRequest]) -> list[Future]:
+        return await asyncio.to_thread(engine.submit_steps, requests)
+
+    return submit
 
 
 class StepEngine(abc.ABC):

@@ -492,6 +492,24 @@ class ArbitrageConfig(_Base):
             raise ValueError("policy 'router' needs models.router")
         return self
 
+    @model_validator(mode="after")
+    def _slots_cover_chains(self) -> "ArbitrageConfig":
+        """Warn when a default-sized slot pool holds fewer chains than run at once.
+
+        A chain whose slot was taken by another re-prefills its whole context on its next step,
+        so a pool smaller than `runtime.max_concurrent_chains` thrashes. An explicit max_slots is
+        the user's choice (a GPU's memory plan) and is left alone.
+        """
+        chains = self.runtime.max_concurrent_chains
+        for role in ("draft", "target"):
+            m = getattr(self.models, role)
+            if m.engine in ("fast", "llamacpp") and m.max_slots is None and m.kv_slots < chains:
+                warnings.warn(f"models.{role}.max_slots is unset, so its pool holds {m.kv_slots} chains of "
+                              f"max_context {m.max_context}, fewer than runtime.max_concurrent_chains {chains}: "
+                              f"chains beyond it re-prefill their context every step; set "
+                              f"models.{role}.max_slots to {chains}", stacklevel=2)
+        return self
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ArbitrageConfig":
         return load_config(path)

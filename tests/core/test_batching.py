@@ -121,3 +121,33 @@ def test_a_long_prompt_does_not_shorten_its_batch_mates_steps():
     together = engine.generate_steps([short, long])
     assert (together[0].text, together[0].num_tokens) == (alone.text, alone.num_tokens)
     assert alone.num_tokens > 6 and together[1].num_tokens <= 256 - 250 and together[1].stop_reason in ("length", "separator", "eos")
+
+
+def test_rows_answered_by_futures_reach_their_callers_one_by_one():
+    """A continuous engine answers a batch with per-row futures: a finished row's caller does not
+    wait for its batch mates, and a row that fails fails only its own caller."""
+    from concurrent.futures import Future
+
+    rows: list[Future] = []
+
+    async def fn(items):
+        rows[:] = [Future() for _ in items]
+        return list(rows)
+
+    async def main():
+        b = DynamicBatcher(fn, max_batch_size=3, max_wait_ms=20, max_inflight=4)
+        calls = [asyncio.ensure_future(b.submit(i)) for i in range(3)]
+        while len(rows) < 3:
+            await asyncio.sleep(0.01)
+        rows[1].set_result("short step")
+        first = await asyncio.wait_for(calls[1], 5)
+        pending = [c.done() for c in (calls[0], calls[2])]
+        rows[2].set_exception(ValueError("this row's own fault"))
+        rows[0].set_result("long step")
+        rest = await asyncio.gather(calls[0], calls[2], return_exceptions=True)
+        return first, pending, rest, b.stats()
+
+    first, pending, rest, stats = asyncio.run(main())
+    assert first == "short step" and pending == [False, False]
+    assert rest[0] == "long step" and isinstance(rest[1], ValueError)
+    assert stats["isolated"] == 0 and stats["batch_sizes"] == {3: 1}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from configs import ConfigError, load_config
@@ -13,8 +15,21 @@ PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if p.stem != "serve")
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_presets_validate(name):
-    cfg = load_config(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a shipped preset loads without a sizing warning
+        cfg = load_config(name)
     assert cfg.models.draft and cfg.models.target
+
+
+def test_a_default_slot_pool_smaller_than_the_chains_in_flight_warns(tmp_path):
+    model = "{source: {kind: random, name: tiny-llama}, engine: llamacpp, max_context: 4096%s}"
+    text = "models:\n  draft: %s\n  target: %s\nruntime: {max_concurrent_chains: 32}\npolicy: {name: draft_only}\n"
+    with pytest.warns(UserWarning, match=r"models.draft.max_slots is unset, so its pool holds 16 chains .* "
+                      r"set models.draft.max_slots to 32"):
+        load_config(_write(tmp_path, text % (model % "", model % ", max_slots: 32")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit max_slots is the user's choice
+        load_config(_write(tmp_path, text % (model % ", max_slots: 8", model % ", max_slots: 32")))
 
 
 def test_cluster_presets_are_the_papers_pairs():

@@ -137,3 +137,23 @@ def test_slots_are_sized_like_the_fast_engine():
     assert kv_slots(8, 4096, 65536) == 8
     assert kv_slots(64, 4096, 0) == 64
     assert kv_slots(64, 4096, 1000) == 1
+
+
+def test_a_short_step_returns_before_its_batch_mates_finish(tiny):
+    """Through the in-process backend's batcher: the rows of one batch reach their chains one by
+    one, so a 2-token step does not wait for a 200-token step batched with it."""
+    import asyncio
+
+    from arbitrage.backend import LocalBackend
+
+    async def main(eng):
+        backend = LocalBackend(draft=eng, max_batch_size=8, max_wait_ms=50)
+        long = asyncio.ensure_future(backend.draft_step(_req("a long step about pears", n=200, forced_tokens=200)))
+        short = await backend.draft_step(_req("a short step about plums", n=2, forced_tokens=2))
+        was_pending = not long.done()
+        return short, was_pending, await long, backend.stats()["draft"]
+
+    with _engine(tiny) as eng:
+        short, was_pending, long, stats = asyncio.run(main(eng))
+    assert short.num_tokens == 2 and long.num_tokens == 200
+    assert was_pending and stats["batch_sizes"] == {2: 1}  # one batch, answered row by row
