@@ -269,6 +269,12 @@ def sweep(cfg, problems: list, groups: list, out: Path, in_process: bool) -> Non
 
         if in_process:  # one backend for every group: models load once, the step cache spans the sweep
             backend = local_backend(cfg, roles, models)
+            if cfg.generation.step_cache and cfg.generation.temperature == 0.0:  # and the runs before it
+                from arbitrage.step_cache import fingerprint
+
+                cache_file = out / "step_cache.jsonl"
+                n = backend.step_cache().persist(cache_file, fingerprint(cfg))
+                console.phase(f"step cache: {n} answers from earlier runs of this sweep ({cache_file})")
             run_sweep(cfg, problems, groups, out, lambda items, p, t, cb: execute(
                 cfg, items, p, t, cb, label(p, t), backend=backend), progress=False)
         else:

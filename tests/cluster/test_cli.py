@@ -77,6 +77,26 @@ def test_eval_then_report_into_missing_folders_and_resume_says_nothing_to_do(tmp
     assert "router@0.5" in _table_rows(rep.stdout)
 
 
+def test_a_resumed_in_process_sweep_keeps_the_step_cache_of_the_run_before(tmp_path, problems_file):
+    out = tmp_path / "sweep"
+    args = ["eval", "--config", "tiny", "--in-process", "--dataset", str(problems_file), "--limit", "2",
+            "--groups", "draft_only,rsd@0.5", "--out", str(out)]
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert "step cache: 0 answers from earlier runs" in r.stderr
+    results = out / "results.jsonl"
+    first = [json.loads(line) for line in results.read_text().splitlines()]
+    rsd = [row for row in first if row["policy"] == "rsd"]
+    results.write_text("".join(json.dumps(row) + "\n" for row in first if row["policy"] != "rsd"))
+    again = _cli(*args)  # the rsd rows again, every model call answered by the file
+    assert again.returncode == 0, again.stderr
+    assert "step cache: 0 answers" not in again.stderr and "answers from earlier runs" in again.stderr
+    redone = [json.loads(line) for line in results.read_text().splitlines() if '"policy": "rsd"' in line]
+    assert [r["final_text"] for r in redone] == [r["final_text"] for r in rsd]
+    assert [[s["text"] for s in r["steps"]] for r in redone] == [[s["text"] for s in r["steps"]] for r in rsd]
+    assert all(not any(r["cache"]["misses"].values()) for r in redone)
+
+
 def test_collect_in_process_writes_into_missing_folders(tmp_path, problems_file):
     out = tmp_path / "data" / "new" / "collect.jsonl"
     args = ["collect", "--config", "tiny", "--in-process", "--dataset", str(problems_file), "--limit", "1",

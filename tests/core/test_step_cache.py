@@ -119,3 +119,36 @@ def test_step_cache_lru_and_counters():
     asyncio.run(run())
     assert calls == ["a", "c", "d", "e"] and len(cache) == 2
     assert cache.stats()["hits"]["draft"] == 1 and cache.stats()["tokens_saved"]["draft"] == 3
+
+
+def test_a_persisted_cache_reloads_its_answers_and_sets_aside_another_models_file(tmp_path):
+    path = tmp_path / "run" / "step_cache.jsonl"
+    req = StepRequest(problem="q", steps=("s1",), params=SamplingParams(max_tokens=8, separator="\n\n"))
+    step = StepOutput(text="t", num_tokens=2, logprobs=[-0.5, -0.25], stop_reason="separator",
+                      entropies=[0.1, 0.2], prompt_tokens=7, hidden=[0.1, -2.5e-8, 3.0])
+
+    async def fill(cache):
+        await cache.get_or_call(step_key("draft", req), lambda: _answer(step))
+        await cache.get_or_call(("prm", "q", ("s1",)), lambda: _answer(0.75))
+
+    first = StepCache()
+    assert first.persist(path, "models-a") == 0
+    asyncio.run(fill(first))
+    first.close()
+    with path.open("a") as f:
+        f.write('["draft", "torn')  # a run killed mid-write
+    again = StepCache()
+    assert again.persist(path, "models-a") == 2
+    got, hit = asyncio.run(again.get_or_call(step_key("draft", req), lambda: _answer(None)))
+    assert hit and got == step
+    score, hit = asyncio.run(again.get_or_call(("prm", "q", ("s1",)), lambda: _answer(None)))
+    assert hit and score == 0.75
+    again.close()
+    other = StepCache()
+    assert other.persist(path, "models-b") == 0 and len(other) == 0
+    assert (tmp_path / "run" / "step_cache.jsonl.stale").is_file()
+    other.close()
+
+
+async def _answer(value):
+    return value
