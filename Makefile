@@ -7,6 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 LIMIT ?= 5
+# llama.cpp for any x86-64 CPU with AVX2: a native build picks up AMX on Xeons whose VMs fault on it.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 ARGS ?=
 
 .PHONY: install install-models demo test test-slow lint
@@ -17,7 +20,7 @@ $(VENV)/.installed: pyproject.toml requirements-offline.txt
 	# -qq: errors only (the local index and setuptools warn about nothing a user can act on).
 	# torch first and exactly: here this takes the local CPU wheel instead of a CUDA build.
 	$(PIP) install -qq torch==2.13.0
-	$(PIP) install -qq -e ".[dev,cpu]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -qq -e ".[dev,cpu]"
 	$(PIP) install -qq --no-deps -r requirements-offline.txt
 	touch $@
 

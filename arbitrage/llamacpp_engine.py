@@ -58,6 +58,17 @@ def llama_cpp_module():
     return llama_cpp
 
 
+def amx_compiled(ll) -> bool:
+    """Whether this llama.cpp build holds ggml's AMX kernels (a native build on a CPU with AMX).
+
+    They run only on weights in ggml's extra (repacked) buffer types, and on a guest whose
+    hypervisor does not hand AMX state to processes `ldtilecfg` faults and kills the process
+    (seen on an AMX Xeon VM, 2026-12-02). The engine then keeps weights in plain buffers; the
+    Makefile builds llama.cpp for AVX2 without AMX (`LLAMA_CMAKE_ARGS`), so this is a fallback.
+    """
+    return b"AMX_INT8 = 1" in ll.llama_print_system_info()
+
+
 _LOG_CALLBACK = None  # kept alive: llama.cpp holds the pointer
 
 
@@ -153,6 +164,7 @@ class LlamaCppStepEngine(QueuedStepEngine):
         threads = n_threads or os.cpu_count() or 1
         mp = ll.llama_model_default_params()
         mp.n_gpu_layers = 0
+        mp.use_extra_bufts = not amx_compiled(ll)
         self._model = ll.llama_model_load_from_file(self.path.encode(), mp)
         if not self._model:
             raise ValueError(f"llama.cpp cannot load {self.path!r} (not a GGUF model file?)")
