@@ -9,7 +9,8 @@ compute*, so comparisons here are
   is sampled at a few thresholds, so the policy is evaluated at a reference cell's mean
   target tokens T by mixing its two neighbouring cells per problem with weights that make
   the mixture's mean target tokens exactly T (a policy that draws its threshold per problem
-  from those two realises it: `matched_difference`).
+  from those two realises it: `matched_difference`). `draft_only` is the low end of every
+  policy's curve: a threshold at which no step escalates gives exactly its chains.
 
 Intervals are percentile bootstraps over problems (95% by default): accuracy of a cell
 (`accuracy_interval`) and the paired difference of two (`paired_difference`).
@@ -167,9 +168,11 @@ def research_summary(cells: Mapping[str, Cell], policy: str = "router",
                              "target_tokens": sum(c.target_tokens[p] for p in problems),
                              "target_tokens_per_problem": c.mean_target_tokens(problems)})
     curve = [c for c in cells.values() if c.policy == policy]
+    # draft_only is every threshold policy's never-escalate end (0 target tokens, the same chains)
+    ends = [c for c in cells.values() if c.policy == "draft_only"]
     for base in baselines:
         for ref in sorted((c for c in cells.values() if c.policy == base), key=lambda c: c.threshold):
-            m = matched_difference(curve, ref, problems, n_boot, seed) if len(curve) else None
+            m = matched_difference(curve + ends, ref, problems, n_boot, seed) if len(curve) else None
             out["matched"].append({"policy": policy, "baseline": ref.label, **(
                 {"matched": False} if m is None else
                 {"matched": True, "tokens_per_problem": m.tokens, "between": [m.lower_cell, m.upper_cell],

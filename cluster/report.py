@@ -136,8 +136,15 @@ def _cache_line(policy: str, tau: float | None, tot: dict, roles: tuple[str, ...
     return f"| {policy} | {tau_s} | " + " | ".join(cells) + f" | {sum(tot['tokens_saved'].values())} | {share} |"
 
 
-def plot(summaries: list[dict], out_dir: Path) -> list[Path]:
-    """The three plots, one line per policy across thresholds; baselines as single markers."""
+SHARES = ("acceptance_rate", "accuracy", "wasted_share")  # axes fixed to [0, 1]
+
+
+def plot(summaries: list[dict], out_dir: Path, title: str = "") -> list[Path]:
+    """The three plots, one line per policy across thresholds; baselines as single markers.
+
+    Titled with `title` (dataset and models, `run_title`) and the problem count; share axes
+    span [0, 1], points are joined in threshold order.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,7 +162,8 @@ def plot(summaries: list[dict], out_dir: Path) -> list[Path]:
     for x, y, name, xl, yl in specs:
         fig, ax = plt.subplots(figsize=(6, 4.2))
         for policy, ss in by_policy.items():
-            pts = sorted((s[x], s[y], s["threshold"], s["problems"]) for s in ss if s[y] is not None)
+            pts = sorted(((s[x], s[y], s["threshold"], s["problems"]) for s in ss if s[y] is not None),
+                         key=lambda p: p[2])
             if not pts:
                 continue
             xs, ys, ts, ns = zip(*pts)
@@ -172,6 +180,11 @@ def plot(summaries: list[dict], out_dir: Path) -> list[Path]:
                         ax.annotate(f"n={n}", (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
+        if x in SHARES:
+            ax.set_xlim(0, 1)
+        if y in SHARES:
+            ax.set_ylim(0, 1)
+        ax.set_title(f"{title or 'sweep'}, n = {n_full} problems", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -194,7 +207,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> tuple[str, list[
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summaries, indent=2))
     table = markdown_table(summaries)
-    plots = plot(summaries, out_dir)
+    title = run_title(run_dir)
+    plots = plot(summaries, out_dir, title)
     cache = cache_table(run_dir)
     cache_md = ("## Step cache\n\nModel calls answered from the step cache (greedy steps and PRM scores "
                 "repeated across groups); groups with hits ran faster than they would uncached.\n\n"
@@ -202,7 +216,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> tuple[str, list[
     (out_dir / "report.md").write_text(f"# Report: {run_dir.name}\n\n{table}\n\n{cache_md}" +
                                        "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
     rows = load_results(run_dir / "results.jsonl").values()
-    research = research_section(rows, out_dir)
+    research = research_section(rows, out_dir, title=title)
     if research is not None:
         md, plot_path = research
         plots.append(plot_path)
@@ -211,25 +225,51 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> tuple[str, list[
     return summary_table(summaries, cache_line(rows)), plots
 
 
+# A cell with fewer graded problems than this share of the largest cell's is unfinished: it is
+# named in the research section and left out, so that it does not shrink every comparison.
+COMPLETE_SHARE = 0.9
+
+
+def run_title(run_dir: Path) -> str:
+    """'<dataset> <split>, <draft> -> <target>' from the run's config.json ('' without one)."""
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+        data, models = cfg["data"], cfg["models"]
+        names = [(models[r].get("source") or {}).get("name") or models[r].get("path", "?") for r in ("draft", "target")]
+        return f"{data['dataset']} {data['split']}, {names[0]} -> {names[1]}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ""
+
+
 def research_section(rows, out_dir: Path, policy: str = "router",
-                     baselines: tuple[str, ...] = ("rsd", "confidence")) -> tuple[str, Path] | None:
+                     baselines: tuple[str, ...] = ("rsd", "confidence"), title: str = "") -> tuple[str, Path] | None:
     """Accuracy with 95% problem-bootstrap intervals, acceptance and target tokens per cell, and
     `policy` against each baseline cell at matched target tokens (`arbitrage.sweep_stats`).
 
-    Writes `research.json` and `accuracy_vs_target_tokens.png`; returns the markdown and the plot,
-    or None when the sweep has no `policy` cells.
+    Cells with fewer than COMPLETE_SHARE of the largest cell's problems are listed as unfinished
+    and left out. Writes `research.json` and `accuracy_vs_target_tokens.png` (titled with `title`
+    and n); returns the markdown and the plot, or None when the sweep has no finished `policy` cell.
     """
     from arbitrage.sweep_stats import cells_from_rows, research_summary
 
     cells = cells_from_rows(rows, group_label)
+    n_full = max((len(c.correct) for c in cells.values()), default=0)
+    unfinished = {lab: len(c.correct) for lab, c in cells.items() if len(c.correct) < COMPLETE_SHARE * n_full}
+    cells = {lab: c for lab, c in cells.items() if lab not in unfinished}
     if not any(c.policy == policy for c in cells.values()) or len(cells) < 2:
         return None
     res = research_summary(cells, policy, baselines)
+    res["unfinished"] = unfinished
+    res["title"] = title
     (out_dir / "research.json").write_text(json.dumps(res, indent=2))
     lines = [f"## Accuracy at matched target tokens ({res['problems']} problems every cell shares)", "",
              "Accuracy with 95% bootstrap intervals by problem; acceptance = accepted draft tokens / draft "
-             "tokens generated; target tokens per problem.", "",
-             "| cell | accuracy | 95% CI | acceptance | target tokens / problem |", "|---|---|---|---|---|"]
+             "tokens generated; target tokens per problem. `draft_only` is the 0-token end of every "
+             "threshold policy's curve.", ""]
+    if unfinished:
+        lines += ["Unfinished cells, left out: " + ", ".join(f"{lab} ({n} of {n_full} problems)"
+                                                         for lab, n in sorted(unfinished.items())) + ".", ""]
+    lines += ["| cell | accuracy | 95% CI | acceptance | target tokens / problem |", "|---|---|---|---|---|"]
     for c in res["cells"]:
         ta = "-" if c["token_acceptance"] is None else f"{c['token_acceptance']:.3f}"
         lines.append(f"| {c['cell']} | {c['accuracy']:.3f} | {c['ci'][0]:.3f}-{c['ci'][1]:.3f} | {ta} | "
@@ -260,14 +300,17 @@ def _plot_tokens(res: dict, out_dir: Path) -> Path:
     for c in res["cells"]:
         by_policy[c["policy"]].append(c)
     for i, (policy, cs) in enumerate(sorted(by_policy.items())):
-        cs = sorted(cs, key=lambda c: c["target_tokens_per_problem"])
+        cs = sorted(cs, key=lambda c: c["threshold"])  # joined in threshold order
         xs = [c["target_tokens_per_problem"] for c in cs]
         ys = [c["accuracy"] for c in cs]
         err = [[y - c["ci"][0] for y, c in zip(ys, cs)], [c["ci"][1] - y for y, c in zip(ys, cs)]]
         ax.errorbar(xs, ys, yerr=err, fmt="*" if policy in THRESHOLD_FREE else "o-", capsize=3,
                     label=policy, color=f"C{i}", markersize=9 if policy in THRESHOLD_FREE else 5)
     ax.set_xlabel("target tokens per problem")
-    ax.set_ylabel(f"accuracy (95% bootstrap CI, {res['problems']} problems)")
+    ax.set_ylabel("accuracy (95% bootstrap CI by problem)")
+    ax.set_ylim(0, 1)
+    ax.set_xlim(left=0)
+    ax.set_title(f"{res.get('title') or 'sweep'}, n = {res['problems']} problems", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

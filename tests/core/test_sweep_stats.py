@@ -73,3 +73,43 @@ def test_research_summary_uses_shared_problems_and_reports_goal_shares():
     assert shares["router@0.8"]["accuracy_share"] == pytest.approx(1.0)
     acc, lo, hi = accuracy_interval(cells["rsd@0.5"], ["a", "b"], n_boot=100)
     assert acc == 0.5 and lo <= acc <= hi
+
+
+def test_draft_only_is_the_low_end_of_every_policy_curve():
+    # rsd@0.9 spends 5 tokens a problem; router's only cell spends 20: without draft_only's 0-token
+    # end the rsd cell lies outside router's range and cannot be matched
+    probs = ["a", "b", "c", "d"]
+    rows = [_row(p, "draft_only", 0, p == "a", [("draft", 10, 10, 0)]) for p in probs]
+    rows += [_row(p, "router", 0.5, p in ("a", "b"), [("target", 20, 10, 20)]) for p in probs]
+    rows += [_row(p, "rsd", 0.9, p == "a", [("target", 5, 10, 5)]) for p in probs]
+    res = research_summary(cells_from_rows(rows, _label), baselines=("rsd",), n_boot=100)
+    (m,) = res["matched"]
+    assert m["matched"] and m["between"] == ["draft_only", "router@0.5"]
+    assert m["weight"] == pytest.approx(0.25)
+    # mixture: 0.75 * draft_only (0.25) + 0.25 * router (0.5) = 0.3125; rsd 0.25
+    assert m["accuracy"] == pytest.approx(0.3125)
+    assert m["difference"] == pytest.approx(0.0625)
+
+
+def test_research_section_leaves_out_unfinished_cells_and_titles_its_plot(tmp_path):
+    import json
+
+    from cluster.report import research_section, run_title
+
+    probs = [str(i) for i in range(20)]
+    rows = [_row(p, "draft_only", 0, p < "5", [("draft", 10, 10, 0)]) for p in probs]
+    rows += [_row(p, "router", 0.5, p < "6", [("target", 20, 10, 20)]) for p in probs]
+    rows += [_row(p, "rsd", 0.1, True, [("target", 20, 10, 20)]) for p in probs[:4]]  # 4 of 20: unfinished
+    (tmp_path / "config.json").write_text(json.dumps({
+        "data": {"dataset": "gsm8k", "split": "test"},
+        "models": {"draft": {"source": {"name": "small"}}, "target": {"source": {"name": "large"}}}}))
+    title = run_title(tmp_path)
+    assert title == "gsm8k test, small -> large"
+    md, plot_path = research_section(rows, tmp_path, title=title)
+    res = json.loads((tmp_path / "research.json").read_text())
+    assert res["problems"] == 20  # the unfinished cell does not shrink the shared problems
+    assert res["unfinished"] == {"rsd@0.1": 4}
+    assert "rsd@0.1 (4 of 20 problems)" in md
+    assert {c["cell"] for c in res["cells"]} == {"draft_only", "router@0.5"}
+    assert plot_path.exists() and res["title"] == title
+    assert run_title(tmp_path / "missing") == ""
