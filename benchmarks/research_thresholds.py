@@ -11,6 +11,13 @@ and the comparison is made at matched target tokens (`arbitrage.sweep_stats`).
     python benchmarks/research_thresholds.py --rows prms/local-value/scored.jsonl \
         --router routers/local-hidden --rates 0.15,0.3,0.5
 prints the `--groups` argument of `arbitrage eval`.
+
+    python benchmarks/research_thresholds.py --sweep docs/runs/research-gsm8k200 \
+        --groups router@0.9731,rsd@0.0043,confidence@0.8398
+prints, once a sweep has rows, the share of its test steps each threshold escalates (or would):
+scores read from the steps its cells recorded (`router_prob`, `prm_draft`, the draft's features),
+so a threshold whose cell has not run yet is read off the cells that have. It checks how well
+the training rows' shares carried over; it chooses nothing.
 """
 
 from __future__ import annotations
@@ -48,14 +55,38 @@ def thresholds(rows: list[dict], router, rates: list[float]) -> dict[str, list[f
     return out
 
 
+STEP_SCORE = {"router": lambda s: s.get("router_prob"), "rsd": lambda s: s.get("prm_draft"),
+              "confidence": lambda s: math.exp(s["draft_features"]["lp_mean"]) if s.get("draft_features") else None}
+
+
+def sweep_shares(run_dir: Path, groups: list[str]) -> list[tuple[str, float, int]]:
+    """(group, share of the sweep's recorded step scores the group's threshold escalates, steps)."""
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines() if line.strip()]
+    out = []
+    for g in groups:
+        policy, tau = g.split("@")
+        scores = [v for r in rows for s in r["steps"] if (v := STEP_SCORE[policy](s)) is not None]
+        esc = [v > float(tau) if policy == "router" else v < float(tau) for v in scores]
+        out.append((g, sum(esc) / len(esc) if esc else float("nan"), len(esc)))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", required=True, help="scored rows (<prm folder>/scored.jsonl)")
+    p.add_argument("--rows", help="scored rows (<prm folder>/scored.jsonl)")
+    p.add_argument("--sweep", type=Path, help="a sweep folder: print the shares its steps give --groups")
+    p.add_argument("--groups", default="", help="with --sweep: policy@tau,... (router, rsd, confidence)")
     p.add_argument("--router", default=None, help="router folder (kind hidden or probe)")
     p.add_argument("--rates", default="0.15,0.3,0.5", help="escalation shares to aim for")
     p.add_argument("--all-rows", action="store_true",
                    help="also use the rows of the PRM's held-out problems (default: its training problems only)")
     args = p.parse_args(argv)
+    if args.sweep:
+        for g, share, n in sweep_shares(args.sweep, [g for g in args.groups.split(",") if g]):
+            print(f"{g}: {share:.1%} of {n} steps")
+        return 0
+    if not args.rows:
+        p.error("--rows or --sweep is required")
     rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.strip()]
     meta_path = Path(args.rows).parent / "value_head.json"
     if not args.all_rows and meta_path.is_file():
