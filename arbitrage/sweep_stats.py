@@ -9,8 +9,10 @@ compute*, so comparisons here are
   is sampled at a few thresholds, so the policy is evaluated at a reference cell's mean
   target tokens T by mixing its two neighbouring cells per problem with weights that make
   the mixture's mean target tokens exactly T (a policy that draws its threshold per problem
-  from those two realises it: `matched_difference`). `draft_only` is the low end of every
-  policy's curve: a threshold at which no step escalates gives exactly its chains.
+  from those two realises it: `matched_difference`). `draft_only` and `target_only` are the
+  ends of every policy's curve: a threshold at which no step escalates gives exactly
+  draft_only's chains, one at which every step does target_only's (greedy steps on the same
+  prefixes), whatever the policy.
 
 Intervals are percentile bootstraps over problems (95% by default): accuracy of a cell
 (`accuracy_interval`) and the paired difference of two (`paired_difference`).
@@ -168,8 +170,8 @@ def research_summary(cells: Mapping[str, Cell], policy: str = "router",
                              "target_tokens": sum(c.target_tokens[p] for p in problems),
                              "target_tokens_per_problem": c.mean_target_tokens(problems)})
     curve = [c for c in cells.values() if c.policy == policy]
-    # draft_only is every threshold policy's never-escalate end (0 target tokens, the same chains)
-    ends = [c for c in cells.values() if c.policy == "draft_only"]
+    # every threshold policy's ends: never escalate = draft_only's chains, always = target_only's
+    ends = [c for c in cells.values() if c.policy in ("draft_only", "target_only")]
     for base in baselines:
         for ref in sorted((c for c in cells.values() if c.policy == base), key=lambda c: c.threshold):
             m = matched_difference(curve + ends, ref, problems, n_boot, seed) if len(curve) else None

@@ -264,8 +264,8 @@ def research_section(rows, out_dir: Path, policy: str = "router",
     (out_dir / "research.json").write_text(json.dumps(res, indent=2))
     lines = [f"## Accuracy at matched target tokens ({res['problems']} problems every cell shares)", "",
              "Accuracy with 95% bootstrap intervals by problem; acceptance = accepted draft tokens / draft "
-             "tokens generated; target tokens per problem. `draft_only` is the 0-token end of every "
-             "threshold policy's curve.", ""]
+             "tokens generated; target tokens per problem. `draft_only` and `target_only` are the ends of "
+             "every threshold policy's curve (no step escalated, every step escalated).", ""]
     if unfinished:
         lines += ["Unfinished cells, left out: " + ", ".join(f"{lab} ({n} of {n_full} problems)"
                                                          for lab, n in sorted(unfinished.items())) + ".", ""]

@@ -113,3 +113,16 @@ def test_research_section_leaves_out_unfinished_cells_and_titles_its_plot(tmp_pa
     assert {c["cell"] for c in res["cells"]} == {"draft_only", "router@0.5"}
     assert plot_path.exists() and res["title"] == title
     assert run_title(tmp_path / "missing") == ""
+
+
+def test_target_only_is_the_high_end_of_every_policy_curve():
+    # confidence@0.5 spends 30 tokens a problem, beyond router's one cell (10): matched between
+    # router@0.9 and target_only (40), the always-escalate end
+    probs = ["a", "b"]
+    rows = [_row(p, "target_only", 0, True, [("target", 40, 0, 40)]) for p in probs]
+    rows += [_row(p, "router", 0.9, p == "a", [("target", 10, 10, 10)]) for p in probs]
+    rows += [_row(p, "confidence", 0.5, p == "b", [("target", 30, 10, 30)]) for p in probs]
+    res = research_summary(cells_from_rows(rows, _label), baselines=("confidence",), n_boot=50)
+    (m,) = res["matched"]
+    assert m["between"] == ["router@0.9", "target_only"] and m["weight"] == pytest.approx(2 / 3)
+    assert m["accuracy"] == pytest.approx(1 / 3 * 0.5 + 2 / 3 * 1.0)
