@@ -2,7 +2,7 @@
 #   make demo   install everything, then draft_only, the router and target_only on the same
 #               LIMIT problems of the embedded default, ending with one side-by-side table
 #   make test   install everything and run the test suite
-#   make lint   ruff (lint, and format on FORMATTED) and mypy on the core packages (pyproject.toml)
+#   make lint   ruff (lint and format) and mypy on the core packages (pyproject.toml)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -43,11 +43,7 @@ test: install
 test-slow: install-models
 	$(PY) -m pytest -q -m slow $(ARGS)
 
-# Files kept in ruff's format; the rest of the tree joins once concurrent work on it has landed.
-FORMATTED := arbitrage/engine_base.py arbitrage/engine_common.py arbitrage/roles.py \
-	arbitrage/router_factory.py cluster/cli_common.py cluster/serve_chains.py tests/core/test_engine_factory.py
-
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check $(FORMATTED)
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

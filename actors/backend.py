@@ -95,8 +95,7 @@ def merge_role_stats(role: str, per_actor: list[dict]) -> dict[str, Any]:
         hist.update({int(k): int(v) for k, v in m.get("batch_sizes", {}).items()})
         busy += float(m.get("busy_s", 0.0))
         forward += int(s.get("forward_calls", 0))
-    return {"batch_sizes": dict(sorted(hist.items())), "busy_s": busy,
-            "forward_calls": forward, "replicas": per_actor}
+    return {"batch_sizes": dict(sorted(hist.items())), "busy_s": busy, "forward_calls": forward, "replicas": per_actor}
 
 
 class RayBackend(ModelBackend):
@@ -157,9 +156,17 @@ class RayBackend(ModelBackend):
         cause = getattr(err, "cause", None)  # a RayTaskError carries the remote exception
         cause = cause if isinstance(cause, BaseException) else err
         self.retry_count += 1
-        self.retries.append({"role": role, "chain_id": chain_id, "step": step, "attempt": attempt,
-                             "error": f"{type(cause).__name__}: {cause}".splitlines()[0][:300],
-                             "wait_s": wait, "at": time.time()})
+        self.retries.append(
+            {
+                "role": role,
+                "chain_id": chain_id,
+                "step": step,
+                "attempt": attempt,
+                "error": f"{type(cause).__name__}: {cause}".splitlines()[0][:300],
+                "wait_s": wait,
+                "at": time.time(),
+            }
+        )
         del self.retries[:-MAX_RETRY_LOG]
 
     def retry_stats(self) -> dict[str, Any]:
@@ -181,11 +188,11 @@ class RayBackend(ModelBackend):
     async def astats(self) -> dict[str, Any]:
         """Per-role stats gathered from every replica, without blocking the event loop."""
         roles = list(self.handles)
-        per_role = await asyncio.gather(*(asyncio.gather(*(call_handle(h, "stats") for h in self.handles[r]))
-                                          for r in roles))
+        per_role = await asyncio.gather(
+            *(asyncio.gather(*(call_handle(h, "stats") for h in self.handles[r])) for r in roles)
+        )
         return {r: merge_role_stats(r, list(s)) for r, s in zip(roles, per_role)}
 
     def stats(self) -> dict[str, Any]:
         """As `astats`, for driver code (blocks on ray.get; not for use inside an actor)."""
-        return {r: merge_role_stats(r, [call_handle_sync(h, "stats") for h in hs])
-                for r, hs in self.handles.items()}
+        return {r: merge_role_stats(r, [call_handle_sync(h, "stats") for h in hs]) for r, hs in self.handles.items()}

@@ -25,7 +25,7 @@ from typing import Any
 
 import ray
 
-from actors.model_actor import (MAX_CONCURRENCY, MAX_TASK_RETRIES, ModelActor, as_config, prm_on_target)
+from actors.model_actor import MAX_CONCURRENCY, MAX_TASK_RETRIES, ModelActor, as_config, prm_on_target
 from arbitrage.router import MODEL_FREE_ROUTERS
 from configs.schema import ArbitrageConfig
 
@@ -72,7 +72,8 @@ class ColocatedActor:
         engines = load_colocated_engines({"draft": m.draft, "target": m.target}, self.scheduler)
         self.engines = engines
         self.roles: dict[str, ModelActor] = {
-            role: _RoleServer(role, self.cfg, engines.get(role)) for role in colocated_roles(self.cfg)}
+            role: _RoleServer(role, self.cfg, engines.get(role)) for role in colocated_roles(self.cfg)
+        }
         self.load_s = time.perf_counter() - t0
 
     async def call(self, role: str, method: str, *args):
@@ -90,13 +91,19 @@ class ColocatedActor:
 
     def stats(self) -> dict[str, Any]:
         """Every role's stats, the shared scheduler's turns / busy / idle seconds, the gates."""
-        return {"roles": {r: s.stats() for r, s in self.roles.items()},
-                "scheduler": dict(self.scheduler.stats), "gates": self.gates()}
+        return {
+            "roles": {r: s.stats() for r, s in self.roles.items()},
+            "scheduler": dict(self.scheduler.stats),
+            "gates": self.gates(),
+        }
 
     def gates(self) -> dict[str, dict[str, float]]:
         """Admission gate of each colocated engine, by role."""
-        return {r: dict(share=e.gate.share, max_hold_s=e.gate.max_hold_s, idle_grace_s=e.gate.idle_grace_s)
-                for r, e in self.engines.items() if hasattr(e, "gate")}
+        return {
+            r: dict(share=e.gate.share, max_hold_s=e.gate.max_hold_s, idle_grace_s=e.gate.idle_grace_s)
+            for r, e in self.engines.items()
+            if hasattr(e, "gate")
+        }
 
     def set_gates(self, gates: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
         """Replace the admission gates of colocated engines by role ({"target": {"share": 0.3,
@@ -136,10 +143,13 @@ def colocated_options(cfg: ArbitrageConfig) -> dict[str, Any]:
     """Ray options of the colocated actor: the roles' CPUs summed, their GPUs summed (at most 1)."""
     rt = cfg.runtime
     roles = [getattr(rt, r) for r in colocated_roles(cfg)]
-    opts: dict[str, Any] = dict(num_cpus=sum(a.num_cpus for a in roles),
-                                num_gpus=min(1.0, sum(a.num_gpus for a in roles)),
-                                max_restarts=rt.target.max_restarts, max_task_retries=MAX_TASK_RETRIES,
-                                max_concurrency=MAX_CONCURRENCY)
+    opts: dict[str, Any] = dict(
+        num_cpus=sum(a.num_cpus for a in roles),
+        num_gpus=min(1.0, sum(a.num_gpus for a in roles)),
+        max_restarts=rt.target.max_restarts,
+        max_task_retries=MAX_TASK_RETRIES,
+        max_concurrency=MAX_CONCURRENCY,
+    )
     if rt.target.resources:
         opts["resources"] = dict(rt.target.resources)
     if rt.target.label_selector:

@@ -56,13 +56,15 @@ class Coordinator:
             ValueError: an unknown policy, tau outside [0, 1], or a role the policy needs is missing.
         """
         p = self.cfg.policy
-        policy = make_policy(name or p.name, p.threshold if threshold is None else threshold,
-                             seed=self.cfg.generation.seed)
+        policy = make_policy(
+            name or p.name, p.threshold if threshold is None else threshold, seed=self.cfg.generation.seed
+        )
         check_available(policy, self.backend.handles)
         return policy
 
-    async def _run_one(self, item: ChainInput, policy: DecisionPolicy, on_step=None,
-                       settings: LoopSettings | None = None) -> ChainResult:
+    async def _run_one(
+        self, item: ChainInput, policy: DecisionPolicy, on_step=None, settings: LoopSettings | None = None
+    ) -> ChainResult:
         """One chain under the concurrency bound and timeout; never raises for the chain's own failure."""
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.max_concurrent)
@@ -74,7 +76,8 @@ class Coordinator:
         async def guarded() -> ChainResult:
             async with self._sem:
                 return await asyncio.wait_for(
-                    run_chain(item, self.backend, policy, settings or self.settings, counted), self.timeout_s)
+                    run_chain(item, self.backend, policy, settings or self.settings, counted), self.timeout_s
+                )
 
         task = asyncio.ensure_future(guarded())
         self._tasks[item.id].add(task)
@@ -91,8 +94,7 @@ class Coordinator:
         return res
 
     # ---- public methods ---------------------------------------------------------------
-    async def run_batch(self, items: Iterable, policy: str | None = None,
-                        threshold: float | None = None) -> list[dict]:
+    async def run_batch(self, items: Iterable, policy: str | None = None, threshold: float | None = None) -> list[dict]:
         """Run chains concurrently and return their results in input order.
 
         Args:
@@ -105,8 +107,9 @@ class Coordinator:
         results = await asyncio.gather(*(self._run_one(as_input(i), pol) for i in items))
         return [r.to_dict() for r in results]
 
-    async def stream(self, items: Iterable, policy: str | None = None,
-                     threshold: float | None = None) -> AsyncIterator[tuple[int, dict]]:
+    async def stream(
+        self, items: Iterable, policy: str | None = None, threshold: float | None = None
+    ) -> AsyncIterator[tuple[int, dict]]:
         """Run chains concurrently; yield `(input index, result dict)` as each finishes."""
         pol = self.policy(policy, threshold)
         inputs = [as_input(i) for i in items]
@@ -123,8 +126,14 @@ class Coordinator:
             for t in tasks:
                 t.cancel()
 
-    async def solve(self, item, policy: str | DecisionPolicy | None = None, threshold: float | None = None,
-                    stream_steps: bool = True, settings: LoopSettings | None = None) -> AsyncIterator[dict]:
+    async def solve(
+        self,
+        item,
+        policy: str | DecisionPolicy | None = None,
+        threshold: float | None = None,
+        stream_steps: bool = True,
+        settings: LoopSettings | None = None,
+    ) -> AsyncIterator[dict]:
         """Run one chain; yield `{"event": "step", "step": ...}` per decided step, then the result.
 
         Args:
@@ -165,19 +174,31 @@ class Coordinator:
 
     async def stats(self) -> dict[str, Any]:
         """Per-role batch histograms from the model actors, and this coordinator's chain counts."""
-        return {"roles": await self.backend.astats(), "in_flight": sum(len(t) for t in self._tasks.values()),
-                "finished": dict(self._stops), "retries": self.backend.retry_stats()}
+        return {
+            "roles": await self.backend.astats(),
+            "in_flight": sum(len(t) for t in self._tasks.values()),
+            "finished": dict(self._stops),
+            "retries": self.backend.retry_stats(),
+        }
 
     def progress(self) -> dict[str, int]:
         """Steps decided and chains finished since this actor started (cheap; polled for progress bars)."""
-        return {"steps": self._steps_decided, "finished": sum(self._stops.values()),
-                "in_flight": sum(len(t) for t in self._tasks.values())}
+        return {
+            "steps": self._steps_decided,
+            "finished": sum(self._stops.values()),
+            "in_flight": sum(len(t) for t in self._tasks.values()),
+        }
 
     def health(self) -> dict[str, Any]:
         """Readiness and placement of this coordinator."""
-        return {"role": "coordinator", "ready": True, "node_id": ray.get_runtime_context().get_node_id(),
-                "pid": os.getpid(), "roles": sorted(self.backend.handles),
-                "in_flight": sum(len(t) for t in self._tasks.values())}
+        return {
+            "role": "coordinator",
+            "ready": True,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "roles": sorted(self.backend.handles),
+            "in_flight": sum(len(t) for t in self._tasks.values()),
+        }
 
 
 def _outcome(task: asyncio.Task, item: ChainInput, policy: DecisionPolicy, timeout_s: float) -> ChainResult:

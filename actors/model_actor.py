@@ -129,20 +129,35 @@ class ModelActor:
     # ---- introspection --------------------------------------------------------------
     def health(self) -> dict[str, Any]:
         """Readiness and placement: role, node id, pid, what is served."""
-        served = [name for name, obj in (("generate_step", self.engine), ("score", self.prm),
-                                         ("predict", self.router)) if obj is not None]
+        served = [
+            name
+            for name, obj in (("generate_step", self.engine), ("score", self.prm), ("predict", self.router))
+            if obj is not None
+        ]
         device = str(getattr(self.engine, "device", "cpu")) if self.engine is not None else None  # llama.cpp: cpu
-        return {"role": self.role, "ready": True, "node_id": ray.get_runtime_context().get_node_id(),
-                "pid": os.getpid(), "methods": served, "device": device, "load_s": self.load_s,
-                "gpu_ids": ray.get_runtime_context().get_accelerator_ids().get("GPU", [])}
+        return {
+            "role": self.role,
+            "ready": True,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "methods": served,
+            "device": device,
+            "load_s": self.load_s,
+            "gpu_ids": ray.get_runtime_context().get_accelerator_ids().get("GPU", []),
+        }
 
     def stats(self) -> dict[str, Any]:
         """Per-method batch-size histograms and busy time, and the model's forward calls."""
         methods = {name: b.stats() for name, b in self._batchers.items()}
         forward = sum(getattr(o, "forward_calls", 0) for o in (self.engine, self.prm, self.router) if o)
-        return {"role": self.role, "node_id": ray.get_runtime_context().get_node_id(),
-                "methods": methods, "busy_s": sum(m["busy_s"] for m in methods.values()),
-                "forward_calls": forward, "engine": dict(getattr(self.engine, "stats", None) or {})}
+        return {
+            "role": self.role,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "methods": methods,
+            "busy_s": sum(m["busy_s"] for m in methods.values()),
+            "forward_calls": forward,
+            "engine": dict(getattr(self.engine, "stats", None) or {}),
+        }
 
 
 def actor_options(role: str, cfg: ArbitrageConfig, name: str | None = None) -> dict[str, Any]:
@@ -156,8 +171,13 @@ def actor_options(role: str, cfg: ArbitrageConfig, name: str | None = None) -> d
         Keyword arguments for `ray.remote(ModelActor).options(...)`.
     """
     a: ActorConfig = getattr(cfg.runtime, role)
-    opts: dict[str, Any] = dict(num_cpus=a.num_cpus, num_gpus=a.num_gpus, max_restarts=a.max_restarts,
-                                max_task_retries=MAX_TASK_RETRIES, max_concurrency=MAX_CONCURRENCY)
+    opts: dict[str, Any] = dict(
+        num_cpus=a.num_cpus,
+        num_gpus=a.num_gpus,
+        max_restarts=a.max_restarts,
+        max_task_retries=MAX_TASK_RETRIES,
+        max_concurrency=MAX_CONCURRENCY,
+    )
     if a.resources:
         opts["resources"] = dict(a.resources)
     if a.label_selector:  # Ray >= 2.49 schedules on node labels (`ray start --labels`)

@@ -62,6 +62,7 @@ __all__ = [
     "make_target_group_actor",
 ]
 
+
 class TargetGroupBroken(RuntimeError):
     """The ranks of a tensor-parallel group are out of step or dead; the group must restart.
 
@@ -77,8 +78,9 @@ DIST_TIMEOUT = timedelta(minutes=10)  # a collective waiting on a dead peer fail
 def local_cuda_index(gpu_ids: list, visible: str | None) -> int:
     """The CUDA ordinal, inside this process, of the first GPU Ray assigned to it."""
     if not gpu_ids:
-        raise ValueError("the target device is CUDA but Ray assigned this rank no GPU; "
-                         "set runtime.target.num_gpus >= 1")
+        raise ValueError(
+            "the target device is CUDA but Ray assigned this rank no GPU; set runtime.target.num_gpus >= 1"
+        )
     gid = str(gpu_ids[0])
     ids = [v.strip() for v in (visible or "").split(",") if v.strip()]
     return ids.index(gid) if gid in ids else int(gid)
@@ -88,8 +90,14 @@ def local_cuda_index(gpu_ids: list, visible: str | None) -> int:
 class TPRankActor:
     """One tensor-parallel rank: a shard of the target model behind a step engine."""
 
-    def __init__(self, model_cfg: ModelConfig, rank: int, world_size: int, num_threads: int = 1,
-                 batching: BatchingConfig | None = None):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        rank: int,
+        world_size: int,
+        num_threads: int = 1,
+        batching: BatchingConfig | None = None,
+    ):
         self.model_cfg = model_cfg
         self.rank = rank
         self.world_size = world_size
@@ -117,11 +125,17 @@ class TPRankActor:
         self.device = self._init_device()
         if self.world_size > 1:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(self.rank),
-                              WORLD_SIZE=str(self.world_size))
+            os.environ.update(
+                MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(self.rank), WORLD_SIZE=str(self.world_size)
+            )
             await asyncio.to_thread(
-                torch.distributed.init_process_group, backend, init_method=f"tcp://{addr}:{port}",
-                rank=self.rank, world_size=self.world_size, timeout=DIST_TIMEOUT)
+                torch.distributed.init_process_group,
+                backend,
+                init_method=f"tcp://{addr}:{port}",
+                rank=self.rank,
+                world_size=self.world_size,
+                timeout=DIST_TIMEOUT,
+            )
         return str(self.device)
 
     def _init_device(self) -> torch.device:
@@ -156,9 +170,12 @@ class TPRankActor:
         model, tokenizer = await asyncio.to_thread(load_tp_causal_lm, self.model_cfg, self.world_size, self.device)
         self.engine = await asyncio.to_thread(wrap_engine, self.model_cfg, model, tokenizer, self.world_size)
         params = list({id(p): p for p in model.parameters()}.values())
-        self.info.update(device=str(self.device), params=sum(p.numel() for p in params),
-                         param_bytes=sum(p.numel() * p.element_size() for p in params),
-                         load_s=round(time.perf_counter() - t0, 3))
+        self.info.update(
+            device=str(self.device),
+            params=sum(p.numel() for p in params),
+            param_bytes=sum(p.numel() * p.element_size() for p in params),
+            load_s=round(time.perf_counter() - t0, 3),
+        )
         return dict(self.info)
 
     async def set_peers(self, peers: list) -> None:
@@ -211,7 +228,8 @@ class TPRankActor:
 
         dead = [e for e in peer_errors if isinstance(e, RayActorError)]
         same = (own_error is None and not peer_errors) or (
-            own_error is not None and len(peer_errors) == len(self._peers))
+            own_error is not None and len(peer_errors) == len(self._peers)
+        )
         if dead or not same:
             first = (dead or peer_errors or [own_error])[0]
             self._broken = f"rank failure during {method!r}: {type(first).__name__}: {first}".splitlines()[0]
@@ -245,8 +263,12 @@ class TPRankActor:
     async def stats(self) -> dict[str, Any]:
         """Batch-size histogram and busy time (rank 0), plus this rank's info."""
         e = self.engine
-        out = {"rank": self.info, "forward_calls": e.forward_calls if e else 0,
-               "prefill_tokens": e.prefill_tokens if e else 0, "reused_tokens": e.reused_tokens if e else 0}
+        out = {
+            "rank": self.info,
+            "forward_calls": e.forward_calls if e else 0,
+            "prefill_tokens": e.prefill_tokens if e else 0,
+            "reused_tokens": e.reused_tokens if e else 0,
+        }
         if self._batcher is not None:
             out.update(self._batcher.stats())
         return out
@@ -288,8 +310,9 @@ class TargetGroup:
         return cls.from_configs(cfg.models.target, cfg.runtime.target, ready_timeout_s)
 
     @classmethod
-    def from_configs(cls, model_cfg: ModelConfig, actor_cfg: ActorConfig,
-                     ready_timeout_s: float = 600.0) -> TargetGroup:
+    def from_configs(
+        cls, model_cfg: ModelConfig, actor_cfg: ActorConfig, ready_timeout_s: float = 600.0
+    ) -> TargetGroup:
         """Reserve the placement group, start the ranks, join them and load the shards."""
         group = cls(model_cfg, actor_cfg, ready_timeout_s)
         group.ranks, group.placement_group, group.rank_info = group._start()
@@ -304,9 +327,12 @@ class TargetGroup:
 
         n = self.tp_size
         pg = _reserve_placement_group(self.actor_cfg, self.ready_timeout_s)
-        ranks = [_rank_actor(self.actor_cfg, pg, i).remote(
-            self.model_cfg, i, n, max(1, int(self.actor_cfg.num_cpus)), self.actor_cfg.batching)
-            for i in range(n)]
+        ranks = [
+            _rank_actor(self.actor_cfg, pg, i).remote(
+                self.model_cfg, i, n, max(1, int(self.actor_cfg.num_cpus)), self.actor_cfg.batching
+            )
+            for i in range(n)
+        ]
         try:
             addr, port = ray.get(ranks[0].master_address.remote())
             ray.get([r.init_distributed.remote(addr, port) for r in ranks])
@@ -332,8 +358,9 @@ class TargetGroup:
             ranks, pg, info = self._start()
             self.ranks, self.placement_group, self.rank_info = ranks, pg, info
             self.epoch += 1
-            self.restarts.append({"epoch": self.epoch, "reason": reason[:300],
-                                  "seconds": round(time.perf_counter() - t0, 3)})
+            self.restarts.append(
+                {"epoch": self.epoch, "reason": reason[:300], "seconds": round(time.perf_counter() - t0, 3)}
+            )
             return self.epoch
 
     async def _lead(self, method: str, *args):
@@ -350,8 +377,9 @@ class TargetGroup:
             cause = cause if isinstance(cause, BaseException) else e
             reason = f"{type(cause).__name__}: {cause}".splitlines()[0]
             await asyncio.to_thread(self.restart, epoch, reason)
-            raise TargetGroupBroken(f"target group restarted after a rank failure ({reason}); "
-                                    "send the call again") from e
+            raise TargetGroupBroken(
+                f"target group restarted after a rank failure ({reason}); send the call again"
+            ) from e
 
     async def generate_step(self, req: StepRequest) -> StepOutput:
         """One step for one chain (dynamically batched with concurrent callers)."""
@@ -382,9 +410,13 @@ class TargetGroup:
                 ranks.append({**info, "rank": i, "status": status})
             except Exception as e:  # RayActorError: the rank's process is gone
                 ranks.append({"rank": i, "status": "dead", "error": f"{type(e).__name__}: {e}".splitlines()[0]})
-        return {"healthy": bool(ranks) and all(r["status"] == "ok" for r in ranks), "tp_size": self.tp_size,
-                "ranks": ranks,
-                "epoch": self.epoch, "restarts": list(self.restarts)}
+        return {
+            "healthy": bool(ranks) and all(r["status"] == "ok" for r in ranks),
+            "tp_size": self.tp_size,
+            "ranks": ranks,
+            "epoch": self.epoch,
+            "restarts": list(self.restarts),
+        }
 
     def stats(self) -> dict[str, Any]:
         """Rank 0's batch-size histogram and busy time, and what each rank holds."""
@@ -499,17 +531,21 @@ def make_target_group_actor(cfg: ArbitrageConfig, ready_timeout_s: float = 600.0
     Ray per `runtime.target.max_restarts`. Its constructor builds the group; wait on `health`."""
     import ray
 
-    return ray.remote(TargetGroupHost).options(
-        num_cpus=0, max_restarts=cfg.runtime.target.max_restarts, max_task_retries=0,
-        max_concurrency=1000).remote(cfg.model_dump(), ready_timeout_s)
+    return (
+        ray.remote(TargetGroupHost)
+        .options(num_cpus=0, max_restarts=cfg.runtime.target.max_restarts, max_task_retries=0, max_concurrency=1000)
+        .remote(cfg.model_dump(), ready_timeout_s)
+    )
 
 
 def _bundles(actor_cfg: ActorConfig) -> list[dict[str, float]]:
     """One bundle per rank; the custom resources (node pinning) only on bundle 0."""
     base = {"CPU": actor_cfg.num_cpus, "GPU": actor_cfg.num_gpus}
     first = {**base, **actor_cfg.resources}
-    return [{k: v for k, v in b.items() if v > 0} or {"CPU": 0.001}
-            for b in [first] + [base] * (actor_cfg.tensor_parallel - 1)]
+    return [
+        {k: v for k, v in b.items() if v > 0} or {"CPU": 0.001}
+        for b in [first] + [base] * (actor_cfg.tensor_parallel - 1)
+    ]
 
 
 def _reserve_placement_group(actor_cfg: ActorConfig, ready_timeout_s: float):
@@ -526,7 +562,8 @@ def _reserve_placement_group(actor_cfg: ActorConfig, ready_timeout_s: float):
         raise RuntimeError(
             f"no node could host the TP={actor_cfg.tensor_parallel} target group {bundles} within "
             f"{ready_timeout_s:.0f}s (STRICT_PACK: all on one node); lower runtime.target."
-            "tensor_parallel / num_gpus / num_cpus, or add a node with these resources") from e
+            "tensor_parallel / num_gpus / num_cpus, or add a node with these resources"
+        ) from e
     return pg
 
 
@@ -537,8 +574,8 @@ def _rank_actor(actor_cfg: ActorConfig, pg, rank: int):
 
     bundle = _bundles(actor_cfg)[rank]
     return ray.remote(TPRankActor).options(
-        num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
+        num_cpus=bundle.get("CPU", 0),
+        num_gpus=bundle.get("GPU", 0),
         resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
-        scheduling_strategy=PlacementGroupSchedulingStrategy(
-            placement_group=pg, placement_group_bundle_index=rank),
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=rank),
     )

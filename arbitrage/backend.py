@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from arbitrage.router import RouterRequest
     from arbitrage.step_cache import StepCache
 
+
 class ModelBackend(abc.ABC):
     """Async access to the four roles; each call is one chain's single request."""
 
@@ -60,15 +61,27 @@ CONTINUOUS_INFLIGHT = 64  # batches handed to a continuous engine at once (each 
 class LocalBackend(ModelBackend):
     """In-process engines, PRM and router, each behind a dynamic batcher."""
 
-    def __init__(self, draft=None, target=None, prm=None, router=None,
-                 max_batch_size: int = 16, max_wait_ms: float = 5.0):
+    def __init__(
+        self, draft=None, target=None, prm=None, router=None, max_batch_size: int = 16, max_wait_ms: float = 5.0
+    ):
         self.draft, self.target, self.prm, self.router = draft, target, prm, router
-        fns = {"draft": draft and step_batch_fn(draft), "target": target and step_batch_fn(target),
-               "prm": prm and prm.score, "router": router and router.predict}
+        fns = {
+            "draft": draft and step_batch_fn(draft),
+            "target": target and step_batch_fn(target),
+            "prm": prm and prm.score,
+            "router": router and router.predict,
+        }
         engines = {"draft": draft, "target": target}
-        self.batchers = {role: DynamicBatcher(fn, max_batch_size, max_wait_ms, max_inflight=CONTINUOUS_INFLIGHT
-                                              if getattr(engines.get(role), "continuous", False) else 1)
-                         for role, fn in fns.items() if fn is not None}
+        self.batchers = {
+            role: DynamicBatcher(
+                fn,
+                max_batch_size,
+                max_wait_ms,
+                max_inflight=CONTINUOUS_INFLIGHT if getattr(engines.get(role), "continuous", False) else 1,
+            )
+            for role, fn in fns.items()
+            if fn is not None
+        }
 
     @classmethod
     def from_config(cls, cfg, roles: tuple[str, ...] = ROLES) -> "LocalBackend":

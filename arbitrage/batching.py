@@ -36,8 +36,13 @@ R = TypeVar("R")
 class DynamicBatcher(Generic[T, R]):
     """Collects awaited requests into batches for `batch_fn(list[T]) -> list[R]`."""
 
-    def __init__(self, batch_fn: Callable[[list[T]], list[R]], max_batch_size: int = 16,
-                 max_wait_ms: float = 5.0, max_inflight: int = 1):
+    def __init__(
+        self,
+        batch_fn: Callable[[list[T]], list[R]],
+        max_batch_size: int = 16,
+        max_wait_ms: float = 5.0,
+        max_inflight: int = 1,
+    ):
         """
         Args:
             batch_fn: the batched call; a coroutine function is awaited on the event loop, any
@@ -69,8 +74,7 @@ class DynamicBatcher(Generic[T, R]):
         return self._queue.qsize() if self._queue is not None else 0
 
     def stats(self) -> dict[str, Any]:
-        return {"batch_sizes": dict(sorted(self.batch_sizes.items())), "busy_s": self.busy_s,
-                "isolated": self.isolated}
+        return {"batch_sizes": dict(sorted(self.batch_sizes.items())), "busy_s": self.busy_s, "isolated": self.isolated}
 
     def _ensure_started(self) -> None:
         if self._task is None or self._task.done():
@@ -173,6 +177,9 @@ def _process_failure(err: BaseException) -> bool:
     ray_exceptions = sys.modules.get("ray.exceptions")  # no Ray imported: no Ray failure possible
     if ray_exceptions is None:
         return False
-    kinds = tuple(getattr(ray_exceptions, n) for n in ("RayActorError", "WorkerCrashedError", "ActorUnavailableError",
-                                                      "NodeDiedError") if hasattr(ray_exceptions, n))
+    kinds = tuple(
+        getattr(ray_exceptions, n)
+        for n in ("RayActorError", "WorkerCrashedError", "ActorUnavailableError", "NodeDiedError")
+        if hasattr(ray_exceptions, n)
+    )
     return isinstance(err, kinds)

@@ -77,8 +77,10 @@ def weight_files(folder: str | Path) -> WeightFiles:
     single = folder / BIN_SINGLE
     if single.is_file():
         return WeightFiles("bin", (single,))
-    raise CheckpointError(f"no weights in {folder}: expected model.safetensors, {SAFETENSORS_INDEX}, "
-                          f"{BIN_SINGLE} or {BIN_INDEX} with its shards")
+    raise CheckpointError(
+        f"no weights in {folder}: expected model.safetensors, {SAFETENSORS_INDEX}, "
+        f"{BIN_SINGLE} or {BIN_INDEX} with its shards"
+    )
 
 
 def read_weights(folder: str | Path, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
@@ -111,8 +113,9 @@ def load_bin(path: str | Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise CheckpointError(f"{path} is not a plain tensor checkpoint; refusing to unpickle it "
-                              f"(torch.load weights_only=True: {first})") from e
+        raise CheckpointError(
+            f"{path} is not a plain tensor checkpoint; refusing to unpickle it (torch.load weights_only=True: {first})"
+        ) from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return state

@@ -57,7 +57,9 @@ class CollectStats:
 def collect_meta(cfg, k: int, temperature: float) -> dict:
     """Provenance fields copied into every row (config name, PRM, k, sample temperature)."""
     prm = cfg.models.prm
-    prm_name = None if prm is None else f"{prm.kind}:{prm.source.name}" + (" (reuses target)" if prm.reuse_target else "")
+    prm_name = (
+        None if prm is None else f"{prm.kind}:{prm.source.name}" + (" (reuses target)" if prm.reuse_target else "")
+    )
     return {"config": cfg.name, "prm": prm_name, "k": k, "sample_temperature": temperature if k > 1 else None}
 
 
@@ -89,20 +91,33 @@ def rows_from_chain(result: dict, extra: list[list[dict]] | None = None, meta: d
         targets = [{"text": greedy, "score": st["prm_target"], "num_tokens": st["target_tokens"], "sampled": False}]
         targets += [{**e, "sampled": True} for e in (extra[i] if extra else [])]
         target_score = sum(t["score"] for t in targets) / len(targets)
-        rows.append({
-            "problem_id": result["problem_id"], "step_index": i, "num_steps": len(steps),
-            "problem": result["problem"], "reference": result.get("reference"), "correct": result.get("correct"),
-            "history": [list(h) for h in history], "draft": draft, "draft_tokens": st["draft_tokens"],
-            "draft_score": st["prm_draft"], "draft_features": st.get("draft_features"),
-            "targets": targets, "target_score": target_score, "advantage": target_score - st["prm_draft"],
-            "author": st["author"], **(meta or {}),
-        })
+        rows.append(
+            {
+                "problem_id": result["problem_id"],
+                "step_index": i,
+                "num_steps": len(steps),
+                "problem": result["problem"],
+                "reference": result.get("reference"),
+                "correct": result.get("correct"),
+                "history": [list(h) for h in history],
+                "draft": draft,
+                "draft_tokens": st["draft_tokens"],
+                "draft_score": st["prm_draft"],
+                "draft_features": st.get("draft_features"),
+                "targets": targets,
+                "target_score": target_score,
+                "advantage": target_score - st["prm_draft"],
+                "author": st["author"],
+                **(meta or {}),
+            }
+        )
         history.append((st["author"], st["text"]))
     return rows
 
 
-async def sample_targets(backend: ModelBackend, s: LoopSettings, item: ChainInput, steps: list[dict],
-                         n: int, temperature: float) -> list[list[dict]]:
+async def sample_targets(
+    backend: ModelBackend, s: LoopSettings, item: ChainInput, steps: list[dict], n: int, temperature: float
+) -> list[list[dict]]:
     """`n` extra target steps per step of a finished chain, each from that step's prefix, PRM-scored.
 
     Args:
@@ -123,17 +138,22 @@ async def sample_targets(backend: ModelBackend, s: LoopSettings, item: ChainInpu
     async def one(i: int, j: int) -> dict:
         prefix = tuple(st["text"] for st in steps[:i])
         used = sum(st["num_tokens"] for st in steps[:i])
-        params = SamplingParams(separator=s.separator, max_tokens=max(1, min(s.max_total_tokens - used, s.max_step_tokens)),
-                                temperature=temperature, top_p=s.top_p,
-                                seed=s.seed + SAMPLE_SEED_STRIDE * (j + 1) + i)
-        req = StepRequest(problem=item.problem, steps=prefix, system=s.system_prompt,
-                          chat=s.use_chat_template, params=params)
+        params = SamplingParams(
+            separator=s.separator,
+            max_tokens=max(1, min(s.max_total_tokens - used, s.max_step_tokens)),
+            temperature=temperature,
+            top_p=s.top_p,
+            seed=s.seed + SAMPLE_SEED_STRIDE * (j + 1) + i,
+        )
+        req = StepRequest(
+            problem=item.problem, steps=prefix, system=s.system_prompt, chat=s.use_chat_template, params=params
+        )
         out = await backend.target_step(req)
         score = await backend.prm_score(PRMRequest(item.problem, prefix + (out.text,)))
         return {"text": out.text, "score": score, "num_tokens": out.num_tokens}
 
     flat = await asyncio.gather(*(one(i, j) for i in range(len(steps)) for j in range(n)))
-    return [list(flat[i * n:(i + 1) * n]) for i in range(len(steps))]
+    return [list(flat[i * n : (i + 1) * n]) for i in range(len(steps))]
 
 
 # ---- the resumable file ---------------------------------------------------------------
@@ -220,9 +240,15 @@ def pending_items(problems: Iterable, done: dict[str, list[dict]]) -> list[Chain
 # ---- in-process collection ------------------------------------------------------------
 
 
-def collect_in_process(cfg, problems: list, out: Path, k: int = 1, temperature: float = 0.7,
-                       backend: ModelBackend | None = None,
-                       on_problem: Callable[[dict, list[dict]], None] | None = None) -> CollectStats:
+def collect_in_process(
+    cfg,
+    problems: list,
+    out: Path,
+    k: int = 1,
+    temperature: float = 0.7,
+    backend: ModelBackend | None = None,
+    on_problem: Callable[[dict, list[dict]], None] | None = None,
+) -> CollectStats:
     """Collect router training rows for the missing problems with the core loop in this process.
 
     Args:
@@ -264,17 +290,30 @@ def collect_in_process(cfg, problems: list, out: Path, k: int = 1, temperature: 
 
     t0 = time.perf_counter()
     try:
-        asyncio.run(run_chains(todo, backend, make_policy("oracle", 0.0, seed=cfg.generation.seed), settings,
-                               max_concurrent=cfg.runtime.max_concurrent_chains,
-                               timeout_s=cfg.runtime.chain_timeout_s, on_result=on_result))
+        asyncio.run(
+            run_chains(
+                todo,
+                backend,
+                make_policy("oracle", 0.0, seed=cfg.generation.seed),
+                settings,
+                max_concurrent=cfg.runtime.max_concurrent_chains,
+                timeout_s=cfg.runtime.chain_timeout_s,
+                on_result=on_result,
+            )
+        )
     finally:
         sink.close()
         stats.elapsed_s = time.perf_counter() - t0
     return stats
 
 
-def record(stats: CollectStats, sink: RowSink, result: dict, rows: list[dict] | None,
-           on_problem: Callable[[dict, list[dict]], None] | None) -> None:
+def record(
+    stats: CollectStats,
+    sink: RowSink,
+    result: dict,
+    rows: list[dict] | None,
+    on_problem: Callable[[dict, list[dict]], None] | None,
+) -> None:
     """Write a finished problem's rows (or count its failure) and report it."""
     if rows:
         sink.write_problem(rows)

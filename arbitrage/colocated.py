@@ -54,8 +54,14 @@ from typing import Any
 import torch
 
 from arbitrage.engine_common import token_stats
-from arbitrage.fast_engine import (PREFILL_BLOCK, WINDOW_BLOCK, FastStepEngine, _prefill_attention,
-                                   _prefill_groups, _round_up)
+from arbitrage.fast_engine import (
+    PREFILL_BLOCK,
+    WINDOW_BLOCK,
+    FastStepEngine,
+    _prefill_attention,
+    _prefill_groups,
+    _round_up,
+)
 
 
 @dataclass(frozen=True)
@@ -82,8 +88,7 @@ TARGET_GATE = Gate(share=0.3, max_hold_s=0.3, idle_grace_s=0.01)
 EAGER = Gate()
 PEAK_HALF_LIFE_S = 1.0
 
-COUNTERS = {"admissions": 0, "admitted_rows": 0, "hold_s": 0.0, "held_turns": 0, "decode_rows": 0,
-            "gpu_wait_s": 0.0}
+COUNTERS = {"admissions": 0, "admitted_rows": 0, "hold_s": 0.0, "held_turns": 0, "decode_rows": 0, "gpu_wait_s": 0.0}
 
 
 class ColocatedScheduler:
@@ -223,8 +228,14 @@ class ColocatedEngine(FastStepEngine):
         Returns (whether this engine has work on the GPU afterwards, the time at which its
         held rows' `max_hold_s` runs out, or None).
         """
-        if self._closed and self._inflight is None and not self._pending and not self._running \
-                and not self._waiting and self._queue.empty():
+        if (
+            self._closed
+            and self._inflight is None
+            and not self._pending
+            and not self._running
+            and not self._waiting
+            and self._queue.empty()
+        ):
             return False, None
         stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         with self._ctx(), stream:
@@ -308,25 +319,26 @@ class ColocatedEngine(FastStepEngine):
         B, S = len(group), _round_up(max(len(job.ids) - n for job, n in group), PREFILL_BLOCK)
         C, dummy = self.max_context, self.lm.dummy
         host = torch.empty((3 * B * S + 2 * B,), dtype=torch.long, pin_memory=self._cuda)
-        tokens, pos, write = (host[i * B * S:(i + 1) * B * S].view(B, S) for i in range(3))
-        read, last = host[3 * B * S:3 * B * S + B], host[3 * B * S + B:]
+        tokens, pos, write = (host[i * B * S : (i + 1) * B * S].view(B, S) for i in range(3))
+        read, last = host[3 * B * S : 3 * B * S + B], host[3 * B * S + B :]
         tokens.fill_(self.pad_id)
         write.fill_(dummy)  # padding writes go to the dummy slot
         for i, (job, n) in enumerate(group):
             tail = job.ids[n:]
-            tokens[i, :len(tail)] = torch.tensor(tail)
+            tokens[i, : len(tail)] = torch.tensor(tail)
             torch.arange(n, n + S, out=pos[i]).clamp_(max=C - 1)
-            write[i, :len(tail)] = job.slot
+            write[i, : len(tail)] = job.slot
             read[i] = job.slot
             last[i] = len(tail) - 1
             self.slots.ids[job.slot] = list(job.ids)
         window = min(C, _round_up(max(len(job.ids) for job, _ in group), WINDOW_BLOCK))
         dev = host.to(self.device, non_blocking=True)
-        d_tok, d_pos, d_write = (dev[i * B * S:(i + 1) * B * S].view(B, S) for i in range(3))
+        d_tok, d_pos, d_write = (dev[i * B * S : (i + 1) * B * S].view(B, S) for i in range(3))
         self.forward_calls += 1
         with _prefill_attention(self.device):
-            logits = self.lm.forward(d_tok, d_pos, d_write, dev[3 * B * S:3 * B * S + B], window,
-                                     dev[3 * B * S + B:])
+            logits = self.lm.forward(
+                d_tok, d_pos, d_write, dev[3 * B * S : 3 * B * S + B], window, dev[3 * B * S + B :]
+            )
         stats, event = token_stats(logits), None
         if self._cuda:
             pinned = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
@@ -361,8 +373,10 @@ class ColocatedEngine(FastStepEngine):
             pad = Bb - B
             pinned = self._pinned.get(Bb)
             if pinned is None:
-                pinned = self._pinned[Bb] = (torch.empty(g.inp.shape, dtype=g.inp.dtype, pin_memory=True),
-                                             torch.empty(g.stats.shape, dtype=g.stats.dtype, pin_memory=True))
+                pinned = self._pinned[Bb] = (
+                    torch.empty(g.inp.shape, dtype=g.inp.dtype, pin_memory=True),
+                    torch.empty(g.stats.shape, dtype=g.stats.dtype, pin_memory=True),
+                )
             inp, out = pinned  # free to overwrite: the last step of this engine was waited for
             inp.copy_(torch.tensor([toks + [self.pad_id] * pad, pos + [0] * pad, slots + [self.lm.dummy] * pad]))
             g.inp.copy_(inp, non_blocking=True)  # a pageable copy would wait for the whole queue
@@ -416,8 +430,9 @@ class ColocatedEngine(FastStepEngine):
 ROLE_GATES = {"draft": DRAFT_GATE, "target": TARGET_GATE}
 
 
-def load_colocated_engines(models: dict[str, Any], scheduler: ColocatedScheduler,
-                           gates: dict[str, Gate] | None = None) -> dict[str, Any]:
+def load_colocated_engines(
+    models: dict[str, Any], scheduler: ColocatedScheduler, gates: dict[str, Gate] | None = None
+) -> dict[str, Any]:
     """Step engines for the roles of `models` (role -> ModelConfig), sharing one scheduler.
 
     `engine: fast` roles become ColocatedEngines on `scheduler`, gated by `gates[role]`
@@ -432,8 +447,14 @@ def load_colocated_engines(models: dict[str, Any], scheduler: ColocatedScheduler
     for role, cfg in models.items():
         if cfg.engine == "fast":
             model, tokenizer = load_causal_lm(cfg)
-            out[role] = ColocatedEngine(model, tokenizer, scheduler, gate=gates.get(role, EAGER),
-                                        max_context=cfg.max_context, max_slots=cfg.max_slots)
+            out[role] = ColocatedEngine(
+                model,
+                tokenizer,
+                scheduler,
+                gate=gates.get(role, EAGER),
+                max_context=cfg.max_context,
+                max_slots=cfg.max_slots,
+            )
         else:
             out[role] = load_engine(cfg)
     return out

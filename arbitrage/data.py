@@ -177,8 +177,7 @@ def _gsm8k(row: dict, where: str, lineno: int) -> Problem:
     _, sol = _field(row, ("answer",), where, "answer")
     if "####" not in sol:
         raise DataError(f"{where}: GSM8K answer has no '####' final answer")
-    return Problem(_row_id(row, str(lineno)), q, sol.split("####")[-1].strip().replace(",", ""),
-                   {"solution": sol})
+    return Problem(_row_id(row, str(lineno)), q, sol.split("####")[-1].strip().replace(",", ""), {"solution": sol})
 
 
 def _math500(row: dict, where: str, lineno: int) -> Problem:

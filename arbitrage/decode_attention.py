@@ -31,8 +31,7 @@ BLOCK = 64  # cache positions per inner iteration
 
 def supported(device: torch.device, head_dim: int) -> bool:
     """Whether the kernel can run: a CUDA device, Triton importable, head_dim a power of two >= 16."""
-    return (triton is not None and device.type == "cuda" and head_dim >= 16
-            and head_dim & (head_dim - 1) == 0)
+    return triton is not None and device.type == "cuda" and head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -55,20 +54,54 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, 
     slots, pos = slots.contiguous(), pos.contiguous()  # the kernel indexes them with stride 1
     out = torch.empty_like(q)
     _kernel[(B, Hkv)](
-        q, cache, slots, pos, out, 1.0 / math.sqrt(D),
-        q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
-        out.stride(0), out.stride(1),
-        G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK=BLOCK,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+        q,
+        cache,
+        slots,
+        pos,
+        out,
+        1.0 / math.sqrt(D),
+        q.stride(0),
+        q.stride(1),
+        cache.stride(0),
+        cache.stride(1),
+        cache.stride(2),
+        cache.stride(3),
+        out.stride(0),
+        out.stride(1),
+        G=G,
+        GP=max(16, triton.next_power_of_2(G)),
+        D=D,
+        BLOCK=BLOCK,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+    )
     return out
 
 
 if triton is not None:
+
     @triton.jit
-    def _kernel(Q, KV, Slots, Pos, Out, scale,
-                sq_b, sq_h, skv_s, skv_kv, skv_h, skv_t, so_b, so_h,
-                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                PRECISION: tl.constexpr):
+    def _kernel(
+        Q,
+        KV,
+        Slots,
+        Pos,
+        Out,
+        scale,
+        sq_b,
+        sq_h,
+        skv_s,
+        skv_kv,
+        skv_h,
+        skv_t,
+        so_b,
+        so_h,
+        G: tl.constexpr,
+        GP: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         b = tl.program_id(0)
         h = tl.program_id(1)
         slot = tl.load(Slots + b).to(tl.int64)
@@ -96,5 +129,6 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         out = acc / l_i[:, None]
-        tl.store(Out + b * so_b + (h * G + g)[:, None] * so_h + d[None, :], out.to(Out.dtype.element_ty),
-                 mask=rows[:, None])
+        tl.store(
+            Out + b * so_b + (h * G + g)[:, None] * so_h + d[None, :], out.to(Out.dtype.element_ty), mask=rows[:, None]
+        )

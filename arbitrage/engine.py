@@ -18,8 +18,18 @@ from dataclasses import dataclass
 import torch
 
 from arbitrage.engine_base import StepEngine
-from arbitrage.engine_common import (Row, common_prefix, eos_ids, new_row, pad_id, record_token, render_prompt,
-                                     step_output, unique_keys, update_stop)
+from arbitrage.engine_common import (
+    Row,
+    common_prefix,
+    eos_ids,
+    new_row,
+    pad_id,
+    record_token,
+    render_prompt,
+    step_output,
+    unique_keys,
+    update_stop,
+)
 from arbitrage.types import ContextOverflow, SamplingParams, StepOutput, StepRequest
 from configs.schema import DEFAULT_KV_CACHE_TOKENS
 
@@ -29,10 +39,10 @@ class HFStepEngine(StepEngine):
 
     def __init__(self, model, tokenizer, max_context: int = 4096, kv_cache_tokens: int | None = None):
         """Args:
-            model, tokenizer: an HF causal LM and its tokenizer.
-            max_context: tokens of prompt + step per chain.
-            kv_cache_tokens: tokens of per-chain KV kept between steps (LRU; None:
-                DEFAULT_KV_CACHE_TOKENS); 0 keeps none.
+        model, tokenizer: an HF causal LM and its tokenizer.
+        max_context: tokens of prompt + step per chain.
+        kv_cache_tokens: tokens of per-chain KV kept between steps (LRU; None:
+            DEFAULT_KV_CACHE_TOKENS); 0 keeps none.
         """
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -99,10 +109,10 @@ class HFStepEngine(StepEngine):
         mask = torch.zeros((B, P + D), dtype=torch.long)
         pos = torch.zeros((B, D), dtype=torch.long)
         for i, (d, n) in enumerate(zip(deltas, p_len)):
-            ids[i, D - len(d):] = torch.tensor(d, dtype=torch.long)
-            mask[i, P - n:P] = 1
-            mask[i, P + D - len(d):] = 1
-            pos[i, D - len(d):] = torch.arange(n, n + len(d))
+            ids[i, D - len(d) :] = torch.tensor(d, dtype=torch.long)
+            mask[i, P - n : P] = 1
+            mask[i, P + D - len(d) :] = 1
+            pos[i, D - len(d) :] = torch.arange(n, n + len(d))
         cache = DynamicCache()
         if P > 0:
             for layer in range(len(next(p for p in past if p.length).kv)):
@@ -114,12 +124,17 @@ class HFStepEngine(StepEngine):
 
     def _forward(self, ids, mask, pos, cache) -> torch.Tensor:
         self.forward_calls += 1
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: cache},
+        )
         return out.logits[:, -1, :].float()  # [B, V]
 
-    def _generate(self, prompts: list[str], params: list[SamplingParams],
-                  keys: list[str | None]) -> list[StepOutput]:
+    def _generate(self, prompts: list[str], params: list[SamplingParams], keys: list[str | None]) -> list[StepOutput]:
         enc = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         for e in enc:
             if len(e) >= self.max_context:
@@ -154,8 +169,10 @@ class HFStepEngine(StepEngine):
             if key is None:
                 continue
             valid = mask[i].bool()  # [T]: this row's real positions in the batched cache
-            kv = [(layer.keys[i:i + 1, :, valid].clone(), layer.values[i:i + 1, :, valid].clone())
-                  for layer in cache.layers]
+            kv = [
+                (layer.keys[i : i + 1, :, valid].clone(), layer.values[i : i + 1, :, valid].clone())
+                for layer in cache.layers
+            ]
             self.prefix_cache.put(key, cached_ids[i], kv)
 
     def _sample_and_record(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:

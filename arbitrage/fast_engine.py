@@ -119,10 +119,16 @@ def _layer_weights(layer, fuse: bool) -> _Layer:
     qkv, gate_up = [a.q_proj, a.k_proj, a.v_proj], [m.gate_proj, m.up_proj]
     # Quantized weights (torchao tensor subclasses, arbitrage.quant) cannot be concatenated: keep them apart.
     fuse = fuse and all(type(x.weight) in (torch.Tensor, torch.nn.Parameter) for x in qkv + gate_up)
-    return _Layer(layer.input_layernorm.weight, _eps(layer.input_layernorm),
-                  [_fuse_linears(qkv)] if fuse else [_linear(x) for x in qkv], _linear(a.o_proj),
-                  layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm),
-                  [_fuse_linears(gate_up)] if fuse else [_linear(x) for x in gate_up], _linear(m.down_proj))
+    return _Layer(
+        layer.input_layernorm.weight,
+        _eps(layer.input_layernorm),
+        [_fuse_linears(qkv)] if fuse else [_linear(x) for x in qkv],
+        _linear(a.o_proj),
+        layer.post_attention_layernorm.weight,
+        _eps(layer.post_attention_layernorm),
+        [_fuse_linears(gate_up)] if fuse else [_linear(x) for x in gate_up],
+        _linear(m.down_proj),
+    )
 
 
 def _linear(module) -> Linear:
@@ -142,9 +148,9 @@ def _fuse_linears(modules) -> Linear:
         row = 0
         for m in modules:
             n = m.weight.shape[0]
-            m.weight.data = w[row:row + n]
+            m.weight.data = w[row : row + n]
             if b is not None:
-                m.bias.data = b[row:row + n]
+                m.bias.data = b[row : row + n]
             row += n
     modules[0]._fused_linear = (w, b)
     return w, b
@@ -166,19 +172,27 @@ def check_supported(model) -> None:
     cfg = model.config
     mt = getattr(cfg, "model_type", None)
     if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"FastStepEngine runs model_type {' or '.join(SUPPORTED_MODEL_TYPES)}, got {mt!r}; "
-                         "use arbitrage.engine.HFStepEngine for this model")
+        raise ValueError(
+            f"FastStepEngine runs model_type {' or '.join(SUPPORTED_MODEL_TYPES)}, got {mt!r}; "
+            "use arbitrage.engine.HFStepEngine for this model"
+        )
     kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
     if kinds != {"full_attention"} or getattr(cfg, "use_sliding_window", False):
-        raise ValueError(f"FastStepEngine has no sliding-window attention (layer_types {sorted(kinds)}); "
-                         "use arbitrage.engine.HFStepEngine")
+        raise ValueError(
+            f"FastStepEngine has no sliding-window attention (layer_types {sorted(kinds)}); "
+            "use arbitrage.engine.HFStepEngine"
+        )
     rope = getattr(model.model.rotary_emb, "rope_type", "default")
     if any(d in str(rope) for d in _DYNAMIC_ROPE):
-        raise ValueError(f"rope_type {rope!r} recomputes frequencies per call; FastStepEngine needs a "
-                         "static rope type (default, linear, llama3, yarn); use arbitrage.engine.HFStepEngine")
+        raise ValueError(
+            f"rope_type {rope!r} recomputes frequencies per call; FastStepEngine needs a "
+            "static rope type (default, linear, llama3, yarn); use arbitrage.engine.HFStepEngine"
+        )
     if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise ValueError(f"FastStepEngine's MLP is SwiGLU (hidden_act 'silu'), got {cfg.hidden_act!r}; "
-                         "use arbitrage.engine.HFStepEngine")
+        raise ValueError(
+            f"FastStepEngine's MLP is SwiGLU (hidden_act 'silu'), got {cfg.hidden_act!r}; "
+            "use arbitrage.engine.HFStepEngine"
+        )
 
 
 # Pointwise pieces of the forward. On CUDA they are torch.compile'd, so each is one fused
@@ -248,8 +262,16 @@ def _compiled(fn: Callable) -> Callable:
 class _FastLM:
     """Llama / Qwen2 forward over the HF model's own weights and a static slot KV cache."""
 
-    def __init__(self, model, n_slots: int, max_context: int, compiled: bool = False, fuse: bool = False,
-                 tp: TensorParallel | None = None, decode_kernel: bool | None = None):
+    def __init__(
+        self,
+        model,
+        n_slots: int,
+        max_context: int,
+        compiled: bool = False,
+        fuse: bool = False,
+        tp: TensorParallel | None = None,
+        decode_kernel: bool | None = None,
+    ):
         check_supported(model)
         cfg, inner = model.config, model.model
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -281,8 +303,10 @@ class _FastLM:
         # Decode attention in place over the slots (Triton) instead of gather + SDPA.
         can = decode_attention.supported(self.device, self.head_dim)
         if decode_kernel and not can:
-            raise ValueError("decode_kernel needs CUDA, Triton and a power-of-two head_dim >= 16 "
-                             f"(device {self.device}, head_dim {self.head_dim})")
+            raise ValueError(
+                "decode_kernel needs CUDA, Triton and a power-of-two head_dim >= 16 "
+                f"(device {self.device}, head_dim {self.head_dim})"
+            )
         self.decode_kernel = can if decode_kernel is None else decode_kernel
 
     @property
@@ -299,8 +323,10 @@ class _FastLM:
                 kv = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         except torch.OutOfMemoryError as e:
             gib = self.bytes_per_slot * (self.n_slots + 1) / 2**30
-            raise ValueError(f"KV cache of {self.n_slots} slots x max_context {self.max_context} needs "
-                             f"{gib:.1f} GiB; lower max_slots, max_context or kv_cache_tokens") from e
+            raise ValueError(
+                f"KV cache of {self.n_slots} slots x max_context {self.max_context} needs "
+                f"{gib:.1f} GiB; lower max_slots, max_context or kv_cache_tokens"
+            ) from e
         return kv
 
     def _rope_table(self, rotary_emb) -> tuple[torch.Tensor, torch.Tensor]:
@@ -458,28 +484,37 @@ def _batch_buckets(n_slots: int) -> list[int]:
 class FastStepEngine(QueuedStepEngine):
     """Step engine with its own Llama/Qwen2 forward, slot KV cache, CUDA graphs and continuous batching."""
 
-    def __init__(self, model, tokenizer, max_context: int = 4096, max_slots: int | None = 64,
-                 kv_cache_tokens: int | None = None, use_cuda_graphs: bool = True,
-                 compile_ops: bool | None = None, fuse_weights: bool | None = None,
-                 tp: TensorParallel | None = None, decode_kernel: bool | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_context: int = 4096,
+        max_slots: int | None = 64,
+        kv_cache_tokens: int | None = None,
+        use_cuda_graphs: bool = True,
+        compile_ops: bool | None = None,
+        fuse_weights: bool | None = None,
+        tp: TensorParallel | None = None,
+        decode_kernel: bool | None = None,
+    ):
         """Args:
-            model: an HF Llama or Qwen2 causal LM (its weights are used in place).
-            tokenizer: the model's tokenizer.
-            max_context: tokens per slot (prompt + step).
-            max_slots: KV slots = most chains cached and rows decoded at once.
-            kv_cache_tokens: optional bound on cached tokens; the slots are
-                `configs.schema.kv_slots(max_slots, max_context, kv_cache_tokens)`; 0 keeps no
-                chain's KV between requests.
-            use_cuda_graphs: replay the decode step as CUDA graphs (CUDA only).
-            compile_ops: torch.compile the pointwise pieces (norms, rope, SwiGLU, sampling
-                statistics) of the CUDA-graph decode step into fused kernels; default: on CUDA.
-            fuse_weights: concatenate q/k/v and gate/up weights into one GEMM each; the model's
-                parameters are re-pointed at views of the fused tensors (no second copy; the
-                model still works, e.g. for an HFStepEngine or PRM sharing it); default: on CUDA only.
-            tp: the model is this rank's AutoTP shard (see TensorParallel); every rank must
-                submit the same requests in the same order, one batch at a time.
-            decode_kernel: decode attention with the Triton kernel of arbitrage.decode_attention
-                (in place over the slots) instead of gather + SDPA; default: where it can run.
+        model: an HF Llama or Qwen2 causal LM (its weights are used in place).
+        tokenizer: the model's tokenizer.
+        max_context: tokens per slot (prompt + step).
+        max_slots: KV slots = most chains cached and rows decoded at once.
+        kv_cache_tokens: optional bound on cached tokens; the slots are
+            `configs.schema.kv_slots(max_slots, max_context, kv_cache_tokens)`; 0 keeps no
+            chain's KV between requests.
+        use_cuda_graphs: replay the decode step as CUDA graphs (CUDA only).
+        compile_ops: torch.compile the pointwise pieces (norms, rope, SwiGLU, sampling
+            statistics) of the CUDA-graph decode step into fused kernels; default: on CUDA.
+        fuse_weights: concatenate q/k/v and gate/up weights into one GEMM each; the model's
+            parameters are re-pointed at views of the fused tensors (no second copy; the
+            model still works, e.g. for an HFStepEngine or PRM sharing it); default: on CUDA only.
+        tp: the model is this rank's AutoTP shard (see TensorParallel); every rank must
+            submit the same requests in the same order, one batch at a time.
+        decode_kernel: decode attention with the Triton kernel of arbitrage.decode_attention
+            (in place over the slots) instead of gather + SDPA; default: where it can run.
         """
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -494,8 +529,7 @@ class FastStepEngine(QueuedStepEngine):
         on_cuda = next(model.parameters()).device.type == "cuda"
         compiled = on_cuda if compile_ops is None else compile_ops
         fuse = on_cuda if fuse_weights is None else fuse_weights
-        self.lm = _FastLM(model, n_slots, max_context, compiled=compiled, fuse=fuse, tp=tp,
-                          decode_kernel=decode_kernel)
+        self.lm = _FastLM(model, n_slots, max_context, compiled=compiled, fuse=fuse, tp=tp, decode_kernel=decode_kernel)
         self.continuous = tp is None  # TP ranks run each batch alone, in lockstep
         self.device = self.lm.device
         self.slots = SlotPool(n_slots)
@@ -503,8 +537,14 @@ class FastStepEngine(QueuedStepEngine):
         self.graphs = DecodeGraphs(self.lm, self.pad_id) if use_graphs else None
         # Counters; the *_s entries are scheduler-thread seconds (prefill: forward + first token;
         # decode: forward or graph replay + sampling bookkeeping; idle: waiting for requests).
-        self.stats = {"decode_steps": 0, "admitted_mid_decode": 0, "max_running": 0,
-                      "prefill_s": 0.0, "decode_s": 0.0, "idle_s": 0.0}
+        self.stats = {
+            "decode_steps": 0,
+            "admitted_mid_decode": 0,
+            "max_running": 0,
+            "prefill_s": 0.0,
+            "decode_s": 0.0,
+            "idle_s": 0.0,
+        }
         self._init_queue()
         self._thread = threading.Thread(target=self._loop, name="fast-step-engine", daemon=True)
         self._thread.start()
@@ -579,9 +619,9 @@ class FastStepEngine(QueuedStepEngine):
         write = torch.full((B, S), dummy, dtype=torch.long)  # padding writes go to the dummy slot
         for i, (job, n) in enumerate(group):
             tail = job.ids[n:]
-            tokens[i, :len(tail)] = torch.tensor(tail)
+            tokens[i, : len(tail)] = torch.tensor(tail)
             pos[i] = torch.arange(n, n + S).clamp_(max=C - 1)
-            write[i, :len(tail)] = job.slot
+            write[i, : len(tail)] = job.slot
             self.slots.ids[job.slot] = list(job.ids)
         read = torch.tensor([job.slot for job, _ in group])
         last = torch.tensor([len(job.ids) - n - 1 for job, n in group])

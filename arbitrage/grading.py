@@ -39,7 +39,7 @@ def extract_boxed(text: str) -> str | None:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
         if depth == 0:
-            last, pos = text[m.end():i - 1].strip(), i
+            last, pos = text[m.end() : i - 1].strip(), i
         else:
             pos = m.end()
     return last

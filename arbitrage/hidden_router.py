@@ -45,8 +45,10 @@ class HiddenRouter(Router):
         for r in requests:
             if r.hidden is None or len(r.hidden) != self.dim:
                 got = "none" if r.hidden is None else f"{len(r.hidden)} values"
-                raise ValueError(f"hidden router needs the draft's {self.dim}-dim hidden state in "
-                                 f"RouterRequest.hidden (set models.draft.hidden_states: true); got {got}")
+                raise ValueError(
+                    f"hidden router needs the draft's {self.dim}-dim hidden state in "
+                    f"RouterRequest.hidden (set models.draft.hidden_states: true); got {got}"
+                )
         x = torch.tensor([r.hidden for r in requests], dtype=torch.float32)
         with torch.inference_mode():
             self.head_calls += 1
@@ -63,8 +65,17 @@ class HiddenRouter(Router):
         return cls(head)
 
     @classmethod
-    def fit(cls, x: torch.Tensor, y: torch.Tensor, init: ValueHead | None = None, width: int = 0,
-            steps: int = 300, lr: float = 3e-3, prior: float = DEFAULT_PRIOR, seed: int = 0) -> tuple["HiddenRouter", list[float]]:
+    def fit(
+        cls,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        init: ValueHead | None = None,
+        width: int = 0,
+        steps: int = 300,
+        lr: float = 3e-3,
+        prior: float = DEFAULT_PRIOR,
+        seed: int = 0,
+    ) -> tuple["HiddenRouter", list[float]]:
         """Fit on hidden states x [N, H] and labels y [N] in {0, 1}.
 
         Args:
@@ -119,8 +130,10 @@ class HiddenRouter(Router):
         path = Path(path)
         meta_path = path / "router.json"
         if not meta_path.is_file() or not (path / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a hidden router folder (needs router.json and {WEIGHTS_FILE}); "
-                                    "write one with `arbitrage train-router --kind hidden`")
+            raise FileNotFoundError(
+                f"{path} is not a hidden router folder (needs router.json and {WEIGHTS_FILE}); "
+                "write one with `arbitrage train-router --kind hidden`"
+            )
         if json.loads(meta_path.read_text()).get("kind") != "hidden":
             raise ValueError(f"{path}/router.json is not a hidden router's (kind hidden)")
         tensors = load_file(str(path / WEIGHTS_FILE))

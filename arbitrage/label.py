@@ -93,8 +93,13 @@ def units_for(row: dict, ls: LabelSettings, separator: str = "\n\n") -> list[tup
             out.append((side, seen[text]))
             continue
         key = f"{row_key(row)}/{side}"
-        base = ChainInput(id=key, problem=row["problem"], answer=row.get("reference"),
-                          prefix=prefix + (text,), prefix_tokens=prefix_tokens)
+        base = ChainInput(
+            id=key,
+            problem=row["problem"],
+            answer=row.get("reference"),
+            prefix=prefix + (text,),
+            prefix_tokens=prefix_tokens,
+        )
         unit = _Unit(key, base)
         if "\\boxed" in text:
             unit.direct = bool(is_correct(separator.join(prefix + (text,)), row.get("reference")))
@@ -108,21 +113,34 @@ def rollout_items(unit: _Unit, ls: LabelSettings) -> list[ChainInput]:
     if unit.direct is not None:
         return []
     b = unit.item_base
-    return [ChainInput(id=f"{unit.key}#{j}", problem=b.problem, answer=b.answer, prefix=b.prefix,
-                       prefix_tokens=b.prefix_tokens, seed=ROLLOUT_SEED_STRIDE * (j + 1))
-            for j in range(ls.k)]
+    return [
+        ChainInput(
+            id=f"{unit.key}#{j}",
+            problem=b.problem,
+            answer=b.answer,
+            prefix=b.prefix,
+            prefix_tokens=b.prefix_tokens,
+            seed=ROLLOUT_SEED_STRIDE * (j + 1),
+        )
+        for j in range(ls.k)
+    ]
 
 
-def labelled_row(row: dict, sides: list[tuple[str, _Unit]], ls: LabelSettings,
-                 solution: str | None = None) -> dict:
+def labelled_row(row: dict, sides: list[tuple[str, _Unit]], ls: LabelSettings, solution: str | None = None) -> dict:
     """The collected row plus its Monte-Carlo values, tie flag and reference check."""
     v = {side: unit.value() for side, unit in sides}
     texts = _steps_of(row)
     out = dict(row)
-    out.update(v_draft=v["draft"], v_target=v["target"], a_mc=v["target"] - v["draft"],
-               tie=texts["draft"] == texts["target"], mc_k=ls.k, mc_temperature=ls.temperature,
-               mc_model=ls.rollout_model,
-               mc_direct={side: unit.direct is not None for side, unit in sides})
+    out.update(
+        v_draft=v["draft"],
+        v_target=v["target"],
+        a_mc=v["target"] - v["draft"],
+        tie=texts["draft"] == texts["target"],
+        mc_k=ls.k,
+        mc_temperature=ls.temperature,
+        mc_model=ls.rollout_model,
+        mc_direct={side: unit.direct is not None for side, unit in sides},
+    )
     if solution is not None:
         out["ref_draft"] = reference_check(texts["draft"], solution, row.get("reference"))
         out["ref_target"] = reference_check(texts["target"], solution, row.get("reference"))
@@ -202,10 +220,15 @@ def rollouts_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".jsonl") + ".rollouts.jsonl")
 
 
-def label_rows(rows: list[dict], out: Path, ls: LabelSettings,
-               run: Callable[[list[ChainInput], Callable[[dict], None]], None],
-               solutions: dict[str, str] | None = None, separator: str = "\n\n",
-               on_row: Callable[[dict], None] | None = None) -> dict:
+def label_rows(
+    rows: list[dict],
+    out: Path,
+    ls: LabelSettings,
+    run: Callable[[list[ChainInput], Callable[[dict], None]], None],
+    solutions: dict[str, str] | None = None,
+    separator: str = "\n\n",
+    on_row: Callable[[dict], None] | None = None,
+) -> dict:
     """Label the rows not yet in `out`, appending each as soon as its rollouts are all done.
 
     Args:
@@ -263,9 +286,18 @@ def label_rows(rows: list[dict], out: Path, ls: LabelSettings,
         stats["failed_rollouts"] += int(failed)
         u.results.append(bool(res.get("correct")) and not failed)
         if not failed:
-            roll_sink.write(json.dumps({"unit": unit_key, "rollout": str(res["problem_id"]).rsplit("#", 1)[1],
-                                        "steps": [s["text"] for s in res.get("steps", [])],
-                                        "correct": bool(res.get("correct")), "stop_reason": res.get("stop_reason")}) + "\n")
+            roll_sink.write(
+                json.dumps(
+                    {
+                        "unit": unit_key,
+                        "rollout": str(res["problem_id"]).rsplit("#", 1)[1],
+                        "steps": [s["text"] for s in res.get("steps", [])],
+                        "correct": bool(res.get("correct")),
+                        "stop_reason": res.get("stop_reason"),
+                    }
+                )
+                + "\n"
+            )
             roll_sink.flush()
         if complete(u):
             for rk in rows_of_unit[unit_key]:
@@ -320,10 +352,15 @@ def label_statistics(rows: Iterable[dict]) -> dict:
             total += 1
             agree += int(ref_good == (r[f"v_{side}"] >= 0.5))
     return {
-        "rows": n, "problems": len({r["problem_id"] for r in rows}), "ties": ties, "tie_share": ties / n,
+        "rows": n,
+        "problems": len({r["problem_id"] for r in rows}),
+        "ties": ties,
+        "tie_share": ties / n,
         "v_histogram": hist,
-        "a_mc_positive": sum(1 for x in a if x > 0), "a_mc_negative": sum(1 for x in a if x < 0),
+        "a_mc_positive": sum(1 for x in a if x > 0),
+        "a_mc_negative": sum(1 for x in a if x < 0),
         "a_mc_zero_non_tie": sum(1 for x in a if x == 0),
         "a_mc_mean_non_tie": sum(a) / len(a) if a else None,
-        "ref_checked_steps": total, "ref_mc_agreement": agree / total if total else None,
+        "ref_checked_steps": total,
+        "ref_mc_agreement": agree / total if total else None,
     }

@@ -37,7 +37,16 @@ import numpy as np
 import torch
 
 from arbitrage.engine_base import QueuedStepEngine
-from arbitrage.engine_common import Job, SlotPool, common_prefix, pad_id, record_token, step_output, token_stats, update_stop
+from arbitrage.engine_common import (
+    Job,
+    SlotPool,
+    common_prefix,
+    pad_id,
+    record_token,
+    step_output,
+    token_stats,
+    update_stop,
+)
 from configs.schema import kv_slots
 
 _BACKEND_READY = False
@@ -53,8 +62,10 @@ def llama_cpp_module():
     try:
         import llama_cpp
     except ImportError as e:  # pragma: no cover - exercised only where the extra is absent
-        raise ImportError("engine 'llamacpp' needs llama-cpp-python: pip install -e '.[cpu]' "
-                          "(a source build of llama.cpp, about 4 minutes)") from e
+        raise ImportError(
+            "engine 'llamacpp' needs llama-cpp-python: pip install -e '.[cpu]' "
+            "(a source build of llama.cpp, about 4 minutes)"
+        ) from e
     return llama_cpp
 
 
@@ -132,26 +143,35 @@ def default_lock_path() -> str:
 class LlamaCppStepEngine(QueuedStepEngine):
     """Step engine on llama.cpp: per-chain sequences, continuous batching, one decode call per token."""
 
-    def __init__(self, gguf_path: str | os.PathLike, tokenizer, max_context: int = 4096,
-                 max_slots: int | None = 16, kv_cache_tokens: int | None = None, n_threads: int | None = None,
-                 n_batch: int = 512, lock_path: str | None = None, embeddings: bool = False,
-                 kv_unified: bool = False):
+    def __init__(
+        self,
+        gguf_path: str | os.PathLike,
+        tokenizer,
+        max_context: int = 4096,
+        max_slots: int | None = 16,
+        kv_cache_tokens: int | None = None,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        lock_path: str | None = None,
+        embeddings: bool = False,
+        kv_unified: bool = False,
+    ):
         """Args:
-            gguf_path: the model file.
-            tokenizer: the model's HF tokenizer (same vocabulary as the GGUF).
-            max_context: tokens per chain (prompt + step).
-            max_slots: sequences = most chains cached and rows decoded at once.
-            kv_cache_tokens: bound on cached tokens; the sequences are
-                `configs.schema.kv_slots(max_slots, max_context, kv_cache_tokens)`; 0 keeps no
-                chain's KV between requests.
-            n_threads: llama.cpp threads (default: every core).
-            n_batch: most tokens in one `llama_decode` (decode rows + prefill chunks).
-            lock_path: a file every engine on the machine locks around each decode call
-                (see `CpuLock`); None: only engines of this process alternate.
-            embeddings: also output final hidden states (`hidden_states`, value-head PRMs).
-            kv_unified: one KV buffer for every sequence (chains share prompt prefixes without
-                copying); False gives each sequence its own buffer of max_context cells
-                (attention reads only its own chain; no prefix sharing).
+        gguf_path: the model file.
+        tokenizer: the model's HF tokenizer (same vocabulary as the GGUF).
+        max_context: tokens per chain (prompt + step).
+        max_slots: sequences = most chains cached and rows decoded at once.
+        kv_cache_tokens: bound on cached tokens; the sequences are
+            `configs.schema.kv_slots(max_slots, max_context, kv_cache_tokens)`; 0 keeps no
+            chain's KV between requests.
+        n_threads: llama.cpp threads (default: every core).
+        n_batch: most tokens in one `llama_decode` (decode rows + prefill chunks).
+        lock_path: a file every engine on the machine locks around each decode call
+            (see `CpuLock`); None: only engines of this process alternate.
+        embeddings: also output final hidden states (`hidden_states`, value-head PRMs).
+        kv_unified: one KV buffer for every sequence (chains share prompt prefixes without
+            copying); False gives each sequence its own buffer of max_context cells
+            (attention reads only its own chain; no prefix sharing).
         """
         ll = self.ll = llama_cpp_module()
         _init_backend(ll)
@@ -197,8 +217,16 @@ class LlamaCppStepEngine(QueuedStepEngine):
         self.prefill_tokens = 0
         self.reused_tokens = 0
         self.min_shared_prefix = 16  # tokens; shorter shared prefixes are not worth a copy call
-        self.stats = {"decode_calls": 0, "decode_tokens": 0, "admitted_mid_decode": 0, "max_running": 0,
-                      "shared_prefix_tokens": 0, "busy_s": 0.0, "lock_wait_s": 0.0, "idle_s": 0.0}
+        self.stats = {
+            "decode_calls": 0,
+            "decode_tokens": 0,
+            "admitted_mid_decode": 0,
+            "max_running": 0,
+            "shared_prefix_tokens": 0,
+            "busy_s": 0.0,
+            "lock_wait_s": 0.0,
+            "idle_s": 0.0,
+        }
         self._init_queue()  # _running: holding a slot, prefilling (fed < len(ids)) or decoding
         self._fed: dict[int, int] = {}  # id(job) -> prompt tokens in its sequence
         self._thread = threading.Thread(target=self._loop, name="llamacpp-step-engine", daemon=True)
@@ -316,7 +344,7 @@ class LlamaCppStepEngine(QueuedStepEngine):
             if room <= 0:
                 break
             fed = self._fed[id(job)]
-            chunk = job.ids[fed:fed + room]
+            chunk = job.ids[fed : fed + room]
             for k, tok in enumerate(chunk):
                 last = fed + k == len(job.ids) - 1
                 add(tok, fed + k, job.slot, last)

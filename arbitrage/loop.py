@@ -58,13 +58,21 @@ class LoopSettings:
     def from_config(cls, cfg) -> "LoopSettings":
         """From an ArbitrageConfig (its generation, prompt and policy branches)."""
         g, p = cfg.generation, cfg.prompt
-        return cls(separator=g.step_separator, max_step_tokens=g.max_step_tokens,
-                   max_steps=g.max_steps, max_total_tokens=g.max_total_tokens,
-                   temperature=g.temperature, top_p=g.top_p, seed=g.seed,
-                   forced_step_tokens=g.forced_step_tokens, system_prompt=p.system_prompt,
-                   use_chat_template=p.use_chat_template,
-                   score_escalations=cfg.policy.score_escalations,
-                   has_prm=cfg.models.prm is not None, step_cache=g.step_cache)
+        return cls(
+            separator=g.step_separator,
+            max_step_tokens=g.max_step_tokens,
+            max_steps=g.max_steps,
+            max_total_tokens=g.max_total_tokens,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            seed=g.seed,
+            forced_step_tokens=g.forced_step_tokens,
+            system_prompt=p.system_prompt,
+            use_chat_template=p.use_chat_template,
+            score_escalations=cfg.policy.score_escalations,
+            has_prm=cfg.models.prm is not None,
+            step_cache=g.step_cache,
+        )
 
 
 @dataclass(frozen=True)
@@ -88,13 +96,18 @@ class ChainInput:
 class _Counters:
     def __init__(self):
         self.draft_calls = self.target_calls = self.prm_calls = self.router_calls = 0
-        self.cache: dict[str, dict[str, int]] = {k: {r: 0 for r in CACHED_ROLES}
-                                                 for k in ("hits", "misses", "tokens_saved")}
+        self.cache: dict[str, dict[str, int]] = {
+            k: {r: 0 for r in CACHED_ROLES} for k in ("hits", "misses", "tokens_saved")
+        }
 
 
-async def run_chain(item: ChainInput, backend: ModelBackend, policy: DecisionPolicy,
-                    s: LoopSettings, on_step: Callable[[TraceStep], Awaitable[None] | None] | None = None
-                    ) -> ChainResult:
+async def run_chain(
+    item: ChainInput,
+    backend: ModelBackend,
+    policy: DecisionPolicy,
+    s: LoopSettings,
+    on_step: Callable[[TraceStep], Awaitable[None] | None] | None = None,
+) -> ChainResult:
     """Run one chain to completion.
 
     Args:
@@ -137,17 +150,34 @@ async def run_chain(item: ChainInput, backend: ModelBackend, policy: DecisionPol
     return _finish(item, steps, stop, policy, s, counters, time.perf_counter() - t_start)
 
 
-async def _decide_step(item: ChainInput, steps: list[TraceStep], max_tokens: int,
-                       backend: ModelBackend, policy: DecisionPolicy, s: LoopSettings,
-                       c: _Counters) -> TraceStep:
+async def _decide_step(
+    item: ChainInput,
+    steps: list[TraceStep],
+    max_tokens: int,
+    backend: ModelBackend,
+    policy: DecisionPolicy,
+    s: LoopSettings,
+    c: _Counters,
+) -> TraceStep:
     t0 = time.perf_counter()
     n_done = len(item.prefix) + len(steps)
-    params = SamplingParams(separator=s.separator, max_tokens=max_tokens, temperature=s.temperature,
-                            top_p=s.top_p, seed=s.seed + item.seed + n_done, forced_tokens=s.forced_step_tokens)
+    params = SamplingParams(
+        separator=s.separator,
+        max_tokens=max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        seed=s.seed + item.seed + n_done,
+        forced_tokens=s.forced_step_tokens,
+    )
     texts = item.prefix + tuple(st.text for st in steps)
-    req = StepRequest(problem=item.problem, steps=texts, system=s.system_prompt,
-                      chat=s.use_chat_template, params=params,
-                      chain_id=f"{item.id}#{policy.name}:{policy.threshold}")
+    req = StepRequest(
+        problem=item.problem,
+        steps=texts,
+        system=s.system_prompt,
+        chat=s.use_chat_template,
+        params=params,
+        chain_id=f"{item.id}#{policy.name}:{policy.threshold}",
+    )
     ctx = StepContext(problem_id=item.id, step_index=n_done)
     cache = backend.step_cache() if s.caching else None
 
@@ -172,8 +202,10 @@ async def _decide_step(item: ChainInput, steps: list[TraceStep], max_tokens: int
     async def prm(out: StepOutput) -> float:
         c.prm_calls += 1
         scored = texts + (out.text,)
-        return await through_cache(prm_key(item.problem, scored),
-                                   lambda: backend.prm_score(PRMRequest(item.problem, scored, req.chain_id, hidden(out))))
+        return await through_cache(
+            prm_key(item.problem, scored),
+            lambda: backend.prm_score(PRMRequest(item.problem, scored, req.chain_id, hidden(out))),
+        )
 
     def hidden(out: StepOutput) -> list[float] | None:  # only the draft's state feeds draft-side scorers
         return out.hidden if out is ctx.draft else None
@@ -194,14 +226,14 @@ async def _decide_step(item: ChainInput, steps: list[TraceStep], max_tokens: int
     if policy.needs_router:
         c.router_calls += 1
         history = tuple(("draft", t) for t in item.prefix) + tuple((st.author, st.text) for st in steps)
-        ctx.router_prob = await backend.router_prob(
-            RouterRequest(item.problem, history, d.text, d.features, d.hidden))
+        ctx.router_prob = await backend.router_prob(RouterRequest(item.problem, history, d.text, d.features, d.hidden))
     escalated = policy.escalate(ctx)
     if escalated and ctx.target is None:
         ctx.target = await target()
     if escalated and s.has_prm and s.score_escalations:
         ctx.prm_draft, ctx.prm_target = await asyncio.gather(
-            _known_or(ctx.prm_draft, prm, ctx.draft), _known_or(ctx.prm_target, prm, ctx.target))
+            _known_or(ctx.prm_draft, prm, ctx.draft), _known_or(ctx.prm_target, prm, ctx.target)
+        )
     return _trace(ctx, steps, escalated=escalated, t0=t0)
 
 
@@ -223,47 +255,87 @@ def _trace(ctx: StepContext, steps: list[TraceStep], escalated: bool, t0: float)
     if escalated and ctx.prm_draft is not None and ctx.prm_target is not None:
         wasted = ctx.prm_target <= ctx.prm_draft
     return TraceStep(
-        index=len(steps), text=out.text, author="target" if use_target else "draft",
-        num_tokens=out.num_tokens, stop_reason=out.stop_reason, escalated=escalated,
+        index=len(steps),
+        text=out.text,
+        author="target" if use_target else "draft",
+        num_tokens=out.num_tokens,
+        stop_reason=out.stop_reason,
+        escalated=escalated,
         draft_text=d.text if (d is not None and (use_target or both)) else None,
-        draft_tokens=d.num_tokens if d else 0, target_tokens=t.num_tokens if t else 0,
-        prm_draft=ctx.prm_draft, prm_target=ctx.prm_target, router_prob=ctx.router_prob,
-        wasted=wasted, wall_s=time.perf_counter() - t0,
+        draft_tokens=d.num_tokens if d else 0,
+        target_tokens=t.num_tokens if t else 0,
+        prm_draft=ctx.prm_draft,
+        prm_target=ctx.prm_target,
+        router_prob=ctx.router_prob,
+        wasted=wasted,
+        wall_s=time.perf_counter() - t0,
         draft_features=d.features if d is not None else None,
         target_text=t.text if both and t is not None else None,
     )
 
 
-def _finish(item: ChainInput, steps: list[TraceStep], stop: str, policy: DecisionPolicy,
-            s: LoopSettings, c: _Counters, wall_s: float) -> ChainResult:
+def _finish(
+    item: ChainInput,
+    steps: list[TraceStep],
+    stop: str,
+    policy: DecisionPolicy,
+    s: LoopSettings,
+    c: _Counters,
+    wall_s: float,
+) -> ChainResult:
     from arbitrage.grading import extract_answer, is_correct
 
     final_text = s.separator.join(item.prefix + tuple(st.text for st in steps))
     answer = extract_answer(final_text)
     correct = is_correct(final_text, item.answer) if item.answer is not None else None
     return ChainResult(
-        problem_id=item.id, problem=item.problem, policy=policy.name, threshold=policy.threshold,
-        steps=steps, final_text=final_text, stop_reason=stop, answer=answer, reference=item.answer,
-        correct=correct, draft_tokens=sum(st.draft_tokens for st in steps),
-        target_tokens=sum(st.target_tokens for st in steps), target_calls=c.target_calls,
-        draft_calls=c.draft_calls, prm_calls=c.prm_calls, router_calls=c.router_calls, wall_s=wall_s,
+        problem_id=item.id,
+        problem=item.problem,
+        policy=policy.name,
+        threshold=policy.threshold,
+        steps=steps,
+        final_text=final_text,
+        stop_reason=stop,
+        answer=answer,
+        reference=item.answer,
+        correct=correct,
+        draft_tokens=sum(st.draft_tokens for st in steps),
+        target_tokens=sum(st.target_tokens for st in steps),
+        target_calls=c.target_calls,
+        draft_calls=c.draft_calls,
+        prm_calls=c.prm_calls,
+        router_calls=c.router_calls,
+        wall_s=wall_s,
         cache=c.cache if s.caching else None,
     )
 
 
 def failed_chain(item: ChainInput, policy: DecisionPolicy, stop: str, error: str) -> ChainResult:
     """The result recorded for a chain that timed out, was cancelled or errored."""
-    return ChainResult(problem_id=item.id, problem=item.problem, policy=policy.name,
-                       threshold=policy.threshold, steps=[], final_text="", stop_reason=stop,
-                       reference=item.answer, correct=False if item.answer is not None else None,
-                       error=error)
+    return ChainResult(
+        problem_id=item.id,
+        problem=item.problem,
+        policy=policy.name,
+        threshold=policy.threshold,
+        steps=[],
+        final_text="",
+        stop_reason=stop,
+        reference=item.answer,
+        correct=False if item.answer is not None else None,
+        error=error,
+    )
 
 
-async def run_chains(items: Iterable[ChainInput], backend: ModelBackend, policy: DecisionPolicy,
-                     s: LoopSettings, max_concurrent: int = 32, timeout_s: float | None = None,
-                     on_result: Callable[[ChainResult], Awaitable[None] | None] | None = None,
-                     on_step: Callable[[TraceStep], Awaitable[None] | None] | None = None
-                     ) -> list[ChainResult]:
+async def run_chains(
+    items: Iterable[ChainInput],
+    backend: ModelBackend,
+    policy: DecisionPolicy,
+    s: LoopSettings,
+    max_concurrent: int = 32,
+    timeout_s: float | None = None,
+    on_result: Callable[[ChainResult], Awaitable[None] | None] | None = None,
+    on_step: Callable[[TraceStep], Awaitable[None] | None] | None = None,
+) -> list[ChainResult]:
     """Run many chains concurrently; each result goes to `on_result` as soon as it finishes.
 
     Args:

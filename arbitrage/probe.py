@@ -22,8 +22,16 @@ from torch import nn
 from arbitrage.router import Router, RouterRequest
 
 PROBE_FEATURES: tuple[str, ...] = (
-    "lp_mean", "lp_min", "lp_last", "ent_mean", "ent_max", "log_num_tokens",
-    "step_index", "target_share", "prev_target", "has_answer",
+    "lp_mean",
+    "lp_min",
+    "lp_last",
+    "ent_mean",
+    "ent_max",
+    "log_num_tokens",
+    "step_index",
+    "target_share",
+    "prev_target",
+    "has_answer",
 )
 WEIGHTS_FILE = "probe.safetensors"
 CONFIG_FILE = "probe.json"
@@ -42,8 +50,13 @@ def probe_features(req: RouterRequest) -> list[float]:
     authors = [a for a, _ in req.history]
     n = len(authors)
     return [
-        f["lp_mean"], f["lp_min"], f["lp_last"], f["ent_mean"], f["ent_max"],
-        math.log1p(f["num_tokens"]), float(n),
+        f["lp_mean"],
+        f["lp_min"],
+        f["lp_last"],
+        f["ent_mean"],
+        f["ent_max"],
+        math.log1p(f["num_tokens"]),
+        float(n),
         authors.count("target") / n if n else 0.0,
         float(n > 0 and authors[-1] == "target"),
         float("\\boxed" in req.candidate),
@@ -63,8 +76,14 @@ class ProbeRouter(Router):
     `forward_calls` (model forwards) stays 0; `head_calls` counts batched head evaluations.
     """
 
-    def __init__(self, head: nn.Module, mean: torch.Tensor, std: torch.Tensor, hidden: int = 0,
-                 feature_names: tuple[str, ...] = PROBE_FEATURES):
+    def __init__(
+        self,
+        head: nn.Module,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        hidden: int = 0,
+        feature_names: tuple[str, ...] = PROBE_FEATURES,
+    ):
         """
         Args:
             head: maps standardised features [B, F] to logits [B, 1].
@@ -93,8 +112,16 @@ class ProbeRouter(Router):
             return torch.sigmoid(self.logits(x)).tolist()
 
     @classmethod
-    def fit(cls, requests: list[RouterRequest], labels: list[int], hidden: int = 0, steps: int = 500,
-            lr: float = 0.05, weight_decay: float = 1e-3, seed: int = 0) -> tuple["ProbeRouter", list[float]]:
+    def fit(
+        cls,
+        requests: list[RouterRequest],
+        labels: list[int],
+        hidden: int = 0,
+        steps: int = 500,
+        lr: float = 0.05,
+        weight_decay: float = 1e-3,
+        seed: int = 0,
+    ) -> tuple["ProbeRouter", list[float]]:
         """Fit on labelled requests with full-batch Adam and binary cross-entropy.
 
         Args:
@@ -133,11 +160,15 @@ class ProbeRouter(Router):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {"mean": self.mean, "std": self.std,
-                   **{f"head.{k}": v.detach().contiguous() for k, v in self.head.state_dict().items()}}
+        tensors = {
+            "mean": self.mean,
+            "std": self.std,
+            **{f"head.{k}": v.detach().contiguous() for k, v in self.head.state_dict().items()},
+        }
         save_file(tensors, str(path / WEIGHTS_FILE))
-        (path / CONFIG_FILE).write_text(json.dumps(
-            {"kind": "probe", "features": list(self.feature_names), "hidden": self.hidden}, indent=2) + "\n")
+        (path / CONFIG_FILE).write_text(
+            json.dumps({"kind": "probe", "features": list(self.feature_names), "hidden": self.hidden}, indent=2) + "\n"
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ProbeRouter":
@@ -151,12 +182,16 @@ class ProbeRouter(Router):
 
         path = Path(path)
         if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
-            raise FileNotFoundError(f"{path} is not a probe router folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
-                                    "write one with `arbitrage train-router --kind probe`")
+            raise FileNotFoundError(
+                f"{path} is not a probe router folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
+                "write one with `arbitrage train-router --kind probe`"
+            )
         meta = json.loads((path / CONFIG_FILE).read_text())
         if tuple(meta["features"]) != PROBE_FEATURES:
-            raise ValueError(f"{path}: probe features {meta['features']} differ from {list(PROBE_FEATURES)}; "
-                             "retrain the probe with this version")
+            raise ValueError(
+                f"{path}: probe features {meta['features']} differ from {list(PROBE_FEATURES)}; "
+                "retrain the probe with this version"
+            )
         tensors = load_file(str(path / WEIGHTS_FILE))
         head = _head(len(PROBE_FEATURES), int(meta["hidden"]))
         head.load_state_dict({k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")})

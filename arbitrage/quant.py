@@ -49,8 +49,9 @@ def _config(scheme: str, device: torch.device):
         try:
             import mslk  # noqa: F401  (the kernels of torchao's plain int4 layout)
         except ImportError as e:
-            raise ValueError("quantization 'int4_mslk' needs the mslk-cuda package (pip install mslk-cuda); "
-                             "'int4' needs none") from e
+            raise ValueError(
+                "quantization 'int4_mslk' needs the mslk-cuda package (pip install mslk-cuda); 'int4' needs none"
+            ) from e
         return Int4WeightOnlyConfig(group_size=INT4_GROUP)
     return Int4WeightOnlyConfig(group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d")
 

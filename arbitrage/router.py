@@ -85,8 +85,9 @@ def router_step_token_id(tokenizer) -> int:
     raise ValueError("router tokenizer encodes '\\n\\n' to nothing and has no [SEP] or EOS token")
 
 
-def encode_router_input(tokenizer, problem: str, history, candidate: str,
-                        step_token_id: int | None = None) -> tuple[list[int], list[int]]:
+def encode_router_input(
+    tokenizer, problem: str, history, candidate: str, step_token_id: int | None = None
+) -> tuple[list[int], list[int]]:
     """Token ids of one router input as the authors build them, and the step-token positions.
 
     `tokenizer.encode(problem + "\\n")` (with the tokenizer's own special tokens, e.g. a BOS),
@@ -159,7 +160,7 @@ class ClassifierRouter(Router):
         while True:
             ids, _ = encode_router_input(self.tokenizer, req.problem, history, req.candidate, self.step_token_id)
             if len(ids) <= self.max_length or not history:
-                return ids[-self.max_length:]
+                return ids[-self.max_length :]
             history = history[1:]
 
     def predict(self, requests: list[RouterRequest]) -> list[float]:
@@ -177,9 +178,14 @@ class ClassifierRouter(Router):
         return torch.softmax(logits.float(), dim=-1)[:, 1].tolist()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        max_length: int = 512, dtype: torch.dtype | None = None,
-                        tokenizer: str | Path | None = None) -> "ClassifierRouter":
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        max_length: int = 512,
+        dtype: torch.dtype | None = None,
+        tokenizer: str | Path | None = None,
+    ) -> "ClassifierRouter":
         """Load a router folder (or any 2-label-able checkpoint) with its tokenizer.
 
         Args:
@@ -189,13 +195,19 @@ class ClassifierRouter(Router):
             dtype: weights dtype; None = float32.
             tokenizer: tokenizer source when it is not in `path`.
         """
-        from transformers import (AutoConfig, AutoModelForSequenceClassification,
-                                  AutoModelForTokenClassification, AutoTokenizer)
+        from transformers import (
+            AutoConfig,
+            AutoModelForSequenceClassification,
+            AutoModelForTokenClassification,
+            AutoTokenizer,
+        )
 
         meta = Path(path) / "router.json"
         if meta.is_file() and "input_format" not in json.loads(meta.read_text()):
-            raise ValueError(f"router {path} was trained on the old input format (steps joined by blank "
-                             "lines); retrain it with `arbitrage train-router`")
+            raise ValueError(
+                f"router {path} was trained on the old input format (steps joined by blank "
+                "lines); retrain it with `arbitrage train-router`"
+            )
         config = AutoConfig.from_pretrained(path)
         token_level = any("TokenClassification" in a for a in (config.architectures or []))
         auto = AutoModelForTokenClassification if token_level else AutoModelForSequenceClassification

@@ -91,9 +91,15 @@ def example_from_row(row: dict, margin: float = 0.0) -> RouterExample:
     history = tuple((a, t) for a, t in row["history"])
     req = RouterRequest(row["problem"], history, row["draft"], row.get("draft_features"), row.get("draft_hidden"))
     adv = advantage(row)
-    return RouterExample(str(row["problem_id"]), int(row["step_index"]), req, adv,
-                         int(adv > margin), float(row["draft_score"]),
-                         tie=any(t["text"] == row["draft"] for t in row["targets"][:1]))
+    return RouterExample(
+        str(row["problem_id"]),
+        int(row["step_index"]),
+        req,
+        adv,
+        int(adv > margin),
+        float(row["draft_score"]),
+        tie=any(t["text"] == row["draft"] for t in row["targets"][:1]),
+    )
 
 
 def split_problems(problem_ids, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -124,8 +130,10 @@ def balance(examples: list[RouterExample], seed: int = 0) -> list[RouterExample]
     pos = [e for e in examples if e.label == 1]
     neg = [e for e in examples if e.label == 0]
     if not pos or not neg:
-        raise ValueError(f"cannot balance {len(pos)} positive and {len(neg)} negative steps; "
-                         "collect more problems or change --margin")
+        raise ValueError(
+            f"cannot balance {len(pos)} positive and {len(neg)} negative steps; "
+            "collect more problems or change --margin"
+        )
     rng = random.Random(seed)
     n = min(len(pos), len(neg))
     kept = rng.sample(pos, n) + rng.sample(neg, n)
@@ -133,8 +141,9 @@ def balance(examples: list[RouterExample], seed: int = 0) -> list[RouterExample]
     return kept
 
 
-def build_dataset(rows: list[dict], margin: float = 0.0, val_fraction: float = 0.2, seed: int = 0,
-                  balance_train: bool = True) -> RouterDataset:
+def build_dataset(
+    rows: list[dict], margin: float = 0.0, val_fraction: float = 0.2, seed: int = 0, balance_train: bool = True
+) -> RouterDataset:
     """Labels, a split by problem and a balanced training set from collected rows.
 
     Args:
@@ -153,13 +162,21 @@ def build_dataset(rows: list[dict], margin: float = 0.0, val_fraction: float = 0
     val = [e for e in examples if e.problem_id in val_set]
     train = balance(train_all, seed) if balance_train else list(train_all)
     stats = {
-        "problems": len(train_ids) + len(val_ids), "steps": len(examples),
-        "positive_steps": sum(e.label for e in examples), "margin": margin, "seed": seed,
-        "val_fraction": val_fraction, "train_problems": len(train_ids),
-        "train_steps_unbalanced": len(train_all), "train_steps": len(train),
-        "train_positive": sum(e.label for e in train), "validation_problems": len(val_ids),
-        "validation_steps": len(val), "validation_positive": sum(e.label for e in val),
-        "prm": sorted({str(r.get("prm")) for r in rows}), "collect_config": sorted({str(r.get("config")) for r in rows}),
+        "problems": len(train_ids) + len(val_ids),
+        "steps": len(examples),
+        "positive_steps": sum(e.label for e in examples),
+        "margin": margin,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "train_problems": len(train_ids),
+        "train_steps_unbalanced": len(train_all),
+        "train_steps": len(train),
+        "train_positive": sum(e.label for e in train),
+        "validation_problems": len(val_ids),
+        "validation_steps": len(val),
+        "validation_positive": sum(e.label for e in val),
+        "prm": sorted({str(r.get("prm")) for r in rows}),
+        "collect_config": sorted({str(r.get("config")) for r in rows}),
         "k": sorted({int(r.get("k") or 1) for r in rows}),
     }
     return RouterDataset(train, val, train_ids, val_ids, stats)

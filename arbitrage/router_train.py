@@ -83,9 +83,11 @@ def backbone_folder(spec: str) -> Path:
         return Path(snapshot_download(spec))
     except Exception as e:
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise ValueError(f"backbone {spec!r} is neither a folder, a packaged model nor a reachable hub "
-                         f"repo ({first}); pass an HF checkpoint folder, a packaged name such as "
-                         "all-minilm-l6-v2, a hub id, or random:<shape>") from e
+        raise ValueError(
+            f"backbone {spec!r} is neither a folder, a packaged model nor a reachable hub "
+            f"repo ({first}); pass an HF checkpoint folder, a packaged name such as "
+            "all-minilm-l6-v2, a hub id, or random:<shape>"
+        ) from e
 
 
 def _head_kind(head: str, config) -> str:
@@ -111,7 +113,12 @@ def load_backbone(spec: str, max_length: int = 384, seed: int = 0, head: str = "
     Returns:
         (the router, {"folder", "head": "sequence" | "token"}).
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+    )
 
     torch.manual_seed(seed)
     autos = {"token": AutoModelForTokenClassification, "sequence": AutoModelForSequenceClassification}
@@ -143,11 +150,13 @@ def classifier_logits(router: ClassifierRouter, requests: list[RouterRequest]) -
 def _schedule(opt, total: int, warmup: float):
     n_warm = max(1, int(total * warmup))
     return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / n_warm if s < n_warm else max(0.0, (total - s) / max(1, total - n_warm)))
+        opt, lambda s: (s + 1) / n_warm if s < n_warm else max(0.0, (total - s) / max(1, total - n_warm))
+    )
 
 
-def train_classifier(ds: RouterDataset, ts: TrainSettings,
-                     log: Callable[[str], None] = print) -> tuple[ClassifierRouter, dict]:
+def train_classifier(
+    ds: RouterDataset, ts: TrainSettings, log: Callable[[str], None] = print
+) -> tuple[ClassifierRouter, dict]:
     """Fine-tune a 2-label classifier with cross-entropy on the balanced training steps.
 
     Args:
@@ -171,7 +180,7 @@ def train_classifier(ds: RouterDataset, ts: TrainSettings,
         rng.shuffle(order)
         total, t0 = 0.0, time.perf_counter()
         for b in range(0, len(order), ts.batch_size):
-            batch = order[b:b + ts.batch_size]
+            batch = order[b : b + ts.batch_size]
             labels = torch.tensor([e.label for e in batch], device=next(model.parameters()).device)
             loss = torch.nn.functional.cross_entropy(classifier_logits(router, [e.request for e in batch]), labels)
             opt.zero_grad()
@@ -183,11 +192,19 @@ def train_classifier(ds: RouterDataset, ts: TrainSettings,
         model.eval()
         losses.append(total / len(order))
         val = evaluate(router, ds.validation) if ds.validation else None
-        history.append({"epoch": epoch + 1, "train_loss": losses[-1], "validation": val and val["rankings"]["router"],
-                        "seconds": time.perf_counter() - t0})
-        log(f"epoch {epoch + 1}/{ts.epochs}: train loss {losses[-1]:.4f}"
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": losses[-1],
+                "validation": val and val["rankings"]["router"],
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        log(
+            f"epoch {epoch + 1}/{ts.epochs}: train loss {losses[-1]:.4f}"
             + (f", validation {_fmt_metrics(val['rankings']['router'])}" if val else "")
-            + f" ({history[-1]['seconds']:.0f}s)")
+            + f" ({history[-1]['seconds']:.0f}s)"
+        )
     return router, {"backbone": ts.backbone, **info, "lr": lr, "train_loss": losses, "epochs": history}
 
 
@@ -199,22 +216,30 @@ def fit_hidden(train: list[RouterExample], ts: TrainSettings):
 
     missing = sum(1 for e in train if not e.request.hidden)
     if missing:
-        raise ValueError(f"--kind hidden: {missing} of {len(train)} training rows carry no `draft_hidden`; "
-                         "train on the scored rows `arbitrage train-prm` writes (<prm folder>/scored.jsonl)")
+        raise ValueError(
+            f"--kind hidden: {missing} of {len(train)} training rows carry no `draft_hidden`; "
+            "train on the scored rows `arbitrage train-prm` writes (<prm folder>/scored.jsonl)"
+        )
     x = torch.tensor([e.request.hidden for e in train], dtype=torch.float32)
     y = torch.tensor([e.label for e in train], dtype=torch.float32)
     init = ValueHead.load(ts.init_prm)[0] if ts.init_prm else None
     lr = ts.lr or DEFAULT_LR["hidden"]
-    router, losses = HiddenRouter.fit(x, y, init=init, width=ts.probe_hidden, steps=ts.probe_steps, lr=lr,
-                                      prior=ts.prior, seed=ts.seed)
+    router, losses = HiddenRouter.fit(
+        x, y, init=init, width=ts.probe_hidden, steps=ts.probe_steps, lr=lr, prior=ts.prior, seed=ts.seed
+    )
     return router, {"backbone": ts.init_prm, "lr": lr, "train_loss": losses}
 
 
 # ---- training entry point -------------------------------------------------------------
 
 
-def train(ds: RouterDataset, out: str | Path, ts: TrainSettings, data_path: str | None = None,
-          log: Callable[[str], None] = print) -> tuple[Router, dict]:
+def train(
+    ds: RouterDataset,
+    out: str | Path,
+    ts: TrainSettings,
+    data_path: str | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[Router, dict]:
     """Train a router of `ts.kind` on `ds` and write it, with `router.json`, to `out`.
 
     Args:
@@ -237,8 +262,14 @@ def train(ds: RouterDataset, out: str | Path, ts: TrainSettings, data_path: str 
         from arbitrage.probe import ProbeRouter
 
         lr = ts.lr or DEFAULT_LR["probe"]
-        router, losses = ProbeRouter.fit([e.request for e in ds.train], [e.label for e in ds.train],
-                                         hidden=ts.probe_hidden, steps=ts.probe_steps, lr=lr, seed=ts.seed)
+        router, losses = ProbeRouter.fit(
+            [e.request for e in ds.train],
+            [e.label for e in ds.train],
+            hidden=ts.probe_hidden,
+            steps=ts.probe_steps,
+            lr=lr,
+            seed=ts.seed,
+        )
         extra = {"backbone": None, "lr": lr, "train_loss": losses}
         router.save_pretrained(out)
     elif ts.kind == "hidden":
@@ -251,12 +282,23 @@ def train(ds: RouterDataset, out: str | Path, ts: TrainSettings, data_path: str 
         router.model.to(SAVE_DTYPES[ts.save_dtype])
         router.save_pretrained(out)
         router.model.to(torch.float32)  # as `from_pretrained` loads it back
-    info = {"kind": ts.kind, **extra, "settings": asdict(ts), "max_length": ts.max_length, "seed": ts.seed,
-            "input_format": ROUTER_INPUT_FORMAT,
-            "margin": ds.stats["margin"], "val_fraction": ds.stats["val_fraction"], "data": data_path,
-            "data_stats": ds.stats, "train_seconds": time.perf_counter() - t0, "validation": val,
-            "train_problems": ds.train_problems, "validation_problems": ds.validation_problems,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    info = {
+        "kind": ts.kind,
+        **extra,
+        "settings": asdict(ts),
+        "max_length": ts.max_length,
+        "seed": ts.seed,
+        "input_format": ROUTER_INPUT_FORMAT,
+        "margin": ds.stats["margin"],
+        "val_fraction": ds.stats["val_fraction"],
+        "data": data_path,
+        "data_stats": ds.stats,
+        "train_seconds": time.perf_counter() - t0,
+        "validation": val,
+        "train_problems": ds.train_problems,
+        "validation_problems": ds.validation_problems,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     (out / "router.json").write_text(json.dumps(info, indent=2) + "\n")
     return router, info
 
@@ -268,7 +310,7 @@ def predict_batched(router: Router, examples: list[RouterExample], batch_size: i
     """Router probabilities for examples, in batches."""
     probs: list[float] = []
     for b in range(0, len(examples), batch_size):
-        probs += router.predict([e.request for e in examples[b:b + batch_size]])
+        probs += router.predict([e.request for e in examples[b : b + batch_size]])
     return probs
 
 
@@ -300,23 +342,30 @@ def spearman(x, y) -> tuple[float | None, float | None]:
     return (None, None) if math.isnan(rho) else (rho, p)
 
 
-def ranking_metrics(scores: list[float], examples: list[RouterExample], bootstrap: int = 0,
-                    seed: int = 0) -> dict:
+def ranking_metrics(scores: list[float], examples: list[RouterExample], bootstrap: int = 0, seed: int = 0) -> dict:
     """Spearman(score, A) and ROC-AUC(score, y) of one escalation ranking (higher = escalate).
 
     With `bootstrap` > 0, 95% intervals from resampling problems with replacement (steps of
     one problem are not independent), as `auc_ci` and `spearman_ci`.
     """
     rho, p = spearman(scores, [e.advantage for e in examples])
-    out = {"spearman": rho, "spearman_p": p, "auc": roc_auc(scores, [e.label for e in examples]), "steps": len(examples)}
+    out = {
+        "spearman": rho,
+        "spearman_p": p,
+        "auc": roc_auc(scores, [e.label for e in examples]),
+        "steps": len(examples),
+    }
     if bootstrap > 0 and examples:
         by_pid: dict[str, list[int]] = {}
         for i, e in enumerate(examples):
             by_pid.setdefault(e.problem_id, []).append(i)
         groups = list(by_pid.values())
         rng = np.random.default_rng(seed)
-        s, a, y = np.asarray(scores, float), np.asarray([e.advantage for e in examples]), \
-            np.asarray([e.label for e in examples])
+        s, a, y = (
+            np.asarray(scores, float),
+            np.asarray([e.advantage for e in examples]),
+            np.asarray([e.label for e in examples]),
+        )
         aucs, rhos = [], []
         for _ in range(bootstrap):
             idx = np.concatenate([groups[g] for g in rng.integers(0, len(groups), len(groups))])
@@ -337,8 +386,9 @@ def draft_confidence(e: RouterExample) -> float | None:
     return math.exp(f["lp_mean"]) if f and "lp_mean" in f else None
 
 
-def compare_rankings(router_scores: list[float], examples: list[RouterExample], bootstrap: int = 1000,
-                     seed: int = 0) -> dict:
+def compare_rankings(
+    router_scores: list[float], examples: list[RouterExample], bootstrap: int = 1000, seed: int = 0
+) -> dict:
     """The router beside the draft-PRM (RSD) and draft-confidence rankings, ties included and excluded.
 
     Ties are steps whose target text equals the draft's: A = 0 by construction there, so a
@@ -351,8 +401,10 @@ def compare_rankings(router_scores: list[float], examples: list[RouterExample], 
     keep = [i for i, e in enumerate(examples) if not e.tie]
     out = {}
     for name, sc in rankings.items():
-        out[name] = {"all": ranking_metrics(sc, examples, bootstrap, seed),
-                     "no_ties": ranking_metrics([sc[i] for i in keep], [examples[i] for i in keep], bootstrap, seed)}
+        out[name] = {
+            "all": ranking_metrics(sc, examples, bootstrap, seed),
+            "no_ties": ranking_metrics([sc[i] for i in keep], [examples[i] for i in keep], bootstrap, seed),
+        }
     return out
 
 
@@ -376,9 +428,13 @@ def label_quality(examples: list[RouterExample]) -> dict:
     target = [e.draft_score + e.advantage for e in examples]  # a tie (A = 0) scores as the draft
     gaps = np.abs([e.advantage for e in examples])
     rho, _ = spearman(draft, target)
-    return {"spearman_draft_target": rho, "abs_advantage_median": float(np.median(gaps)),
-            "abs_advantage_p90": float(np.quantile(gaps, 0.9)), "draft_score_sd": float(np.std(draft)),
-            "ties": int(sum(e.advantage == 0 for e in examples))}
+    return {
+        "spearman_draft_target": rho,
+        "abs_advantage_median": float(np.median(gaps)),
+        "abs_advantage_p90": float(np.quantile(gaps, 0.9)),
+        "draft_score_sd": float(np.std(draft)),
+        "ties": int(sum(e.advantage == 0 for e in examples)),
+    }
 
 
 def evaluate(router: Router, examples: list[RouterExample], batch_size: int = 32) -> dict:
@@ -394,17 +450,21 @@ def evaluate(router: Router, examples: list[RouterExample], batch_size: int = 32
     if not examples:
         raise ValueError("no steps to evaluate; hold out problems with val_fraction > 0 or use --split all")
     probs = predict_batched(router, examples, batch_size)
-    return {"steps": len(examples), "problems": len({e.problem_id for e in examples}),
-            "positive_rate": sum(e.label for e in examples) / len(examples),
-            "ties": sum(e.tie for e in examples),
-            "rankings": {"router": ranking_metrics(probs, examples),
-                         "draft_prm": ranking_metrics([-e.draft_score for e in examples], examples)},
-            "compare": compare_rankings(probs, examples),
-            "labels": label_quality(examples)}
+    return {
+        "steps": len(examples),
+        "problems": len({e.problem_id for e in examples}),
+        "positive_rate": sum(e.label for e in examples) / len(examples),
+        "ties": sum(e.tie for e in examples),
+        "rankings": {
+            "router": ranking_metrics(probs, examples),
+            "draft_prm": ranking_metrics([-e.draft_score for e in examples], examples),
+        },
+        "compare": compare_rankings(probs, examples),
+        "labels": label_quality(examples),
+    }
 
 
-def evaluate_folder(router_dir: str | Path, data: str | Path, split: str = "validation",
-                    batch_size: int = 32) -> dict:
+def evaluate_folder(router_dir: str | Path, data: str | Path, split: str = "validation", batch_size: int = 32) -> dict:
     """Evaluate a trained router folder on the split its router.json describes.
 
     The split is rebuilt from the data with the router's seed, val_fraction and margin;
@@ -425,24 +485,50 @@ def evaluate_folder(router_dir: str | Path, data: str | Path, split: str = "vali
     router_dir = Path(router_dir)
     meta_path = router_dir / "router.json"
     if not meta_path.exists():
-        raise FileNotFoundError(f"{router_dir} has no router.json; train it with `arbitrage train-router --out {router_dir}`")
+        raise FileNotFoundError(
+            f"{router_dir} has no router.json; train it with `arbitrage train-router --out {router_dir}`"
+        )
     meta = json.loads(meta_path.read_text())
-    ds = build_dataset(load_rows(data), margin=meta["margin"], val_fraction=meta["val_fraction"],
-                       seed=meta["seed"], balance_train=False)
+    ds = build_dataset(
+        load_rows(data),
+        margin=meta["margin"],
+        val_fraction=meta["val_fraction"],
+        seed=meta["seed"],
+        balance_train=False,
+    )
     trained_on = set(meta.get("train_problems", []))
-    examples = {"validation": [e for e in ds.validation if e.problem_id not in trained_on],
-                "train": ds.train, "all": ds.train + ds.validation}.get(split)
+    examples = {
+        "validation": [e for e in ds.validation if e.problem_id not in trained_on],
+        "train": ds.train,
+        "all": ds.train + ds.validation,
+    }.get(split)
     if examples is None:
         raise ValueError(f"--split must be validation, train or all, got {split!r}")
-    router = build_router(RouterConfig(kind=meta["kind"], path=str(router_dir), device="cpu",
-                                       max_length=int(meta.get("max_length") or 512)))
+    router = build_router(
+        RouterConfig(
+            kind=meta["kind"], path=str(router_dir), device="cpu", max_length=int(meta.get("max_length") or 512)
+        )
+    )
     report = evaluate(router, examples, batch_size)
-    return {"router": str(router_dir), "kind": meta["kind"], "backbone": meta.get("backbone"),
-            "split": split, "data": str(data), "margin": meta["margin"], **report}
+    return {
+        "router": str(router_dir),
+        "kind": meta["kind"],
+        "backbone": meta.get("backbone"),
+        "split": split,
+        "data": str(data),
+        "margin": meta["margin"],
+        **report,
+    }
 
 
-def cross_validate(rows: list[dict], ts: TrainSettings, folds: int = 5, margin: float = 0.0, seed: int = 0,
-                   log: Callable[[str], None] = print) -> dict:
+def cross_validate(
+    rows: list[dict],
+    ts: TrainSettings,
+    folds: int = 5,
+    margin: float = 0.0,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict:
     """K-fold cross-validation by problem: every step is scored by a router trained without its problem.
 
     With few collected problems a single held-out split has a few dozen steps; here all
@@ -478,9 +564,14 @@ def cross_validate(rows: list[dict], ts: TrainSettings, folds: int = 5, margin: 
         if ts.kind == "probe":
             from arbitrage.probe import ProbeRouter
 
-            router, _ = ProbeRouter.fit([e.request for e in train_set], [e.label for e in train_set],
-                                        hidden=ts.probe_hidden, steps=ts.probe_steps,
-                                        lr=ts.lr or DEFAULT_LR["probe"], seed=ts.seed)
+            router, _ = ProbeRouter.fit(
+                [e.request for e in train_set],
+                [e.label for e in train_set],
+                hidden=ts.probe_hidden,
+                steps=ts.probe_steps,
+                lr=ts.lr or DEFAULT_LR["probe"],
+                seed=ts.seed,
+            )
         elif ts.kind == "hidden":
             router, _ = fit_hidden(train_set, ts)
         else:
@@ -490,31 +581,55 @@ def cross_validate(rows: list[dict], ts: TrainSettings, folds: int = 5, margin: 
         for e, pr in zip(held, fold_probs):
             probs[id(e)] = pr
         m = ranking_metrics(fold_probs, held)
-        per_fold.append({"fold": k, "steps": len(held), "problems": len({e.problem_id for e in held}),
-                         "train_steps": len(train_set), "router": m, "seconds": time.perf_counter() - t0})
+        per_fold.append(
+            {
+                "fold": k,
+                "steps": len(held),
+                "problems": len({e.problem_id for e in held}),
+                "train_steps": len(train_set),
+                "router": m,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         log(f"fold {k + 1}/{folds}: {len(held)} held-out steps, router {_fmt_metrics(m)}")
     scores = [probs[id(e)] for e in examples]
-    return {"steps": len(examples), "problems": len(ids), "positive_rate": sum(e.label for e in examples) / len(examples),
-            "rankings": {"router": ranking_metrics(scores, examples),
-                         "draft_prm": ranking_metrics([-e.draft_score for e in examples], examples)},
-            "labels": label_quality(examples), "folds": per_fold}
+    return {
+        "steps": len(examples),
+        "problems": len(ids),
+        "positive_rate": sum(e.label for e in examples) / len(examples),
+        "rankings": {
+            "router": ranking_metrics(scores, examples),
+            "draft_prm": ranking_metrics([-e.draft_score for e in examples], examples),
+        },
+        "labels": label_quality(examples),
+        "folds": per_fold,
+    }
 
 
-def cross_validate_folder(router_dir: str | Path, data: str | Path, folds: int = 5,
-                          log: Callable[[str], None] = print) -> dict:
+def cross_validate_folder(
+    router_dir: str | Path, data: str | Path, folds: int = 5, log: Callable[[str], None] = print
+) -> dict:
     """`cross_validate` with the kind, hyper-parameters, margin and seed a router folder was trained with."""
     from arbitrage.router_data import load_rows
 
     router_dir = Path(router_dir)
     meta_path = router_dir / "router.json"
     if not meta_path.exists():
-        raise FileNotFoundError(f"{router_dir} has no router.json; train it with `arbitrage train-router --out {router_dir}`")
+        raise FileNotFoundError(
+            f"{router_dir} has no router.json; train it with `arbitrage train-router --out {router_dir}`"
+        )
     meta = json.loads(meta_path.read_text())
     ts = TrainSettings(**meta["settings"])
     report = cross_validate(load_rows(data), ts, folds, margin=meta["margin"], seed=meta["seed"], log=log)
-    return {"router": str(router_dir), "kind": meta["kind"], "backbone": meta.get("backbone"),
-            "split": f"{folds}-fold cross-validation by problem", "data": str(data), "margin": meta["margin"],
-            **report}
+    return {
+        "router": str(router_dir),
+        "kind": meta["kind"],
+        "backbone": meta.get("backbone"),
+        "split": f"{folds}-fold cross-validation by problem",
+        "data": str(data),
+        "margin": meta["margin"],
+        **report,
+    }
 
 
 def _fmt(x: float | None, spec: str = "+.3f") -> str:
@@ -528,35 +643,47 @@ def _fmt_metrics(m: dict) -> str:
 def format_table(report: dict) -> str:
     """A plain-text table of an `evaluate_folder` report."""
     name = f"router ({report['kind']}" + (f": {report['backbone']})" if report.get("backbone") else ")")
-    rows = [(name, report["rankings"]["router"]),
-            ("draft PRM score, negated (RSD)", report["rankings"]["draft_prm"])]
+    rows = [(name, report["rankings"]["router"]), ("draft PRM score, negated (RSD)", report["rankings"]["draft_prm"])]
     width = max(len(n) for n, _ in rows)
-    lines = [f"{report['split']}: {report['steps']} steps from {report['problems']} problems, "
-             f"{report['positive_rate']:.1%} with A > {report['margin']:g}",
-             f"{'ranking':<{width}}  {'Spearman(.,A)':>13}  {'p-value':>8}  {'ROC-AUC(y)':>10}"]
+    lines = [
+        f"{report['split']}: {report['steps']} steps from {report['problems']} problems, "
+        f"{report['positive_rate']:.1%} with A > {report['margin']:g}",
+        f"{'ranking':<{width}}  {'Spearman(.,A)':>13}  {'p-value':>8}  {'ROC-AUC(y)':>10}",
+    ]
     for n, m in rows:
-        lines.append(f"{n:<{width}}  {_fmt(m['spearman']):>13}  {_fmt(m['spearman_p'], '.3g'):>8}  "
-                     f"{_fmt(m['auc'], '.3f'):>10}")
+        lines.append(
+            f"{n:<{width}}  {_fmt(m['spearman']):>13}  {_fmt(m['spearman_p'], '.3g'):>8}  {_fmt(m['auc'], '.3f'):>10}"
+        )
     cmp = report.get("compare")
     if cmp:
+
         def ci(m, key):
             c = m.get(f"{key}_ci")
             return f"[{c[0]:.2f}, {c[1]:.2f}]" if c else "-"
 
-        lines.append(f"with 95% problem-bootstrap intervals; ties = target text equals the draft's "
-                     f"({report.get('ties', 0)} of {report['steps']} steps)")
+        lines.append(
+            f"with 95% problem-bootstrap intervals; ties = target text equals the draft's "
+            f"({report.get('ties', 0)} of {report['steps']} steps)"
+        )
         for name, m in cmp.items():
             for part in ("all", "no_ties"):
                 x = m[part]
-                lines.append(f"  {name:<16} {part:<7} n={x['steps']:<4} AUC {_fmt(x['auc'], '.3f')} {ci(x, 'auc'):<14} "
-                             f"Spearman {_fmt(x['spearman'])} {ci(x, 'spearman')}")
+                lines.append(
+                    f"  {name:<16} {part:<7} n={x['steps']:<4} AUC {_fmt(x['auc'], '.3f')} {ci(x, 'auc'):<14} "
+                    f"Spearman {_fmt(x['spearman'])} {ci(x, 'spearman')}"
+                )
     q = report.get("labels")
     if q:
-        line = (f"labels: Spearman(draft PRM, target PRM) {_fmt(q['spearman_draft_target'], '+.2f')}; |A| median "
-                f"{q['abs_advantage_median']:.3f}, p90 {q['abs_advantage_p90']:.3f} (draft score sd "
-                f"{q['draft_score_sd']:.3f}); {q['ties']} ties")
-        if ((q["spearman_draft_target"] or 0) > NOISY_LABELS_SPEARMAN
-                and q["abs_advantage_median"] < NOISY_LABELS_GAP_SHARE * q["draft_score_sd"]):
-            line += "\n  the PRM scores both steps of a prefix alike: A is mostly PRM noise (see docs/BENCHMARKS.md s.7)"
+        line = (
+            f"labels: Spearman(draft PRM, target PRM) {_fmt(q['spearman_draft_target'], '+.2f')}; |A| median "
+            f"{q['abs_advantage_median']:.3f}, p90 {q['abs_advantage_p90']:.3f} (draft score sd "
+            f"{q['draft_score_sd']:.3f}); {q['ties']} ties"
+        )
+        if (q["spearman_draft_target"] or 0) > NOISY_LABELS_SPEARMAN and q[
+            "abs_advantage_median"
+        ] < NOISY_LABELS_GAP_SHARE * q["draft_score_sd"]:
+            line += (
+                "\n  the PRM scores both steps of a prefix alike: A is mostly PRM noise (see docs/BENCHMARKS.md s.7)"
+            )
         lines.append(line)
     return "\n".join(lines)

@@ -24,10 +24,15 @@ def as_input(item) -> ChainInput:
     return ChainInput(id=str(item.id), problem=item.problem, answer=getattr(item, "answer", None))
 
 
-def run_in_process(cfg, items: Iterable, policy: str | None = None, threshold: float | None = None,
-                   backend: ModelBackend | None = None,
-                   on_result: Callable[[dict], None] | None = None,
-                   on_step: Callable | None = None) -> list[dict]:
+def run_in_process(
+    cfg,
+    items: Iterable,
+    policy: str | None = None,
+    threshold: float | None = None,
+    backend: ModelBackend | None = None,
+    on_result: Callable[[dict], None] | None = None,
+    on_step: Callable | None = None,
+) -> list[dict]:
     """Run items through the core loop in this process.
 
     Args:
@@ -50,7 +55,16 @@ def run_in_process(cfg, items: Iterable, policy: str | None = None, threshold: f
         if on_result is not None:
             on_result(res.to_dict())
 
-    results = asyncio.run(run_chains([as_input(i) for i in items], backend, pol, settings,
-                                     max_concurrent=cfg.runtime.max_concurrent_chains,
-                                     timeout_s=cfg.runtime.chain_timeout_s, on_result=cb, on_step=on_step))
+    results = asyncio.run(
+        run_chains(
+            [as_input(i) for i in items],
+            backend,
+            pol,
+            settings,
+            max_concurrent=cfg.runtime.max_concurrent_chains,
+            timeout_s=cfg.runtime.chain_timeout_s,
+            on_result=cb,
+            on_step=on_step,
+        )
+    )
     return [r.to_dict() for r in results]

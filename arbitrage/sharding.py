@@ -118,8 +118,9 @@ def apply_autotp(model, tp_size: int, dtype: torch.dtype):
     # materialize_ fills each shard instead, so keep it on meta here.
     model.to_empty = lambda *args, **kwargs: model
     try:
-        deepspeed.init_inference(model, tensor_parallel={"tp_size": tp_size}, dtype=dtype,
-                                 replace_with_kernel_inject=False)
+        deepspeed.init_inference(
+            model, tensor_parallel={"tp_size": tp_size}, dtype=dtype, replace_with_kernel_inject=False
+        )
     finally:
         del model.to_empty
     return model
@@ -161,9 +162,10 @@ def _param_slice(key: str, param, module) -> ShardSlice:
         raise NotImplementedError(
             f"{key}: AutoTP layout {meta.get('partition_type')!r} (dim {dim}, sub-parameters "
             f"{meta.get('sub_param_sizes')}) is not a contiguous split; only models with separate "
-            "q/k/v and gate/up projections (Llama, Qwen2, Mistral) are supported")
+            "q/k/v and gate/up projections (Llama, Qwen2, Mistral) are supported"
+        )
     full = tuple(meta.get("original_shape") or meta.get("logical_shape"))
-    start = sum(sizes[:module.tp_index])
+    start = sum(sizes[: module.tp_index])
     s = ShardSlice(key, full, dim, start, start + sizes[module.tp_index])
     assert s.shape == tuple(param.shape), f"{key}: plan {s.shape} != shard {tuple(param.shape)}"
     return s
@@ -181,8 +183,7 @@ def shard_plan(model, tied: dict[str, str] | None = None) -> dict[str, ShardSlic
     return plan
 
 
-def materialize_(model, plan: dict[str, ShardSlice], weights, dtype: torch.dtype,
-                 device: torch.device) -> None:
+def materialize_(model, plan: dict[str, ShardSlice], weights, dtype: torch.dtype, device: torch.device) -> None:
     """Replace every meta parameter by its slice, read from `weights`, on `device`.
 
     Parameters shared by several modules (tied weights) are read once and stay shared.
@@ -208,7 +209,8 @@ def rebuild_buffers_(model, device: torch.device) -> None:
             continue
         if not hasattr(mod, "config"):
             raise NotImplementedError(
-                f"buffer(s) {missing} of {name} ({type(mod).__name__}) cannot be rebuilt off the meta device")
+                f"buffer(s) {missing} of {name} ({type(mod).__name__}) cannot be rebuilt off the meta device"
+            )
         with torch.device("cpu"):
             twin = type(mod)(mod.config)
         for n in missing:
@@ -242,7 +244,7 @@ class RandomWeights:
             lo, hi = b * block, min(rows, (b + 1) * block)
             chunk = self._block(s.key, b, (hi - lo, cols), device)  # [rows in block, cols]
             a, z = max(lo, r0), min(hi, r1)
-            out[a - r0:z - r0] = chunk[a - lo:z - lo, c0:c1]
+            out[a - r0 : z - r0] = chunk[a - lo : z - lo, c0:c1]
         return out
 
     def _block(self, key: str, index: int, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -265,9 +267,9 @@ class SafetensorsWeights:
         if s.dim is None:
             t = sl[:]
         elif s.dim == 0:
-            t = sl[s.start:s.stop]
+            t = sl[s.start : s.stop]
         else:
-            t = sl[:, s.start:s.stop]
+            t = sl[:, s.start : s.stop]
         return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
     def _key(self, key: str) -> str:
@@ -276,8 +278,10 @@ class SafetensorsWeights:
         stripped = key.split(".", 1)[-1]  # checkpoints saved from the base model lack "model."
         if stripped in self.files:
             return stripped
-        raise KeyError(f"tensor {key!r} not found in {self.folder} ({len(self.files)} tensors); "
-                       "is this checkpoint for the same architecture as its config.json?")
+        raise KeyError(
+            f"tensor {key!r} not found in {self.folder} ({len(self.files)} tensors); "
+            "is this checkpoint for the same architecture as its config.json?"
+        )
 
     def _handle(self, file: str):
         if file not in self._handles:
@@ -295,7 +299,8 @@ def _safetensors_index(folder: Path) -> dict[str, str]:
     if not files:
         raise FileNotFoundError(
             f"no .safetensors weights in {folder}; the TP target loads per-rank slices from "
-            "safetensors only (convert with `save_pretrained(..., safe_serialization=True)`)")
+            "safetensors only (convert with `save_pretrained(..., safe_serialization=True)`)"
+        )
     from safetensors import safe_open
 
     out: dict[str, str] = {}
@@ -358,8 +363,10 @@ def tp_layout(model, tp_size: int):
         return TensorParallel(None, None)
     sizes, i = getattr(head, "_partition_sizes", None), getattr(head, "tp_index", None)
     if sizes is None or i is None or sizes[i] != head.weight.shape[1]:
-        raise NotImplementedError(f"lm_head shard {tuple(head.weight.shape)} is not AutoTP's row-parallel "
-                                  "head (input columns split); FastStepEngine cannot run it")
+        raise NotImplementedError(
+            f"lm_head shard {tuple(head.weight.shape)} is not AutoTP's row-parallel "
+            "head (input columns split); FastStepEngine cannot run it"
+        )
     start = sum(sizes[:i])
     return TensorParallel(None, (start, start + sizes[i]))
 

@@ -141,8 +141,12 @@ class StepCache:
 
     def stats(self) -> dict[str, Any]:
         """Hits, misses and saved tokens per role, and the number of entries."""
-        return {"entries": len(self._data), "hits": dict(self.hits), "misses": dict(self.misses),
-                "tokens_saved": dict(self.tokens_saved)}
+        return {
+            "entries": len(self._data),
+            "hits": dict(self.hits),
+            "misses": dict(self.misses),
+            "tokens_saved": dict(self.tokens_saved),
+        }
 
 
 def fingerprint(cfg) -> str:

@@ -55,15 +55,26 @@ def cells_from_rows(rows: Iterable[dict], label_of) -> dict[str, Cell]:
         if r.get("correct") is None:
             continue
         lab = label_of(r["policy"], float(r["threshold"]))
-        c = acc.setdefault(lab, {"policy": r["policy"], "threshold": float(r["threshold"]),
-                                 "correct": {}, "target_tokens": {}, "draft_tokens": {}, "kept": {}})
+        c = acc.setdefault(
+            lab,
+            {
+                "policy": r["policy"],
+                "threshold": float(r["threshold"]),
+                "correct": {},
+                "target_tokens": {},
+                "draft_tokens": {},
+                "kept": {},
+            },
+        )
         pid = str(r["problem_id"])
         c["correct"][pid] = float(bool(r["correct"]))
         c["target_tokens"][pid] = int(r["target_tokens"])
         c["draft_tokens"][pid] = sum(int(s["draft_tokens"]) for s in r["steps"])
         c["kept"][pid] = sum(int(s["num_tokens"]) for s in r["steps"] if s["author"] == "draft")
-    return {lab: Cell(lab, c["policy"], c["threshold"], c["correct"], c["target_tokens"], c["draft_tokens"],
-                      c["kept"]) for lab, c in acc.items()}
+    return {
+        lab: Cell(lab, c["policy"], c["threshold"], c["correct"], c["target_tokens"], c["draft_tokens"], c["kept"])
+        for lab, c in acc.items()
+    }
 
 
 def common_problems(cells: Iterable[Cell]) -> list[str]:
@@ -79,8 +90,9 @@ def _percentile(values: list[float], q: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
-def bootstrap_mean(per_problem: Sequence[float], n_boot: int = 2000, seed: int = 0,
-                   level: float = 0.95) -> tuple[float, float, float]:
+def bootstrap_mean(
+    per_problem: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """(mean, lower, upper): percentile bootstrap interval of a per-problem quantity's mean."""
     n = len(per_problem)
     if n == 0:
@@ -120,8 +132,9 @@ class Matched:
     difference: tuple[float, float, float]  # mixture - reference: mean, 95% lower, upper
 
 
-def matched_difference(curve: Sequence[Cell], reference: Cell, problems: Sequence[str],
-                       n_boot: int = 2000, seed: int = 0) -> Matched | None:
+def matched_difference(
+    curve: Sequence[Cell], reference: Cell, problems: Sequence[str], n_boot: int = 2000, seed: int = 0
+) -> Matched | None:
     """The curve's accuracy at the reference's target tokens, paired with the reference by problem.
 
     Args:
@@ -140,19 +153,42 @@ def matched_difference(curve: Sequence[Cell], reference: Cell, problems: Sequenc
             w = 0.0 if t_hi == t_lo else (t_ref - t_lo) / (t_hi - t_lo)
             mix = [(1 - w) * lo.correct[p] + w * hi.correct[p] for p in problems]
             ref = [reference.correct[p] for p in problems]
-            return Matched(reference.label, curve[0].policy, t_ref, lo.label, hi.label, w,
-                           sum(mix) / len(mix), sum(ref) / len(ref), paired_difference(mix, ref, n_boot, seed))
+            return Matched(
+                reference.label,
+                curve[0].policy,
+                t_ref,
+                lo.label,
+                hi.label,
+                w,
+                sum(mix) / len(mix),
+                sum(ref) / len(ref),
+                paired_difference(mix, ref, n_boot, seed),
+            )
     exact = [c for c in pts if c.mean_target_tokens(problems) == t_ref]
     if exact:
         c = exact[0]
         mix, ref = [c.correct[p] for p in problems], [reference.correct[p] for p in problems]
-        return Matched(reference.label, c.policy, t_ref, c.label, c.label, 0.0, sum(mix) / len(mix),
-                       sum(ref) / len(ref), paired_difference(mix, ref, n_boot, seed))
+        return Matched(
+            reference.label,
+            c.policy,
+            t_ref,
+            c.label,
+            c.label,
+            0.0,
+            sum(mix) / len(mix),
+            sum(ref) / len(ref),
+            paired_difference(mix, ref, n_boot, seed),
+        )
     return None
 
 
-def research_summary(cells: Mapping[str, Cell], policy: str = "router",
-                     baselines: Sequence[str] = ("rsd", "confidence"), n_boot: int = 2000, seed: int = 0) -> dict:
+def research_summary(
+    cells: Mapping[str, Cell],
+    policy: str = "router",
+    baselines: Sequence[str] = ("rsd", "confidence"),
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict:
     """Per-cell accuracy intervals, acceptance and target tokens, and `policy` vs each baseline matched.
 
     Returns:
@@ -165,28 +201,56 @@ def research_summary(cells: Mapping[str, Cell], policy: str = "router",
     out: dict = {"problems": len(problems), "cells": [], "matched": []}
     for lab, c in sorted(cells.items(), key=lambda kv: (kv[1].policy, kv[1].threshold)):
         acc, lo, hi = accuracy_interval(c, problems, n_boot, seed)
-        out["cells"].append({"cell": lab, "policy": c.policy, "threshold": c.threshold, "accuracy": acc,
-                             "ci": [lo, hi], "token_acceptance": c.token_acceptance(problems),
-                             "target_tokens": sum(c.target_tokens[p] for p in problems),
-                             "target_tokens_per_problem": c.mean_target_tokens(problems)})
+        out["cells"].append(
+            {
+                "cell": lab,
+                "policy": c.policy,
+                "threshold": c.threshold,
+                "accuracy": acc,
+                "ci": [lo, hi],
+                "token_acceptance": c.token_acceptance(problems),
+                "target_tokens": sum(c.target_tokens[p] for p in problems),
+                "target_tokens_per_problem": c.mean_target_tokens(problems),
+            }
+        )
     curve = [c for c in cells.values() if c.policy == policy]
     # every threshold policy's ends: never escalate = draft_only's chains, always = target_only's
     ends = [c for c in cells.values() if c.policy in ("draft_only", "target_only")]
     for base in baselines:
         for ref in sorted((c for c in cells.values() if c.policy == base), key=lambda c: c.threshold):
             m = matched_difference(curve + ends, ref, problems, n_boot, seed) if len(curve) else None
-            out["matched"].append({"policy": policy, "baseline": ref.label, **(
-                {"matched": False} if m is None else
-                {"matched": True, "tokens_per_problem": m.tokens, "between": [m.lower_cell, m.upper_cell],
-                 "weight": m.weight, "accuracy": m.accuracy, "baseline_accuracy": m.reference_accuracy,
-                 "difference": m.difference[0], "ci": [m.difference[1], m.difference[2]]})})
+            out["matched"].append(
+                {
+                    "policy": policy,
+                    "baseline": ref.label,
+                    **(
+                        {"matched": False}
+                        if m is None
+                        else {
+                            "matched": True,
+                            "tokens_per_problem": m.tokens,
+                            "between": [m.lower_cell, m.upper_cell],
+                            "weight": m.weight,
+                            "accuracy": m.accuracy,
+                            "baseline_accuracy": m.reference_accuracy,
+                            "difference": m.difference[0],
+                            "ci": [m.difference[1], m.difference[2]],
+                        }
+                    ),
+                }
+            )
     target = next((c for c in cells.values() if c.policy == "target_only"), None)
     if target is not None:
         t_acc, t_tok = target.accuracy(problems), target.mean_target_tokens(problems)
         out["goal"] = {
             "target_only_accuracy": t_acc,
-            "cells": [{"cell": c.label, "accuracy_share": c.accuracy(problems) / t_acc if t_acc else None,
-                       "target_token_share": c.mean_target_tokens(problems) / t_tok if t_tok else None}
-                      for c in sorted(curve, key=lambda c: c.threshold)],
+            "cells": [
+                {
+                    "cell": c.label,
+                    "accuracy_share": c.accuracy(problems) / t_acc if t_acc else None,
+                    "target_token_share": c.mean_target_tokens(problems) / t_tok if t_tok else None,
+                }
+                for c in sorted(curve, key=lambda c: c.threshold)
+            ],
         }
     return out

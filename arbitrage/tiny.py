@@ -21,29 +21,96 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<extra_0>", "<
 
 # name -> (config class name, kwargs). Tiny shapes are for tests; real shapes for benchmarks.
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
-    "tiny-llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
-                                       max_position_embeddings=2048)),
-    "tiny-llama-wide": ("LlamaConfig", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
-                                            max_position_embeddings=2048)),
-    "tiny-qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
-                                       max_position_embeddings=2048)),
-    "llama-3.2-1b": ("LlamaConfig", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                                         max_position_embeddings=8192, rope_theta=500000.0,
-                                         tie_word_embeddings=True, head_dim=64)),
-    "llama-3.1-8b": ("LlamaConfig", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                                         max_position_embeddings=8192, rope_theta=500000.0)),
+    "tiny-llama": (
+        "LlamaConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=320,
+            max_position_embeddings=2048,
+        ),
+    ),
+    "tiny-llama-wide": (
+        "LlamaConfig",
+        dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=320,
+            max_position_embeddings=2048,
+        ),
+    ),
+    "tiny-qwen2": (
+        "Qwen2Config",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=320,
+            max_position_embeddings=2048,
+        ),
+    ),
+    "llama-3.2-1b": (
+        "LlamaConfig",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+            tie_word_embeddings=True,
+            head_dim=64,
+        ),
+    ),
+    "llama-3.1-8b": (
+        "LlamaConfig",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+        ),
+    ),
     # all-MiniLM-L6-v2's shape (the offline router backbone), as a 2-label classifier for
     # router-overhead benchmarks with random weights
-    "minilm-l6": ("BertConfig", dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
-                                     num_attention_heads=12, vocab_size=30522, max_position_embeddings=512)),
-    "llama-3.1-70b": ("LlamaConfig", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                                          num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
-                                          max_position_embeddings=8192, rope_theta=500000.0)),
+    "minilm-l6": (
+        "BertConfig",
+        dict(
+            hidden_size=384,
+            intermediate_size=1536,
+            num_hidden_layers=6,
+            num_attention_heads=12,
+            vocab_size=30522,
+            max_position_embeddings=512,
+        ),
+    ),
+    "llama-3.1-70b": (
+        "LlamaConfig",
+        dict(
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+        ),
+    ),
 }
 
 
@@ -61,8 +128,13 @@ def shape_config(name: str, **overrides: Any):
     return cfg
 
 
-def random_causal_lm(name: str, seed: int = 0, dtype: torch.dtype = torch.float32,
-                     device: str | torch.device = "cpu", init_std: float | None = None):
+def random_causal_lm(
+    name: str,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    init_std: float | None = None,
+):
     """A random-weight causal LM at a named shape, built directly on `device`."""
     from transformers import AutoModelForCausalLM
 
@@ -100,7 +172,10 @@ def byte_tokenizer(vocab_size: int = 320):
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tk.decoder = decoders.Sequence([decoders.Replace(Regex(r"^<x\d+>$"), "x"), decoders.ByteLevel()])
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<pad>", bos_token="<|endoftext|>",
+        tokenizer_object=tk,
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        bos_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>", "<extra_0>"],
     )
     tok.chat_template = CHATML_TEMPLATE
@@ -110,8 +185,9 @@ def byte_tokenizer(vocab_size: int = 320):
 def _byte_of_char(c: str) -> int:
     """Inverse of GPT-2's bytes_to_unicode for one char."""
     o = ord(c)
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     if o in printable:
         return o
     others = [b for b in range(256) if b not in printable]
@@ -173,12 +249,22 @@ def write_tiny_gguf(path, name: str = "tiny-llama", seed: int = 0):
         return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                 "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     for key, t in sd.items():
         if key in names:
             out = names[key]

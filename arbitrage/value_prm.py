@@ -41,8 +41,9 @@ class ValueHead(nn.Module):
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
         self.width = width
-        self.net = nn.Linear(dim, 1) if width == 0 else nn.Sequential(nn.Linear(dim, width), nn.GELU(),
-                                                                    nn.Linear(width, 1))
+        self.net = (
+            nn.Linear(dim, 1) if width == 0 else nn.Sequential(nn.Linear(dim, width), nn.GELU(), nn.Linear(width, 1))
+        )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net((h - self.mean) / self.std).squeeze(-1)
@@ -53,8 +54,9 @@ class ValueHead(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / HEAD_WEIGHTS))
-        (folder / HEAD_META).write_text(json.dumps({**meta, "dim": int(self.mean.numel()), "width": self.width},
-                                                   indent=2))
+        (folder / HEAD_META).write_text(
+            json.dumps({**meta, "dim": int(self.mean.numel()), "width": self.width}, indent=2)
+        )
 
     @classmethod
     def load(cls, folder: str | Path) -> tuple["ValueHead", dict]:
@@ -62,8 +64,9 @@ class ValueHead(nn.Module):
 
         folder = Path(folder)
         if not (folder / HEAD_META).is_file():
-            raise FileNotFoundError(f"no value head in {folder} (expected {HEAD_META}); "
-                                    "train one with `arbitrage train-prm`")
+            raise FileNotFoundError(
+                f"no value head in {folder} (expected {HEAD_META}); train one with `arbitrage train-prm`"
+            )
         meta = json.loads((folder / HEAD_META).read_text())
         head = cls(meta["dim"], meta.get("width", 0))
         head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS)))
@@ -76,8 +79,9 @@ def step_prompt_ids(tokenizer, req: PRMRequest, system: str | None = None, chat:
     The draft's own state after generating a step has read exactly these tokens (up to the
     tokenisation of the step's last characters), so both paths give the same vector.
     """
-    head = render_prompt(tokenizer, StepRequest(problem=req.problem, steps=tuple(req.steps[:-1]),
-                                                system=system, chat=chat))
+    head = render_prompt(
+        tokenizer, StepRequest(problem=req.problem, steps=tuple(req.steps[:-1]), system=system, chat=chat)
+    )
     return tokenizer(head + req.steps[-1], add_special_tokens=False)["input_ids"]
 
 
@@ -86,9 +90,9 @@ class ValuePRM(PRM):
 
     def __init__(self, engine, head: ValueHead, system: str | None = None, chat: bool = True):
         """Args:
-            engine: an engine with `hidden_states(token_ids, keys)` (llama.cpp with embeddings).
-            head: the trained head.
-            system, chat: how prompts are rendered (as the loop renders them for the draft).
+        engine: an engine with `hidden_states(token_ids, keys)` (llama.cpp with embeddings).
+        head: the trained head.
+        system, chat: how prompts are rendered (as the loop renders them for the draft).
         """
         self.engine, self.head = engine, head
         self.system, self.chat = system, chat
@@ -130,13 +134,16 @@ def build_value_prm(cfg, prompt=None) -> ValuePRM:
     from arbitrage.models import load_engine
 
     if not cfg.head:
-        raise ValueError("models.prm.head: a value PRM needs the folder of a trained head "
-                         "(arbitrage train-prm --out FOLDER)")
+        raise ValueError(
+            "models.prm.head: a value PRM needs the folder of a trained head (arbitrage train-prm --out FOLDER)"
+        )
     head, meta = ValueHead.load(cfg.head)
     engine = load_engine(cfg.model_copy(update={"hidden_states": True}))
     if getattr(engine, "n_embd", head.mean.numel()) != head.mean.numel():
-        raise ValueError(f"models.prm.head: the head reads {head.mean.numel()}-dim states, the backbone "
-                         f"has {engine.n_embd}; train it on this backbone")
+        raise ValueError(
+            f"models.prm.head: the head reads {head.mean.numel()}-dim states, the backbone "
+            f"has {engine.n_embd}; train it on this backbone"
+        )
     system = prompt.system_prompt if prompt is not None else None
     chat = prompt.use_chat_template if prompt is not None else True
     return ValuePRM(engine, head, system=system, chat=chat)
@@ -156,8 +163,13 @@ class HeadTraining:
     seed: int = 0
 
 
-def train_value_head(x: torch.Tensor, v: torch.Tensor, ts: HeadTraining = HeadTraining(),
-                     x_val: torch.Tensor | None = None, v_val: torch.Tensor | None = None) -> tuple[ValueHead, dict]:
+def train_value_head(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    ts: HeadTraining = HeadTraining(),
+    x_val: torch.Tensor | None = None,
+    v_val: torch.Tensor | None = None,
+) -> tuple[ValueHead, dict]:
     """Fit a head to soft labels: full-batch AdamW on BCE(sigmoid(head(x)), v).
 
     Args:
@@ -191,5 +203,8 @@ def train_value_head(x: torch.Tensor, v: torch.Tensor, ts: HeadTraining = HeadTr
     if best[2] is not None:
         head.load_state_dict(best[2])
     head.eval()
-    return head, {"train_loss": train_loss, "val_loss": None if best[2] is None else best[0],
-                  "best_epoch": best[1] if best[2] is not None else ts.epochs - 1}
+    return head, {
+        "train_loss": train_loss,
+        "val_loss": None if best[2] is None else best[0],
+        "best_epoch": best[1] if best[2] is not None else ts.epochs - 1,
+    }

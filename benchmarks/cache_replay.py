@@ -34,7 +34,9 @@ def chain_calls(row: dict) -> list[tuple[tuple, int]]:
     prefix: tuple[str, ...] = ()
     p = row["problem"]
     for st in row["steps"]:
-        draft_text = st["draft_text"] if st["draft_text"] is not None else (st["text"] if st["author"] == "draft" else None)
+        draft_text = (
+            st["draft_text"] if st["draft_text"] is not None else (st["text"] if st["author"] == "draft" else None)
+        )
         if draft_text is not None:
             calls.append((("draft", p, prefix), st["draft_tokens"]))
         if st["author"] == "target":
@@ -53,8 +55,10 @@ def replay(rows: dict[str, dict], order: list) -> dict:
     seen: set[tuple] = set()
     out = {}
     for g in order:
-        rs = sorted((r for r in rows.values() if r["policy"] == g.policy and float(r["threshold"]) == g.threshold),
-                    key=lambda r: r["problem_id"])
+        rs = sorted(
+            (r for r in rows.values() if r["policy"] == g.policy and float(r["threshold"]) == g.threshold),
+            key=lambda r: r["problem_id"],
+        )
         tot = {k: defaultdict(int) for k in ("hits", "misses", "tokens_saved")}
         for r in rs:
             for key, tokens in chain_calls(r):
@@ -65,8 +69,7 @@ def replay(rows: dict[str, dict], order: list) -> dict:
                 else:
                     tot["misses"][role] += 1
                     seen.add(key)
-        out[g.label] = {"chains": len(rs), **{k: dict(v) for k, v in tot.items()},
-                        "recorded": cache_totals(rs)}
+        out[g.label] = {"chains": len(rs), **{k: dict(v) for k, v in tot.items()}, "recorded": cache_totals(rs)}
     return out
 
 
@@ -78,7 +81,9 @@ def main() -> None:
     a = ap.parse_args()
     res = replay(load_results(a.run_dir / "results.jsonl"), parse_groups(a.groups))
     (a.out or a.run_dir / "cache_replay.json").write_text(json.dumps(res, indent=2) + "\n")
-    print("| group | chains | draft hits / calls | target hits / calls | PRM hits / calls | tokens saved | recorded hits |")
+    print(
+        "| group | chains | draft hits / calls | target hits / calls | PRM hits / calls | tokens saved | recorded hits |"
+    )
     print("|---|---|---|---|---|---|---|")
     all_h = all_n = 0
     for label, r in res.items():

@@ -25,15 +25,28 @@ def main() -> None:
     from configs.schema import ModelConfig
 
     mk = lambda name, seed: ModelConfig.model_validate(
-        {"source": {"kind": "random", "name": name}, "dtype": "bfloat16", "device": "cuda",
-         "max_context": 2048, "seed": seed, "engine": "fast", "max_slots": 64})
+        {
+            "source": {"kind": "random", "name": name},
+            "dtype": "bfloat16",
+            "device": "cuda",
+            "max_context": 2048,
+            "seed": seed,
+            "engine": "fast",
+            "max_slots": 64,
+        }
+    )
     sched = ColocatedScheduler(streams=bool(a.streams))
     t0 = time.perf_counter()
     eng = load_colocated_engines({"draft": mk("llama-3.2-1b", 1), "target": mk("llama-3.1-8b", 2)}, sched)
     print(f"loaded in {time.perf_counter() - t0:.1f}s streams={a.streams}", flush=True)
     params = SamplingParams(max_tokens=64, forced_tokens=64)
-    req = lambda i, k: StepRequest(problem=f"Problem {i}", steps=tuple(f"step {j}" for j in range(k)),
-                                   system="sys", params=params, chain_id=f"c{i}")
+    req = lambda i, k: StepRequest(
+        problem=f"Problem {i}",
+        steps=tuple(f"step {j}" for j in range(k)),
+        system="sys",
+        params=params,
+        chain_id=f"c{i}",
+    )
     pool = ThreadPoolExecutor(256)
     for rep in range(2):  # the first round captures graphs
         for n in [int(c) for c in a.chains.split(",")]:
@@ -45,9 +58,12 @@ def main() -> None:
             [f.result() for f in fd + ft]
             faulthandler.cancel_dump_traceback_later()
             dt = time.perf_counter() - t
-            print(f"round {rep} chains={n:3d} (+{nt} target) {dt * 1e3:8.1f} ms  "
-                  f"draft {eng['draft'].stats['decode_steps']} target {eng['target'].stats['decode_steps']} "
-                  f"decode steps so far", flush=True)
+            print(
+                f"round {rep} chains={n:3d} (+{nt} target) {dt * 1e3:8.1f} ms  "
+                f"draft {eng['draft'].stats['decode_steps']} target {eng['target'].stats['decode_steps']} "
+                f"decode steps so far",
+                flush=True,
+            )
     sched.close()
 
 

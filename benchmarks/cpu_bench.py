@@ -27,8 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from arbitrage.types import SamplingParams, StepRequest  # noqa: E402
 
-PROMPT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-          "How many clips did Natalia sell altogether in April and May?")
+PROMPT = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?"
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,7 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chains", type=int, default=8, help="concurrent chains of the batched loop cells")
     p.add_argument("--problems", type=int, default=8, help="GSM8K test problems per batched loop cell")
     p.add_argument("--modes", default="in_process,ray")
-    p.add_argument("--hf-dtype", default="bfloat16", help="dtype of the hf engine (bf16 is slow on CPUs without AVX-512 BF16)")
+    p.add_argument(
+        "--hf-dtype", default="bfloat16", help="dtype of the hf engine (bf16 is slow on CPUs without AVX-512 BF16)"
+    )
     p.add_argument("--skip-raw", action="store_true")
     p.add_argument("--out", default="benchmarks/results/cpu_bench.json")
     return p.parse_args(argv)
@@ -67,6 +71,7 @@ def raw_decode(cfg, role: str, batch_sizes: list[int], steps: int) -> dict:
     out = {}
     try:
         for b in batch_sizes:
+
             def run(n: int) -> float:
                 params = SamplingParams(max_tokens=n, forced_tokens=n)
                 reqs = [StepRequest(problem=f"{PROMPT} (variant {i})", params=params) for i in range(b)]
@@ -102,18 +107,35 @@ def loop_cell(cfg, policy: str, n_chains: int, n_problems: int, mode: str, rt=No
     wall = time.perf_counter() - t0
     tokens = sum(r["draft_tokens"] + r["target_tokens"] for r in rows)
     accepted = sum(s["num_tokens"] for r in rows for s in r["steps"])
-    res = {"policy": policy, "chains": n_chains, "problems": len(rows), "mode": mode, "wall_s": wall,
-           "generated_tokens": tokens, "accepted_tokens": accepted, "tok_s": tokens / wall,
-           "errors": sum(1 for r in rows if r.get("error"))}
-    print(f"  {mode:10s} {policy:11s} chains={n_chains:2d}: {res['tok_s']:6.1f} tok/s "
-          f"({tokens} tokens in {wall:.1f}s, {res['errors']} errors)", flush=True)
+    res = {
+        "policy": policy,
+        "chains": n_chains,
+        "problems": len(rows),
+        "mode": mode,
+        "wall_s": wall,
+        "generated_tokens": tokens,
+        "accepted_tokens": accepted,
+        "tok_s": tokens / wall,
+        "errors": sum(1 for r in rows if r.get("error")),
+    }
+    print(
+        f"  {mode:10s} {policy:11s} chains={n_chains:2d}: {res['tok_s']:6.1f} tok/s "
+        f"({tokens} tokens in {wall:.1f}s, {res['errors']} errors)",
+        flush=True,
+    )
     return res
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    results: dict = {"config": args.config, "engine": args.engine, "steps": args.steps, "raw": {}, "loop": [],
-                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    results: dict = {
+        "config": args.config,
+        "engine": args.engine,
+        "steps": args.steps,
+        "raw": {},
+        "loop": [],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     bs = [int(b) for b in args.batch_sizes.split(",")]
     if not args.skip_raw:
         for engine in args.engines.split(","):
@@ -159,14 +181,16 @@ def ratios(res: dict, args) -> dict:
     eng = raw.get(args.engine, {}).get("draft", {})
     for mode in ("ray", "in_process"):
         if (mode, "draft_only", args.chains) in cell and str(args.chains) in eng:
-            out[f"{mode} draft_only {args.chains} chains / raw b{args.chains}"] = \
+            out[f"{mode} draft_only {args.chains} chains / raw b{args.chains}"] = (
                 cell[(mode, "draft_only", args.chains)] / eng[str(args.chains)]
+            )
         if (mode, "draft_only", 1) in cell and "1" in eng:
             out[f"{mode} draft_only 1 chain / raw b1"] = cell[(mode, "draft_only", 1)] / eng["1"]
         for p in ("rsd", "router"):
             if (mode, p, args.chains) in cell and (mode, "draft_only", args.chains) in cell:
-                out[f"{mode} {p} / draft_only at {args.chains} chains"] = \
+                out[f"{mode} {p} / draft_only at {args.chains} chains"] = (
                     cell[(mode, p, args.chains)] / cell[(mode, "draft_only", args.chains)]
+                )
     return out
 
 

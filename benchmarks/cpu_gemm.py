@@ -37,8 +37,11 @@ def main() -> None:
                 row[str(dt).removeprefix("torch.")] = time_ms(lambda: x @ w.T)
             row["fp32_over_bf16"] = row["float32"] / row["bfloat16"]
             rows.append(row)
-            print(f"{name:8s} B={batch:2d} fp32 {row['float32']:8.2f} ms  bf16 {row['bfloat16']:8.2f} ms  "
-                  f"x{row['fp32_over_bf16']:.1f}", flush=True)
+            print(
+                f"{name:8s} B={batch:2d} fp32 {row['float32']:8.2f} ms  bf16 {row['bfloat16']:8.2f} ms  "
+                f"x{row['fp32_over_bf16']:.1f}",
+                flush=True,
+            )
     with open(a.out, "w") as f:
         json.dump({"threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
 

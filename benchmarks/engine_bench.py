@@ -133,15 +133,25 @@ def decode_ms(engine, batch: int, args) -> dict:
     t_long = min(timed(engine, long, args.device) for _ in range(args.reps))
     t_short = min(timed(engine, short, args.device) for _ in range(args.reps))
     ms = (t_long - t_short) / (args.steps - 1) * 1e3
-    return {"ms_per_step": ms, "prefill_ms": t_short * 1e3, "warmup_s": warm,
-            "tokens_per_s": batch * 1e3 / ms if ms > 0 else None}
+    return {
+        "ms_per_step": ms,
+        "prefill_ms": t_short * 1e3,
+        "warmup_s": warm,
+        "tokens_per_s": batch * 1e3 / ms if ms > 0 else None,
+    }
 
 
 def build_engine(kind: str, model, tokenizer, args):
     if kind == "hf":
         return HFStepEngine(model, tokenizer, max_context=args.max_context)
-    return FastStepEngine(model, tokenizer, max_context=args.max_context, max_slots=max(args.batches),
-                          use_cuda_graphs=kind != "fast_eager", decode_kernel=False if kind == "fast_gather" else None)
+    return FastStepEngine(
+        model,
+        tokenizer,
+        max_context=args.max_context,
+        max_slots=max(args.batches),
+        use_cuda_graphs=kind != "fast_eager",
+        decode_kernel=False if kind == "fast_gather" else None,
+    )
 
 
 def run_engine(kind: str, model, tokenizer, args, floor_ms: float) -> list[dict]:
@@ -152,11 +162,14 @@ def run_engine(kind: str, model, tokenizer, args, floor_ms: float) -> list[dict]
             r = decode_ms(engine, batch, args)
             r.update(engine=kind, batch=batch, ratio_to_floor=r["ms_per_step"] / floor_ms)
             if kind != "hf":
-                r.update(kv_cache_gib=engine.kv_cache_bytes / 2**30,
-                         graphs=len(engine.graphs.graphs) if engine.graphs else 0)
+                r.update(
+                    kv_cache_gib=engine.kv_cache_bytes / 2**30, graphs=len(engine.graphs.graphs) if engine.graphs else 0
+                )
             rows.append(r)
-            print(f"  {kind:10s} B={batch:<3d} {r['ms_per_step']:8.3f} ms/step  x{r['ratio_to_floor']:.2f} floor",
-                  flush=True)
+            print(
+                f"  {kind:10s} B={batch:<3d} {r['ms_per_step']:8.3f} ms/step  x{r['ratio_to_floor']:.2f} floor",
+                flush=True,
+            )
     finally:
         if hasattr(engine, "close"):
             engine.close()
@@ -197,19 +210,26 @@ def goals(shapes: list[dict]) -> dict:
             continue
         r = next((r for r in s["rows"] if r["engine"] == "fast" and r["batch"] == 1), None)
         if r is not None:
-            out[s["shape"]] = {"ratio": r["ratio_to_floor"], "goal": GOALS[s["shape"]],
-                               "met": r["ratio_to_floor"] <= GOALS[s["shape"]]}
+            out[s["shape"]] = {
+                "ratio": r["ratio_to_floor"],
+                "goal": GOALS[s["shape"]],
+                "met": r["ratio_to_floor"] <= GOALS[s["shape"]],
+            }
     return out
 
 
 def table(shapes: list[dict]) -> str:
-    lines = [f"{'shape':14s} {'engine':10s} {'B':>3s} {'ms/step':>9s} {'floor ms':>9s} {'x floor':>8s} "
-             f"{'tok/s':>9s} {'prefill ms':>10s}"]
+    lines = [
+        f"{'shape':14s} {'engine':10s} {'B':>3s} {'ms/step':>9s} {'floor ms':>9s} {'x floor':>8s} "
+        f"{'tok/s':>9s} {'prefill ms':>10s}"
+    ]
     for s in shapes:
         for r in s["rows"]:
             tps = f"{r['tokens_per_s']:9.0f}" if r["tokens_per_s"] else f"{'-':>9s}"
-            lines.append(f"{s['shape']:14s} {r['engine']:10s} {r['batch']:3d} {r['ms_per_step']:9.3f} "
-                         f"{s['floor_ms']:9.3f} {r['ratio_to_floor']:8.2f} {tps} {r['prefill_ms']:10.1f}")
+            lines.append(
+                f"{s['shape']:14s} {r['engine']:10s} {r['batch']:3d} {r['ms_per_step']:9.3f} "
+                f"{s['floor_ms']:9.3f} {r['ratio_to_floor']:8.2f} {tps} {r['prefill_ms']:10.1f}"
+            )
     return "\n".join(lines)
 
 
@@ -224,10 +244,16 @@ def main(argv=None) -> dict:
 
     result = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "dtype": str(args.torch_dtype), "prompt_len": args.prompt_len, "steps": args.steps,
-        "max_context": args.max_context, "copy_bandwidth_Bps": bandwidth,
-        "shapes": shapes, "goals": goals(shapes), "wall_s": time.perf_counter() - t0,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "dtype": str(args.torch_dtype),
+        "prompt_len": args.prompt_len,
+        "steps": args.steps,
+        "max_context": args.max_context,
+        "copy_bandwidth_Bps": bandwidth,
+        "shapes": shapes,
+        "goals": goals(shapes),
+        "wall_s": time.perf_counter() - t0,
     }
     print(table(shapes))
     print("goals:", json.dumps(result["goals"]))

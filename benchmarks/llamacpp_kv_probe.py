@@ -21,11 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from arbitrage.types import SamplingParams, StepRequest  # noqa: E402
 
-LAYOUTS = {"big": dict(max_context=4096, max_slots=64), "small": dict(max_context=1024, max_slots=32),
-           "split": dict(max_context=1024, max_slots=32, kv_unified=False),
-           "research": dict(max_context=4096, max_slots=32, kv_unified=False)}  # configs/research-gsm8k.yaml
-PROMPT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-          "How many clips did Natalia sell altogether in April and May? ") * 3
+LAYOUTS = {
+    "big": dict(max_context=4096, max_slots=64),
+    "small": dict(max_context=1024, max_slots=32),
+    "split": dict(max_context=1024, max_slots=32, kv_unified=False),
+    "research": dict(max_context=4096, max_slots=32, kv_unified=False),
+}  # configs/research-gsm8k.yaml
+PROMPT = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May? "
+) * 3
 
 
 def main(argv=None) -> int:
@@ -41,12 +46,20 @@ def main(argv=None) -> int:
 
     src = load_config(str(Path(__file__).resolve().parents[1] / "configs/local.yaml")).models.draft.source
     gguf = gguf_location(src)
-    eng = LlamaCppStepEngine(gguf, load_gguf_tokenizer(src, gguf), kv_cache_tokens=0, n_threads=args.threads,
-                             embeddings=args.hidden, **LAYOUTS[args.layout])
+    eng = LlamaCppStepEngine(
+        gguf,
+        load_gguf_tokenizer(src, gguf),
+        kv_cache_tokens=0,
+        n_threads=args.threads,
+        embeddings=args.hidden,
+        **LAYOUTS[args.layout],
+    )
 
     def timed(n: int, tag: str) -> float:
-        reqs = [StepRequest(problem=f"({tag}-{i}) {PROMPT}", params=SamplingParams(max_tokens=n, forced_tokens=n))
-                for i in range(args.batch)]
+        reqs = [
+            StepRequest(problem=f"({tag}-{i}) {PROMPT}", params=SamplingParams(max_tokens=n, forced_tokens=n))
+            for i in range(args.batch)
+        ]
         t0 = time.perf_counter()
         eng.generate_steps(reqs)
         return time.perf_counter() - t0
@@ -54,8 +67,10 @@ def main(argv=None) -> int:
     try:
         t1, t17 = timed(1, "a"), timed(17, "b")
         prompt_tokens = args.batch * eng.count_tokens(PROMPT)
-        print(f"{args.layout}{' +hidden' if args.hidden else ''}: b{args.batch} prefill {prompt_tokens / t1:.0f} tok/s, "
-              f"decode {args.batch * 16 / (t17 - t1):.1f} tok/s")
+        print(
+            f"{args.layout}{' +hidden' if args.hidden else ''}: b{args.batch} prefill {prompt_tokens / t1:.0f} tok/s, "
+            f"decode {args.batch * 16 / (t17 - t1):.1f} tok/s"
+        )
     finally:
         eng.close()
     return 0

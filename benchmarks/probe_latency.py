@@ -1,6 +1,6 @@
 """Cost of one probe-router decision as the coordinator pays it (`InProcessRouter.predict`).
 
-    python benchmarks/probe_latency.py --router routers/local-probe
+python benchmarks/probe_latency.py --router routers/local-probe
 """
 
 from __future__ import annotations

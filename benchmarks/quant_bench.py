@@ -72,9 +72,17 @@ def build(shape: str, device: str, seed: int = 0):
         cfg = shape_config("tiny-qwen2", hidden_size=128, intermediate_size=256)
     else:
         a = ARCHITECTURES[SHAPE]
-        cfg = Qwen2Config(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
-                          num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, vocab_size=a.vocab,
-                          max_position_embeddings=a.max_positions, rope_theta=10000.0, tie_word_embeddings=a.tied)
+        cfg = Qwen2Config(
+            hidden_size=a.hidden,
+            intermediate_size=a.intermediate,
+            num_hidden_layers=a.layers,
+            num_attention_heads=a.heads,
+            num_key_value_heads=a.kv_heads,
+            vocab_size=a.vocab,
+            max_position_embeddings=a.max_positions,
+            rope_theta=10000.0,
+            tie_word_embeddings=a.tied,
+        )
         base = shape_config("tiny-qwen2")  # the byte tokenizer's special ids
         cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = base.pad_token_id, base.eos_token_id, base.bos_token_id
     torch.manual_seed(seed)
@@ -110,8 +118,12 @@ def run_variant(variant: str, args, ref_logits: torch.Tensor | None, ids: torch.
     model = quantize(model, variant, dev)
     sync(dev)
     free(dev)
-    row = {"variant": variant, "build_quantize_s": time.perf_counter() - t0, "weight_bytes": weight_bytes(model),
-           "linear_type": type(model.model.layers[0].mlp.gate_proj.weight).__name__}
+    row = {
+        "variant": variant,
+        "build_quantize_s": time.perf_counter() - t0,
+        "weight_bytes": weight_bytes(model),
+        "linear_type": type(model.model.layers[0].mlp.gate_proj.weight).__name__,
+    }
     if dev == "cuda":
         row["gpu_bytes_resident"] = torch.cuda.memory_allocated() - base
     with torch.inference_mode():
@@ -141,7 +153,8 @@ def run_variant(variant: str, args, ref_logits: torch.Tensor | None, ids: torch.
 
 def table(rows: list[dict], batches: list[int]) -> str:
     head = f"{'variant':10s} {'weights GB':>10s} {'GPU GB':>7s} {'rel err':>8s} " + " ".join(
-        f"{'B=' + str(b) + ' ms':>9s}" for b in batches)
+        f"{'B=' + str(b) + ' ms':>9s}" for b in batches
+    )
     lines = [head]
     for r in rows:
         if "error" in r:
@@ -150,17 +163,22 @@ def table(rows: list[dict], batches: list[int]) -> str:
         ms = " ".join(f"{r['batches'][b]['ms_per_step']:9.3f}" for b in batches)
         gpu = r.get("gpu_bytes_resident", 0) / 1e9
         err = r.get("logits_rel_err")
-        lines.append(f"{r['variant']:10s} {r['weight_bytes'] / 1e9:10.2f} {gpu:7.2f} "
-                     f"{'-' if err is None else format(err, '.4f'):>8s} {ms}")
+        lines.append(
+            f"{r['variant']:10s} {r['weight_bytes'] / 1e9:10.2f} {gpu:7.2f} "
+            f"{'-' if err is None else format(err, '.4f'):>8s} {ms}"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    info = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-            "torch": torch.__version__, "shape": SHAPE if args.shape != "tiny" else "tiny",
-            "args": {k: v for k, v in vars(args).items() if k not in ("batches", "variant_list")}}
+    info = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "shape": SHAPE if args.shape != "tiny" else "tiny",
+        "args": {k: v for k, v in vars(args).items() if k not in ("batches", "variant_list")},
+    }
     try:
         import torchao
 

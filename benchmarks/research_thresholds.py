@@ -55,8 +55,11 @@ def thresholds(rows: list[dict], router, rates: list[float]) -> dict[str, list[f
     return out
 
 
-STEP_SCORE = {"router": lambda s: s.get("router_prob"), "rsd": lambda s: s.get("prm_draft"),
-              "confidence": lambda s: math.exp(s["draft_features"]["lp_mean"]) if s.get("draft_features") else None}
+STEP_SCORE = {
+    "router": lambda s: s.get("router_prob"),
+    "rsd": lambda s: s.get("prm_draft"),
+    "confidence": lambda s: math.exp(s["draft_features"]["lp_mean"]) if s.get("draft_features") else None,
+}
 
 
 def sweep_shares(run_dir: Path, groups: list[str]) -> list[tuple[str, float, int]]:
@@ -78,8 +81,11 @@ def main(argv=None) -> int:
     p.add_argument("--groups", default="", help="with --sweep: policy@tau,... (router, rsd, confidence)")
     p.add_argument("--router", default=None, help="router folder (kind hidden or probe)")
     p.add_argument("--rates", default="0.15,0.3,0.5", help="escalation shares to aim for")
-    p.add_argument("--all-rows", action="store_true",
-                   help="also use the rows of the PRM's held-out problems (default: its training problems only)")
+    p.add_argument(
+        "--all-rows",
+        action="store_true",
+        help="also use the rows of the PRM's held-out problems (default: its training problems only)",
+    )
     args = p.parse_args(argv)
     if args.sweep:
         for g, share, n in sweep_shares(args.sweep, [g for g in args.groups.split(",") if g]):
@@ -97,15 +103,21 @@ def main(argv=None) -> int:
         from arbitrage.router_factory import build_router
         from configs.schema import RouterConfig
 
-        kind = json.loads((Path(args.router) / ("router.json" if (Path(args.router) / "router.json").is_file()
-                                                 else "probe.json")).read_text())["kind"]
+        kind = json.loads(
+            (
+                Path(args.router) / ("router.json" if (Path(args.router) / "router.json").is_file() else "probe.json")
+            ).read_text()
+        )["kind"]
         router = build_router(RouterConfig(kind=kind, path=args.router, device="cpu"))
     rates = [float(x) for x in args.rates.split(",")]
     taus = thresholds(rows, router, rates)
     for policy, ts in taus.items():
         print(f"{policy}: " + ", ".join(f"{r:.0%} -> {t:.4f}" for r, t in zip(rates, ts)), file=sys.stderr)
-    cells = ["draft_only"] + [f"{pol}@{t:.4f}" for pol in ("router", "rsd", "confidence") if pol in taus
-                              for t in taus[pol]] + ["target_only"]
+    cells = (
+        ["draft_only"]
+        + [f"{pol}@{t:.4f}" for pol in ("router", "rsd", "confidence") if pol in taus for t in taus[pol]]
+        + ["target_only"]
+    )
     print(",".join(cells))
     return 0
 

@@ -46,43 +46,82 @@ from configs.schema import ArbitrageConfig
 
 
 LAYOUTS = ("separate", "colocated", "colocated-streams")
-ENGINE_COUNTERS = ("decode_steps", "admitted_mid_decode", "prefill_s", "decode_s", "idle_s",
-                   # colocated engines only (arbitrage/colocated.py)
-                   "admissions", "admitted_rows", "hold_s", "held_turns", "decode_rows", "gpu_wait_s")
+ENGINE_COUNTERS = (
+    "decode_steps",
+    "admitted_mid_decode",
+    "prefill_s",
+    "decode_s",
+    "idle_s",
+    # colocated engines only (arbitrage/colocated.py)
+    "admissions",
+    "admitted_rows",
+    "hold_s",
+    "held_turns",
+    "decode_rows",
+    "gpu_wait_s",
+)
 
 
 def bench_config(a, layout: str = "separate") -> ArbitrageConfig:
     gpu = a.gpu_fraction if a.device == "cuda" else 0.0
-    model = lambda shape, seed: {"source": {"kind": "random", "name": shape}, "dtype": a.dtype,
-                                 "device": a.device, "max_context": a.max_context, "seed": seed,
-                                 "engine": a.engine, "max_slots": max(64, a.max_chains)}
+    model = lambda shape, seed: {
+        "source": {"kind": "random", "name": shape},
+        "dtype": a.dtype,
+        "device": a.device,
+        "max_context": a.max_context,
+        "seed": seed,
+        "engine": a.engine,
+        "max_slots": max(64, a.max_chains),
+    }
     batching = {"max_batch_size": max(64, a.max_chains), "max_wait_ms": a.max_wait_ms}
     models = {"draft": model(a.draft, 1), "target": model(a.target, 2)}
     if a.router.startswith("probe:"):  # a trained probe (no model; runs inside the coordinator)
         models["router"] = {"kind": "probe", "path": a.router.removeprefix("probe:")}
     elif a.router:  # a random-weight classifier at a real router shape, for the overhead figure
-        models["router"] = {"kind": "classifier", "source": {"kind": "random", "name": a.router},
-                            "device": a.device, "max_length": 512}
-    return ArbitrageConfig.model_validate({
-        "name": "runtime-bench",
-        "models": models,
-        "generation": {"forced_step_tokens": a.step_tokens, "max_step_tokens": a.step_tokens,
-                       "max_steps": a.steps, "max_total_tokens": a.step_tokens * a.steps},
-        "policy": {"name": "fixed_rate", "threshold": a.rate},
-        "prompt": {"use_chat_template": True, "system_prompt": "Please reason step by step."},
-        "runtime": {"num_cpus": a.num_cpus, "max_concurrent_chains": a.max_chains,
-                    "layout": "separate" if layout == "separate" else "colocated",
-                    "draft": {"num_cpus": 1, "num_gpus": gpu, "batching": batching},
-                    "target": {"num_cpus": 1, "num_gpus": a.target_gpus if a.device == "cuda" else 0.0,
-                               "tensor_parallel": a.target_tp, "batching": batching},
-                    "router": {"num_cpus": 1, "num_gpus": 0.1 if a.device == "cuda" else 0.0,
-                               "batching": batching}},
-    })
+        models["router"] = {
+            "kind": "classifier",
+            "source": {"kind": "random", "name": a.router},
+            "device": a.device,
+            "max_length": 512,
+        }
+    return ArbitrageConfig.model_validate(
+        {
+            "name": "runtime-bench",
+            "models": models,
+            "generation": {
+                "forced_step_tokens": a.step_tokens,
+                "max_step_tokens": a.step_tokens,
+                "max_steps": a.steps,
+                "max_total_tokens": a.step_tokens * a.steps,
+            },
+            "policy": {"name": "fixed_rate", "threshold": a.rate},
+            "prompt": {"use_chat_template": True, "system_prompt": "Please reason step by step."},
+            "runtime": {
+                "num_cpus": a.num_cpus,
+                "max_concurrent_chains": a.max_chains,
+                "layout": "separate" if layout == "separate" else "colocated",
+                "draft": {"num_cpus": 1, "num_gpus": gpu, "batching": batching},
+                "target": {
+                    "num_cpus": 1,
+                    "num_gpus": a.target_gpus if a.device == "cuda" else 0.0,
+                    "tensor_parallel": a.target_tp,
+                    "batching": batching,
+                },
+                "router": {"num_cpus": 1, "num_gpus": 0.1 if a.device == "cuda" else 0.0, "batching": batching},
+            },
+        }
+    )
 
 
 def problems(n: int, tag: str) -> list[dict]:
-    return [{"id": f"{tag}-{i}", "problem": f"Problem {tag} {i}: a train leaves at {i} o'clock at 60 km/h. "
-             "How far has it travelled by noon?"} for i in range(n)]
+    return [
+        {
+            "id": f"{tag}-{i}",
+            "problem": f"Problem {tag} {i}: a train leaves at {i} o'clock at 60 km/h. "
+            "How far has it travelled by noon?",
+        }
+        for i in range(n)
+    ]
 
 
 async def lockstep(backend, items: list[dict], cfg: ArbitrageConfig, rate: float) -> int:
@@ -95,8 +134,16 @@ async def lockstep(backend, items: list[dict], cfg: ArbitrageConfig, rate: float
     params = SamplingParams(max_tokens=g.max_step_tokens, forced_tokens=g.forced_step_tokens)
     steps: list[list[str]] = [[] for _ in items]
     for k in range(g.max_steps):
-        reqs = [StepRequest(problem=it["problem"], steps=tuple(s), system=cfg.prompt.system_prompt,
-                            params=params, chain_id=f"lock-{it['id']}") for it, s in zip(items, steps)]
+        reqs = [
+            StepRequest(
+                problem=it["problem"],
+                steps=tuple(s),
+                system=cfg.prompt.system_prompt,
+                params=params,
+                chain_id=f"lock-{it['id']}",
+            )
+            for it, s in zip(items, steps)
+        ]
         drafts = await asyncio.gather(*(backend.draft_step(r) for r in reqs))  # wait for all
         esc = [i for i, it in enumerate(items) if policy.escalate(StepContext(it["id"], k))]
         targets = await asyncio.gather(*(backend.target_step(reqs[i]) for i in esc))  # wait again
@@ -119,8 +166,11 @@ def run_coordinator(rt, items, policy, tau) -> tuple[float, int, list[dict]]:
 def engine_counters(rt) -> dict[str, dict[str, float]]:
     """The draft's and the target's engine counters (cumulative), by role."""
     roles = rt.stats()["roles"]
-    return {r: {k: float(roles[r]["replicas"][0].get("engine", {}).get(k, 0)) for k in ENGINE_COUNTERS}
-            for r in ("draft", "target") if r in roles}
+    return {
+        r: {k: float(roles[r]["replicas"][0].get("engine", {}).get(k, 0)) for k in ENGINE_COUNTERS}
+        for r in ("draft", "target")
+        if r in roles
+    }
 
 
 def counters_during(rt, items, a) -> tuple[float, int, dict]:
@@ -155,14 +205,23 @@ def gate_sweep(rt, a) -> dict[str, list[dict]]:
     for spec in [x for x in a.coloc_gates.split(",") if x]:
         name, vals = spec.split("=")
         ts, th, tg, ds, dh = (float(v) for v in vals.split(":"))
-        gates = {"target": {"share": ts, "max_hold_s": th, "idle_grace_s": tg},
-                 "draft": {"share": ds, "max_hold_s": dh}}
+        gates = {
+            "target": {"share": ts, "max_hold_s": th, "idle_grace_s": tg},
+            "draft": {"share": ds, "max_hold_s": dh},
+        }
         ray.get(coloc_actor(rt).set_gates.remote(gates))
         rows = []
         for n in a.chain_counts:
             dt, steps, during = counters_during(rt, problems(n, f"g{name}{n}"), a)
-            rows.append({"chains": n, "coordinator_steps_per_s": steps / dt, "coordinator_s": dt,
-                         "gates": gates, "engines_during_coordinator": during})
+            rows.append(
+                {
+                    "chains": n,
+                    "coordinator_steps_per_s": steps / dt,
+                    "coordinator_s": dt,
+                    "gates": gates,
+                    "engines_during_coordinator": during,
+                }
+            )
             print(f"gates {name:10s} chains={n:3d} coordinator {steps / dt:8.2f} steps/s  {brief(during)}", flush=True)
         for r in rows:
             r["vs_single_chain"] = r["coordinator_steps_per_s"] / rows[0]["coordinator_steps_per_s"]
@@ -187,13 +246,21 @@ def throughput(rt, cfg, a) -> list[dict]:
         t0 = time.perf_counter()
         steps_l = asyncio.run(lockstep(backend, problems(n, f"ls{n}"), cfg, a.rate))
         dt_l = time.perf_counter() - t0
-        row = {"chains": n, "coordinator_steps_per_s": steps_c / dt_c, "lockstep_steps_per_s": steps_l / dt_l,
-               "coordinator_s": dt_c, "lockstep_s": dt_l, "engines_during_coordinator": during}
+        row = {
+            "chains": n,
+            "coordinator_steps_per_s": steps_c / dt_c,
+            "lockstep_steps_per_s": steps_l / dt_l,
+            "coordinator_s": dt_c,
+            "lockstep_s": dt_l,
+            "engines_during_coordinator": during,
+        }
         row["speedup_vs_lockstep"] = row["coordinator_steps_per_s"] / row["lockstep_steps_per_s"]
         rows.append(row)
-        print(f"chains={n:3d} coordinator {row['coordinator_steps_per_s']:8.2f} steps/s  "
-              f"lockstep {row['lockstep_steps_per_s']:8.2f} steps/s  x{row['speedup_vs_lockstep']:.2f}  {brief(during)}",
-              flush=True)
+        print(
+            f"chains={n:3d} coordinator {row['coordinator_steps_per_s']:8.2f} steps/s  "
+            f"lockstep {row['lockstep_steps_per_s']:8.2f} steps/s  x{row['speedup_vs_lockstep']:.2f}  {brief(during)}",
+            flush=True,
+        )
     base = rows[0]["coordinator_steps_per_s"]
     for r in rows:
         r["vs_single_chain"] = r["coordinator_steps_per_s"] / base
@@ -204,16 +271,20 @@ def latency(rt, a) -> dict:
     """Per-chain latency of target_only vs fixed-rate escalation; ideal speed-up from step costs."""
     n = a.latency_chains
     per = {}
-    for name, policy, tau in [("draft_only", "draft_only", 0.0), ("target_only", "target_only", 0.0)] + \
-            [(f"fixed_{p:g}", "fixed_rate", p) for p in a.rates]:
+    for name, policy, tau in [("draft_only", "draft_only", 0.0), ("target_only", "target_only", 0.0)] + [
+        (f"fixed_{p:g}", "fixed_rate", p) for p in a.rates
+    ]:
         lats, steps, esc = [], 0, 0
         for i in range(n):  # one chain at a time: latency, not throughput
             dt, st, res = run_coordinator(rt, problems(1, f"lat-{name}-{i}"), policy, tau)
             lats.append(dt)
             steps += st
             esc += sum(r["escalations"] for r in res)
-        per[name] = {"latency_s": statistics.mean(lats), "steps_per_chain": steps / n,
-                     "escalation_rate": esc / steps if steps else 0.0}
+        per[name] = {
+            "latency_s": statistics.mean(lats),
+            "steps_per_chain": steps / n,
+            "escalation_rate": esc / steps if steps else 0.0,
+        }
         print(f"latency {name:12s} {per[name]['latency_s']:.3f} s/chain", flush=True)
     t_d = per["draft_only"]["latency_s"] / per["draft_only"]["steps_per_chain"]
     t_t = per["target_only"]["latency_s"] / per["target_only"]["steps_per_chain"]
@@ -223,10 +294,16 @@ def latency(rt, a) -> dict:
         achieved = per["target_only"]["latency_s"] / row["latency_s"]
         q = row["escalation_rate"]  # realised rate over the measured steps
         ideal = t_t / (t_d + q * t_t)
-        out["rates"][f"{p:g}"] = {"speedup": achieved, "ideal_speedup": ideal, "realised_rate": q,
-                                  "share_of_ideal": achieved / ideal}
-        print(f"rate {p:.2f} (realised {q:.2f}): speed-up {achieved:.2f}x, ideal {ideal:.2f}x "
-              f"({achieved / ideal:.0%})", flush=True)
+        out["rates"][f"{p:g}"] = {
+            "speedup": achieved,
+            "ideal_speedup": ideal,
+            "realised_rate": q,
+            "share_of_ideal": achieved / ideal,
+        }
+        print(
+            f"rate {p:.2f} (realised {q:.2f}): speed-up {achieved:.2f}x, ideal {ideal:.2f}x ({achieved / ideal:.0%})",
+            flush=True,
+        )
     return out
 
 
@@ -246,12 +323,19 @@ def router_overhead(rt, a, lat: dict) -> dict:
     over = per["router_never"] - per["draft_only"]
     fixed = lat["by_policy"].get(f"fixed_{a.rate:g}")
     step_at_rate = fixed["latency_s"] / fixed["steps_per_chain"] if fixed else None
-    out = {"router": a.router, "draft_step_s": per["draft_only"], "router_step_s": per["router_never"],
-           "overhead_s_per_step": over, "share_of_draft_step": over / per["draft_only"],
-           "share_of_step_at_rate": over / step_at_rate if step_at_rate else None}
-    print(f"router overhead ({a.router}): {over * 1e3:.2f} ms/step = {out['share_of_draft_step']:.1%} of a "
-          f"draft step" + (f", {out['share_of_step_at_rate']:.1%} of a step at rate {a.rate:g}"
-                           if step_at_rate else ""), flush=True)
+    out = {
+        "router": a.router,
+        "draft_step_s": per["draft_only"],
+        "router_step_s": per["router_never"],
+        "overhead_s_per_step": over,
+        "share_of_draft_step": over / per["draft_only"],
+        "share_of_step_at_rate": over / step_at_rate if step_at_rate else None,
+    }
+    print(
+        f"router overhead ({a.router}): {over * 1e3:.2f} ms/step = {out['share_of_draft_step']:.1%} of a "
+        f"draft step" + (f", {out['share_of_step_at_rate']:.1%} of a step at rate {a.rate:g}" if step_at_rate else ""),
+        flush=True,
+    )
     return out
 
 
@@ -271,22 +355,43 @@ def main() -> None:
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     ap.add_argument("--latency-chains", type=int, default=4)
     ap.add_argument("--num-cpus", type=int, default=8)
-    ap.add_argument("--gpu-fraction", type=float, default=0.45,
-                    help="num_gpus of the draft and of the target actor: 0.45 shares one GPU; 1 gives "
-                    "each its own GPU (a 2-GPU machine), as the cluster layout does")
-    ap.add_argument("--target-tp", type=int, default=1,
-                    help="tensor-parallel ranks of the target (a TargetGroup; each rank takes --target-gpus)")
-    ap.add_argument("--target-gpus", type=float, default=None,
-                    help="num_gpus of the target actor, or of each TP rank (default: --gpu-fraction)")
-    ap.add_argument("--router", default="minilm-l6",
-                    help="router for the overhead part: a random classifier shape, or probe:PATH "
-                    "(a trained probe router folder); '' skips it")
+    ap.add_argument(
+        "--gpu-fraction",
+        type=float,
+        default=0.45,
+        help="num_gpus of the draft and of the target actor: 0.45 shares one GPU; 1 gives "
+        "each its own GPU (a 2-GPU machine), as the cluster layout does",
+    )
+    ap.add_argument(
+        "--target-tp",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks of the target (a TargetGroup; each rank takes --target-gpus)",
+    )
+    ap.add_argument(
+        "--target-gpus",
+        type=float,
+        default=None,
+        help="num_gpus of the target actor, or of each TP rank (default: --gpu-fraction)",
+    )
+    ap.add_argument(
+        "--router",
+        default="minilm-l6",
+        help="router for the overhead part: a random classifier shape, or probe:PATH "
+        "(a trained probe router folder); '' skips it",
+    )
     ap.add_argument("--skip", default="", help="comma list of parts to skip: throughput,latency,router")
-    ap.add_argument("--layouts", default="separate",
-                    help=f"comma list of runtime layouts to run, one after the other: {', '.join(LAYOUTS)}")
-    ap.add_argument("--coloc-gates", default="",
-                    help="colocated layouts: also sweep admission gates, name=TS:TH:TG:DS:DH,... (target share, "
-                    "max_hold_s, idle_grace_s; draft share, max_hold_s)")
+    ap.add_argument(
+        "--layouts",
+        default="separate",
+        help=f"comma list of runtime layouts to run, one after the other: {', '.join(LAYOUTS)}",
+    )
+    ap.add_argument(
+        "--coloc-gates",
+        default="",
+        help="colocated layouts: also sweep admission gates, name=TS:TH:TG:DS:DH,... (target share, "
+        "max_hold_s, idle_grace_s; draft share, max_hold_s)",
+    )
     ap.add_argument("--out", default="benchmarks/results/runtime.json")
     a = ap.parse_args()
     a.target_gpus = a.gpu_fraction if a.target_gpus is None else a.target_gpus

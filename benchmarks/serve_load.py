@@ -49,8 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=None, help="arbitrage.threshold per request")
     p.add_argument("--stream", action="store_true", help="stream responses; also report time to first step")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
-    p.add_argument("--bad-every", type=int, default=0,
-                   help="every Nth request is unsampleable (temperature 1e-300 / top_p 5e-324); 0: none")
+    p.add_argument(
+        "--bad-every",
+        type=int,
+        default=0,
+        help="every Nth request is unsampleable (temperature 1e-300 / top_p 5e-324); 0: none",
+    )
     p.add_argument("--out", default="benchmarks/results/serve_load.json", help="JSON results path")
     a = p.parse_args(argv)
     a.levels = [int(x) for x in a.levels.split(",") if x.strip()]
@@ -76,16 +80,25 @@ def start_app(a: argparse.Namespace):
 
     cfg = load_config(a.config)
     queue = max(cfg.serve.max_queued_requests, max(a.levels) + a.warmup)
-    cfg = cfg.with_overrides(**{"serve.host": "127.0.0.1", "serve.port": _free_port(),
-                                "serve.max_queued_requests": queue})
+    cfg = cfg.with_overrides(
+        **{"serve.host": "127.0.0.1", "serve.port": _free_port(), "serve.max_queued_requests": queue}
+    )
     run_openai_app(cfg, name="arbitrage")
     return f"http://127.0.0.1:{cfg.serve.port}", cfg
 
 
 def request_body(a: argparse.Namespace, i: int, model: str) -> dict:
-    body = {"model": model, "stream": a.stream,
-            "messages": [{"role": "user", "content": f"A shop sells {i % 97 + 2} pens for {i % 13 + 3} dollars "
-                                                     f"each. How much do {i % 7 + 2} pens cost?"}]}
+    body = {
+        "model": model,
+        "stream": a.stream,
+        "messages": [
+            {
+                "role": "user",
+                "content": f"A shop sells {i % 97 + 2} pens for {i % 13 + 3} dollars "
+                f"each. How much do {i % 7 + 2} pens cost?",
+            }
+        ],
+    }
     if a.max_tokens is not None:
         body["max_tokens"] = a.max_tokens
     opts = {k: v for k, v in (("policy", a.policy), ("threshold", a.threshold)) if v is not None}
@@ -178,12 +191,19 @@ def metrics_delta(before: dict, after: dict) -> dict:
         n = d("arbitrage_batch_size_count", role=role)
         if n:
             batches[role] = round(d("arbitrage_batch_size_sum", role=role) / n, 2)
-    return {"requests": {st: d("arbitrage_requests_total", status=st) for st in statuses},
-            "steps": steps, "escalation_rate": d("arbitrage_escalations_total") / steps if steps else None,
-            "wasted_escalations": d("arbitrage_wasted_escalations_total"),
-            "acceptance_tokens": (d("arbitrage_accepted_draft_tokens_total") / d("arbitrage_draft_tokens_total")
-                                  if d("arbitrage_draft_tokens_total") else None),
-            "mean_batch_size": batches, "batch_isolations": d("arbitrage_batch_isolations_total")}
+    return {
+        "requests": {st: d("arbitrage_requests_total", status=st) for st in statuses},
+        "steps": steps,
+        "escalation_rate": d("arbitrage_escalations_total") / steps if steps else None,
+        "wasted_escalations": d("arbitrage_wasted_escalations_total"),
+        "acceptance_tokens": (
+            d("arbitrage_accepted_draft_tokens_total") / d("arbitrage_draft_tokens_total")
+            if d("arbitrage_draft_tokens_total")
+            else None
+        ),
+        "mean_batch_size": batches,
+        "batch_isolations": d("arbitrage_batch_isolations_total"),
+    }
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -197,14 +217,21 @@ def summarize(rows: list[dict], clients: int, elapsed: float) -> dict:
     ok = [r for r in rows if r["status"] == 200]
     lat = [r["latency_s"] for r in ok]
     ttft = [r["ttft_s"] for r in ok if r.get("ttft_s") is not None]
-    return {"clients": clients, "requests": len(rows), "ok": len(ok), "elapsed_s": elapsed,
-            "errors": dict(Counter(str(r["status"]) for r in rows if r["status"] != 200)),
-            "rps": len(ok) / elapsed if elapsed else 0.0,
-            "latency_p50_s": _pct(lat, 0.5), "latency_p99_s": _pct(lat, 0.99),
-            "latency_mean_s": statistics.fmean(lat) if lat else None,
-            "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),
-            "steps_mean": statistics.fmean(r["steps"] for r in ok) if ok else None,
-            "completion_tokens_per_s": sum(r["tokens"] for r in ok) / elapsed if elapsed else 0.0}
+    return {
+        "clients": clients,
+        "requests": len(rows),
+        "ok": len(ok),
+        "elapsed_s": elapsed,
+        "errors": dict(Counter(str(r["status"]) for r in rows if r["status"] != 200)),
+        "rps": len(ok) / elapsed if elapsed else 0.0,
+        "latency_p50_s": _pct(lat, 0.5),
+        "latency_p99_s": _pct(lat, 0.99),
+        "latency_mean_s": statistics.fmean(lat) if lat else None,
+        "ttft_p50_s": _pct(ttft, 0.5),
+        "ttft_p99_s": _pct(ttft, 0.99),
+        "steps_mean": statistics.fmean(r["steps"] for r in ok) if ok else None,
+        "completion_tokens_per_s": sum(r["tokens"] for r in ok) / elapsed if elapsed else 0.0,
+    }
 
 
 def replica_counts(app_name: str = "arbitrage") -> dict[str, int]:
@@ -217,12 +244,16 @@ def replica_counts(app_name: str = "arbitrage") -> dict[str, int]:
 
 def print_table(levels: list[dict]) -> None:
     f = lambda v, spec: format(v, spec) if v is not None else "-".rjust(int(spec.split(".")[0]))  # noqa: E731
-    print(f"{'clients':>7} {'requests':>8} {'ok':>5} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} {'ttft p50':>8} "
-          f"{'steps':>5} {'tok/s':>7}  errors / ingress replicas")
+    print(
+        f"{'clients':>7} {'requests':>8} {'ok':>5} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} {'ttft p50':>8} "
+        f"{'steps':>5} {'tok/s':>7}  errors / ingress replicas"
+    )
     for r in levels:
-        print(f"{r['clients']:>7} {r['requests']:>8} {r['ok']:>5} {r['rps']:>7.2f} "
-              f"{f(r['latency_p50_s'], '7.3f')} {f(r['latency_p99_s'], '7.3f')} {f(r['ttft_p50_s'], '8.3f')} {f(r['steps_mean'], '5.2f')} "
-              f"{r['completion_tokens_per_s']:>7.1f}  {r['errors'] or '-'} / {r.get('replicas', {}).get('ingress', '-')}")
+        print(
+            f"{r['clients']:>7} {r['requests']:>8} {r['ok']:>5} {r['rps']:>7.2f} "
+            f"{f(r['latency_p50_s'], '7.3f')} {f(r['latency_p99_s'], '7.3f')} {f(r['ttft_p50_s'], '8.3f')} {f(r['steps_mean'], '5.2f')} "
+            f"{r['completion_tokens_per_s']:>7.1f}  {r['errors'] or '-'} / {r.get('replicas', {}).get('ingress', '-')}"
+        )
 
 
 def main(argv=None) -> dict:
@@ -251,13 +282,24 @@ def main(argv=None) -> dict:
 
             serve.shutdown()
             ray.shutdown()
-    result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "url": url,
-              "config": a.config if owned else None, "policy": a.policy or (cfg.policy.name if cfg else None),
-              "threshold": a.threshold if a.threshold is not None else (cfg.policy.threshold if cfg else None),
-              "stream": a.stream, "duration_s": a.duration, "max_requests": a.max_requests,
-              "bad_every": a.bad_every,
-              "host": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                       "loadavg_start": load_start, "loadavg_end": os.getloadavg()}, "levels": levels}
+    result = {
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "url": url,
+        "config": a.config if owned else None,
+        "policy": a.policy or (cfg.policy.name if cfg else None),
+        "threshold": a.threshold if a.threshold is not None else (cfg.policy.threshold if cfg else None),
+        "stream": a.stream,
+        "duration_s": a.duration,
+        "max_requests": a.max_requests,
+        "bad_every": a.bad_every,
+        "host": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "loadavg_start": load_start,
+            "loadavg_end": os.getloadavg(),
+        },
+        "levels": levels,
+    }
     print()
     print_table(levels)
     out = Path(a.out)

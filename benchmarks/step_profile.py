@@ -23,7 +23,8 @@ from benchmarks.runtime_bench import bench_config, problems  # noqa: E402
 
 def engine_delta(before: dict, after: dict, steps: int) -> dict:
     return {k: (after[k] - before[k]) / steps * 1e3 for k in ("prefill_s", "decode_s", "idle_s")} | {
-        "decode_steps": (after["decode_steps"] - before["decode_steps"]) / steps}
+        "decode_steps": (after["decode_steps"] - before["decode_steps"]) / steps
+    }
 
 
 def engine_alone(engine, cfg, n_steps: int) -> dict:
@@ -37,9 +38,17 @@ def engine_alone(engine, cfg, n_steps: int) -> dict:
     before, t0, walls = dict(engine.stats), time.perf_counter(), []
     for _ in range(n_steps):
         t = time.perf_counter()
-        out = engine.generate_steps([StepRequest(problem=item["problem"], steps=tuple(steps),
-                                                 system=cfg.prompt.system_prompt, params=params,
-                                                 chain_id="alone")])[0]
+        out = engine.generate_steps(
+            [
+                StepRequest(
+                    problem=item["problem"],
+                    steps=tuple(steps),
+                    system=cfg.prompt.system_prompt,
+                    params=params,
+                    chain_id="alone",
+                )
+            ]
+        )[0]
         walls.append((time.perf_counter() - t) * 1e3)
         steps.append(out.text)
     total = (time.perf_counter() - t0) / n_steps * 1e3
@@ -103,8 +112,10 @@ def main() -> None:
     before, t0 = dict(engine.stats), time.perf_counter()
     res = run_in_process(cfg, problems(1, "loop"), "draft_only", 0.0, backend=backend)
     n = res[0]["num_steps"]
-    result["loop_in_process"] = {"ms_per_step": (time.perf_counter() - t0) / n * 1e3,
-                                 "engine_ms_per_step": engine_delta(before, engine.stats, n)}
+    result["loop_in_process"] = {
+        "ms_per_step": (time.perf_counter() - t0) / n * 1e3,
+        "engine_ms_per_step": engine_delta(before, engine.stats, n),
+    }
     engine.close()
     del engine, backend
     import torch
@@ -124,9 +135,11 @@ def main() -> None:
     for k in ("engine_alone", "loop_in_process", "ray_runtime"):
         r = result[k]
         e = r["engine_ms_per_step"]
-        print(f"{k:16s} {r['ms_per_step']:8.1f} ms/step  engine: prefill {e['prefill_s']:.1f} decode "
-              f"{e['decode_s']:.1f} idle {e['idle_s']:.1f} ms/step, {e['decode_steps']:.0f} decode forwards/step",
-              flush=True)
+        print(
+            f"{k:16s} {r['ms_per_step']:8.1f} ms/step  engine: prefill {e['prefill_s']:.1f} decode "
+            f"{e['decode_s']:.1f} idle {e['idle_s']:.1f} ms/step, {e['decode_steps']:.0f} decode forwards/step",
+            flush=True,
+        )
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2, default=str))
 

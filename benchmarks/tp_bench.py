@@ -36,7 +36,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from arbitrage.sharding import (  # noqa: E402
-    RandomWeights, apply_autotp, build_meta_model, materialize_, rebuild_buffers_, shard_plan, tied_keys)
+    RandomWeights,
+    apply_autotp,
+    build_meta_model,
+    materialize_,
+    rebuild_buffers_,
+    shard_plan,
+    tied_keys,
+)
 from arbitrage.tiny import SHAPES, shape_config  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -75,8 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- one rank ------------------------------------------------------------------------
 def setup_rank(rank: int, tp: int, device: str, port: int) -> torch.device:
     """Join the TP world (NCCL on CUDA, gloo on CPU) and pick this rank's device."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(tp), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(tp), LOCAL_RANK=str(rank)
+    )
     dev = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -204,15 +212,23 @@ def measure_fast(model, args, device: torch.device, tp: int) -> list[dict]:
     from arbitrage.tiny import byte_tokenizer
     from benchmarks.engine_bench import decode_ms
 
-    engine = FastStepEngine(model, byte_tokenizer(), max_context=args.max_context,
-                            max_slots=max(args.batches), tp=tp_layout(model, tp))
+    engine = FastStepEngine(
+        model, byte_tokenizer(), max_context=args.max_context, max_slots=max(args.batches), tp=tp_layout(model, tp)
+    )
     rows = []
     try:
         for b in args.batches:
             r = decode_ms(engine, b, args)
-            rows.append({"mode": "fast", "batch": b, "ms_per_step": max_over_ranks(r["ms_per_step"], device, tp),
-                         "prefill_ms": r["prefill_ms"], "warmup_s": r["warmup_s"],
-                         "graphs": len(engine.graphs.graphs) if engine.graphs else 0})
+            rows.append(
+                {
+                    "mode": "fast",
+                    "batch": b,
+                    "ms_per_step": max_over_ranks(r["ms_per_step"], device, tp),
+                    "prefill_ms": r["prefill_ms"],
+                    "warmup_s": r["warmup_s"],
+                    "graphs": len(engine.graphs.graphs) if engine.graphs else 0,
+                }
+            )
             rows[-1]["tokens_per_s"] = b / rows[-1]["ms_per_step"] * 1e3
     finally:
         engine.close()
@@ -232,9 +248,15 @@ def rank_main(rank: int, tp: int, args: argparse.Namespace, port: int, out_path:
     rows = measure(model, args, device, tp)
     if rank == 0:
         floor_ms = wbytes / bw * 1e3
-        result = {"tp": tp, "build_s": round(build_s, 2), "weight_bytes_per_rank": int(wbytes),
-                  "copy_bw_bytes_per_s": bw, "floor_ms": floor_ms, "rows": rows,
-                  "max_memory_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+        result = {
+            "tp": tp,
+            "build_s": round(build_s, 2),
+            "weight_bytes_per_rank": int(wbytes),
+            "copy_bw_bytes_per_s": bw,
+            "floor_ms": floor_ms,
+            "rows": rows,
+            "max_memory_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        }
         Path(out_path).write_text(json.dumps(result))
     if tp > 1:
         torch.distributed.barrier()
@@ -263,19 +285,31 @@ def environment(args: argparse.Namespace) -> dict:
 
     try:
         import deepspeed
+
         ds = deepspeed.__version__
     except ImportError:
         ds = None
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else None
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "deepspeed": ds,
-            "device": gpu or "cpu", "gpus": torch.cuda.device_count() if args.device == "cuda" else 0}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "deepspeed": ds,
+        "device": gpu or "cpu",
+        "gpus": torch.cuda.device_count() if args.device == "cuda" else 0,
+    }
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    report = {"shape": args.shape, "dtype": str(args.torch_dtype).removeprefix("torch."),
-              "prompt_len": args.prompt_len, "steps": args.steps, "modes": args.mode_list,
-              "env": environment(args), "results": []}
+    report = {
+        "shape": args.shape,
+        "dtype": str(args.torch_dtype).removeprefix("torch."),
+        "prompt_len": args.prompt_len,
+        "steps": args.steps,
+        "modes": args.mode_list,
+        "env": environment(args),
+        "results": [],
+    }
     for tp in args.tp_sizes:
         res = run_tp(tp, args)
         report["results"].append(res)
@@ -283,8 +317,10 @@ def main(argv=None) -> dict:
             msg = f"{row['ms_per_step']:.2f} ms/step" if "ms_per_step" in row else row["error"]
             if "logits_rel_err" in row:
                 msg += f", logits rel err vs eager {row['logits_rel_err']:.1e}"
-            print(f"{args.shape} tp={tp} {row['mode']} b={row['batch']}: {msg} "
-                  f"(floor {res['floor_ms']:.2f} ms)", flush=True)
+            print(
+                f"{args.shape} tp={tp} {row['mode']} b={row['batch']}: {msg} (floor {res['floor_ms']:.2f} ms)",
+                flush=True,
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     return report

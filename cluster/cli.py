@@ -70,10 +70,13 @@ def take_global_options(argv: list[str]) -> tuple[list[str], bool, str | None]:
     return rest, verbose, level
 
 
-app = ArbitrageApp(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
-                   no_args_is_help=True,
-                   help="ARBITRAGE: advantage-aware step-level speculative decoding on Ray. "
-                        "Start with `arbitrage demo`.")
+app = ArbitrageApp(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    no_args_is_help=True,
+    help="ARBITRAGE: advantage-aware step-level speculative decoding on Ray. Start with `arbitrage demo`.",
+)
 app.add_typer(config_app, name="config")
 
 
@@ -90,13 +93,19 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _global(
-    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
-                                 help="Print the version and exit."),
-    verbose: bool = typer.Option(False, "-v", "--verbose",
-                                 help="Print the traceback of an error too (anywhere on the command line)."),
-    log_level: str = typer.Option(console.DEFAULT_LEVEL, "--log-level", envvar="ARBITRAGE_LOG_LEVEL",
-                                  help="error | warning | info (phases and progress; default) | debug "
-                                       "(also Ray, worker and library logs). Anywhere on the command line."),
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_version, help="Print the version and exit."
+    ),
+    verbose: bool = typer.Option(
+        False, "-v", "--verbose", help="Print the traceback of an error too (anywhere on the command line)."
+    ),
+    log_level: str = typer.Option(
+        console.DEFAULT_LEVEL,
+        "--log-level",
+        envvar="ARBITRAGE_LOG_LEVEL",
+        help="error | warning | info (phases and progress; default) | debug "
+        "(also Ray, worker and library logs). Anywhere on the command line.",
+    ),
 ) -> None:
     """ARBITRAGE: advantage-aware step-level speculative decoding on Ray."""
 
@@ -107,9 +116,12 @@ def _print_result(i: int, n: int, r: dict) -> None:
     authors = [s["author"] for s in r["steps"]]
     mark = {True: "correct", False: "wrong", None: "ungraded"}[r["correct"]]
     err = f"  error={r['error']}" if r.get("error") else ""
-    tqdm.write(f"[{i}/{n}] {r['problem_id']}: {mark} answer={r['answer']!r} ref={r['reference']!r} "
-               f"steps={len(authors)} (draft {authors.count('draft')}, target {authors.count('target')}) "
-               f"stop={r['stop_reason']} {r['wall_s']:.1f}s{err}", file=sys.stdout)
+    tqdm.write(
+        f"[{i}/{n}] {r['problem_id']}: {mark} answer={r['answer']!r} ref={r['reference']!r} "
+        f"steps={len(authors)} (draft {authors.count('draft')}, target {authors.count('target')}) "
+        f"stop={r['stop_reason']} {r['wall_s']:.1f}s{err}",
+        file=sys.stdout,
+    )
 
 
 def summary(rows_by_group: dict[tuple[str, float], list[dict]], elapsed: float | None = None) -> str:
@@ -123,8 +135,9 @@ def summary(rows_by_group: dict[tuple[str, float], list[dict]], elapsed: float |
 
 
 # ---- execution shared by run / eval / demo ------------------------------------------------
-def execute(cfg, items: list[dict], policy: str, threshold: float, on_result, label: str,
-            rt=None, backend=None) -> None:
+def execute(
+    cfg, items: list[dict], policy: str, threshold: float, on_result, label: str, rt=None, backend=None
+) -> None:
     """Run chains on the runtime `rt` (or in-process on `backend`) with a step-level progress bar."""
     from cluster.progress import StepProgress, poll_coordinators
 
@@ -150,12 +163,13 @@ def execute(cfg, items: list[dict], policy: str, threshold: float, on_result, la
 @app.command()
 def run(
     config: str = config_option(),
-    policy: Optional[str] = typer.Option(None, help=f"{' | '.join(POLICY_NAMES)} (default: the config's "
-                                         "policy.name)."),
+    policy: Optional[str] = typer.Option(None, help=f"{' | '.join(POLICY_NAMES)} (default: the config's policy.name)."),
     threshold: Optional[float] = typer.Option(None, help="tau in [0, 1] (default: the config's policy.threshold)."),
     limit: Optional[int] = typer.Option(None, help="First N problems (default: the config's data.limit)."),
-    dataset: Optional[str] = typer.Option(None, help="gsm8k, math500, math, svamp, asdiv, gsm_hard, or a "
-                                          ".jsonl path (default: the config's data.dataset)."),
+    dataset: Optional[str] = typer.Option(
+        None,
+        help="gsm8k, math500, math, svamp, asdiv, gsm_hard, or a .jsonl path (default: the config's data.dataset).",
+    ),
     split: Optional[str] = typer.Option(None, help="test or train (default: the config's data.split)."),
     out: Optional[Path] = typer.Option(None, help="Append chain traces as JSONL here (folders are created)."),
     address: Optional[str] = typer.Option(None, help="Ray address to join (default: start a local Ray)."),
@@ -163,9 +177,17 @@ def run(
 ) -> None:
     """Solve problems with the step loop under one policy; print results and a summary."""
     try:
-        cfg = load_cli_config(config, **{"policy.name": policy, "policy.threshold": threshold,
-                                         "data.limit": limit, "data.dataset": dataset,
-                                         "data.split": split, "runtime.address": address})
+        cfg = load_cli_config(
+            config,
+            **{
+                "policy.name": policy,
+                "policy.threshold": threshold,
+                "data.limit": limit,
+                "data.dataset": dataset,
+                "data.split": split,
+                "runtime.address": address,
+            },
+        )
         from arbitrage.data import load_problems
         from arbitrage.roles import roles_for
 
@@ -175,8 +197,10 @@ def run(
     except USER_ERRORS as e:
         fail(str(e))
     items = [{"id": p.id, "problem": p.problem, "answer": p.answer} for p in problems]
-    console.phase(f"config={cfg.name} policy={cfg.policy.name} tau={cfg.policy.threshold:g} "
-                  f"problems={len(items)} dataset={cfg.data.dataset}/{cfg.data.split}")
+    console.phase(
+        f"config={cfg.name} policy={cfg.policy.name} tau={cfg.policy.threshold:g} "
+        f"problems={len(items)} dataset={cfg.data.dataset}/{cfg.data.split}"
+    )
     if out:
         if out.is_dir():
             fail(f"--out {out}: is a folder; give a .jsonl file to append traces to")
@@ -197,8 +221,15 @@ def run(
     t0 = time.perf_counter()
     try:
         if in_process:
-            execute(cfg, items, cfg.policy.name, cfg.policy.threshold, on_result, label,
-                    backend=local_backend(cfg, roles, models))
+            execute(
+                cfg,
+                items,
+                cfg.policy.name,
+                cfg.policy.threshold,
+                on_result,
+                label,
+                backend=local_backend(cfg, roles, models),
+            )
         else:
             with runtime(cfg, models) as rt:
                 execute(cfg, items, cfg.policy.name, cfg.policy.threshold, on_result, label, rt=rt)
@@ -275,12 +306,24 @@ def sweep(cfg, problems: list, groups: list, out: Path, in_process: bool) -> Non
                 cache_file = out / "step_cache.jsonl"
                 n = backend.step_cache().persist(cache_file, fingerprint(cfg))
                 console.phase(f"step cache: {n} answers from earlier runs of this sweep ({cache_file})")
-            run_sweep(cfg, problems, groups, out, lambda items, p, t, cb: execute(
-                cfg, items, p, t, cb, label(p, t), backend=backend), progress=False)
+            run_sweep(
+                cfg,
+                problems,
+                groups,
+                out,
+                lambda items, p, t, cb: execute(cfg, items, p, t, cb, label(p, t), backend=backend),
+                progress=False,
+            )
         else:
             with runtime(cfg, models) as rt:
-                run_sweep(cfg, problems, groups, out, lambda items, p, t, cb: execute(
-                    cfg, items, p, t, cb, label(p, t), rt=rt), progress=False)
+                run_sweep(
+                    cfg,
+                    problems,
+                    groups,
+                    out,
+                    lambda items, p, t, cb: execute(cfg, items, p, t, cb, label(p, t), rt=rt),
+                    progress=False,
+                )
     table, _ = write_report(out)
     typer.echo(table)
     typer.echo(f"results: {out / 'results.jsonl'}; report: {out / 'report.md'}")
@@ -290,21 +333,31 @@ def sweep(cfg, problems: list, groups: list, out: Path, in_process: bool) -> Non
 def eval_cmd(
     out: Path = typer.Option(..., "--out", help="Run folder (results.jsonl, segments.jsonl, report); created."),
     config: str = config_option(),
-    dataset: Optional[str] = typer.Option(None, help="gsm8k, math500, math, svamp, asdiv, gsm_hard, or a "
-                                          ".jsonl path (default: the config's data.dataset)."),
+    dataset: Optional[str] = typer.Option(
+        None,
+        help="gsm8k, math500, math, svamp, asdiv, gsm_hard, or a .jsonl path (default: the config's data.dataset).",
+    ),
     split: Optional[str] = typer.Option(None, help="test or train (default: the config's data.split)."),
     limit: Optional[int] = typer.Option(None, help="First N problems (default: the config's data.limit)."),
     policies: str = typer.Option("rsd,router", help="Comma-separated policies."),
-    thresholds: str = typer.Option("0.5", help="Comma-separated thresholds in [0, 1] for every policy, "
-                                   "or per policy: 'rsd=0.65,0.7;router=0.45,0.55'."),
+    thresholds: str = typer.Option(
+        "0.5",
+        help="Comma-separated thresholds in [0, 1] for every policy, or per policy: 'rsd=0.65,0.7;router=0.45,0.55'.",
+    ),
     address: Optional[str] = typer.Option(None, help="Ray address to join (default: start a local Ray)."),
     in_process: bool = typer.Option(False, "--in-process", help="Run without Ray."),
-    step_cache: bool = typer.Option(True, "--step-cache/--no-step-cache",
-                                    help="Reuse greedy steps and PRM scores across the sweep's groups "
-                                         "(faster; wall times of groups with hits are then not uncached)."),
+    step_cache: bool = typer.Option(
+        True,
+        "--step-cache/--no-step-cache",
+        help="Reuse greedy steps and PRM scores across the sweep's groups "
+        "(faster; wall times of groups with hits are then not uncached).",
+    ),
     groups_arg: Optional[str] = typer.Option(
-        None, "--groups", help="Explicit cells in run order instead of --policies x --thresholds, "
-        "e.g. 'draft_only,rsd@0.7,router@0.55,target_only' (interleave policies so a partial run compares them)."),
+        None,
+        "--groups",
+        help="Explicit cells in run order instead of --policies x --thresholds, "
+        "e.g. 'draft_only,rsd@0.7,router@0.55,target_only' (interleave policies so a partial run compares them).",
+    ),
 ) -> None:
     """Resumable sweep over policies x thresholds; one JSONL row per finished chain."""
 
@@ -314,9 +367,16 @@ def eval_cmd(
         if unknown:
             raise ValueError(f"unknown policy {unknown[0]!r}; choose from {', '.join(POLICY_NAMES)}")
         taus = _thresholds(thresholds)
-        cfg = load_cli_config(config, **{"data.dataset": dataset, "data.split": split,
-                                         "data.limit": limit, "runtime.address": address,
-                                         "generation.step_cache": step_cache})
+        cfg = load_cli_config(
+            config,
+            **{
+                "data.dataset": dataset,
+                "data.split": split,
+                "data.limit": limit,
+                "runtime.address": address,
+                "generation.step_cache": step_cache,
+            },
+        )
         from arbitrage.data import load_problems
         from cluster.evaluate import parse_groups, sweep_groups
 
@@ -337,8 +397,9 @@ def eval_cmd(
 def demo(
     config: str = config_option(),
     limit: int = typer.Option(5, help="How many problems (the first N of the dataset)."),
-    threshold: Optional[float] = typer.Option(None, help="The router's tau in [0, 1] (default: the "
-                                              "config's policy.threshold)."),
+    threshold: Optional[float] = typer.Option(
+        None, help="The router's tau in [0, 1] (default: the config's policy.threshold)."
+    ),
     out: Path = typer.Option(Path("runs/demo"), help="Run folder (resumable, as for eval); created."),
     dataset: Optional[str] = typer.Option(None, help="Dataset name or .jsonl path (default: the config's)."),
     split: Optional[str] = typer.Option(None, help="test or train (default: the config's data.split)."),
@@ -355,9 +416,17 @@ def demo(
     from cluster.evaluate import Group
 
     try:
-        cfg = load_cli_config(config, **{"data.limit": limit, "data.dataset": dataset, "data.split": split,
-                                         "runtime.address": address, "generation.step_cache": False,
-                                         "policy.score_escalations": False})
+        cfg = load_cli_config(
+            config,
+            **{
+                "data.limit": limit,
+                "data.dataset": dataset,
+                "data.split": split,
+                "runtime.address": address,
+                "generation.step_cache": False,
+                "policy.score_escalations": False,
+            },
+        )
         tau = cfg.policy.threshold if threshold is None else threshold
         cfg.with_overrides(**{"policy.name": "router", "policy.threshold": tau})  # router configured, tau valid
         from arbitrage.data import load_problems
@@ -366,8 +435,10 @@ def demo(
     except USER_ERRORS as e:
         fail(str(e))
     groups = [Group("draft_only", 0.0), Group("router", tau), Group("target_only", 0.0)]
-    console.phase(f"demo: {', '.join(g.label for g in groups)} on the first {len(problems)} "
-                  f"{cfg.data.dataset}/{cfg.data.split} problems (config {cfg.name}; step cache off) -> {out}")
+    console.phase(
+        f"demo: {', '.join(g.label for g in groups)} on the first {len(problems)} "
+        f"{cfg.data.dataset}/{cfg.data.split} problems (config {cfg.name}; step cache off) -> {out}"
+    )
     try:
         sweep(cfg, problems, groups, out, in_process)
     except USER_ERRORS as e:
@@ -377,8 +448,9 @@ def demo(
 @app.command("report")
 def report_cmd(
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run folder written by `arbitrage eval`."),
-    out: Optional[Path] = typer.Option(None, help="Where to write summary.json, report.md and the plots "
-                                       "(created; default: RUN_DIR)."),
+    out: Optional[Path] = typer.Option(
+        None, help="Where to write summary.json, report.md and the plots (created; default: RUN_DIR)."
+    ),
 ) -> None:
     """Summary table, report.md and plots (accuracy vs acceptance / latency, wasted escalations)."""
     from cluster.report import write_report
@@ -399,8 +471,10 @@ def setup_models(config: str = config_option()) -> None:
         cfg = load_cli_config(config)
         from cluster.preflight import check_models as check
 
-        console.phase("resolving models (the first time: package files joined, or converted to safetensors "
-                      "for the hf engine, a minute or two per model)")
+        console.phase(
+            "resolving models (the first time: package files joined, or converted to safetensors "
+            "for the hf engine, a minute or two per model)"
+        )
         for role, what in check(cfg).items():
             typer.echo(f"{role}: {what}")
     except USER_ERRORS as e:

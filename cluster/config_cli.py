@@ -16,16 +16,25 @@ from typing import Optional
 
 import typer
 
-config_app = typer.Typer(add_completion=False, rich_markup_mode=None, no_args_is_help=True,
-                         help="Inspect configs: the effective settings of a preset, and the schema.")
+config_app = typer.Typer(
+    add_completion=False,
+    rich_markup_mode=None,
+    no_args_is_help=True,
+    help="Inspect configs: the effective settings of a preset, and the schema.",
+)
 
-SET_HELP = ("Override one field, dotted key=YAML value (repeatable), e.g. --set policy.threshold=0.3 "
-            "--set runtime.num_cpus=4.")
+SET_HELP = (
+    "Override one field, dotted key=YAML value (repeatable), e.g. --set policy.threshold=0.3 --set runtime.num_cpus=4."
+)
 
 
 def config_option():
-    return typer.Option("configs/local.yaml", "--config", "-c",
-                        help="YAML config file, or a shipped preset name (local, tiny, llama-1b-8b, ...).")
+    return typer.Option(
+        "configs/local.yaml",
+        "--config",
+        "-c",
+        help="YAML config file, or a shipped preset name (local, tiny, llama-1b-8b, ...).",
+    )
 
 
 def parse_sets(sets: list[str] | None) -> dict[str, object]:
@@ -60,8 +69,7 @@ def load_with_sets(config: str, sets: list[str] | None = None):
 
 
 @config_app.command("show")
-def show(config: str = config_option(),
-         set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
+def show(config: str = config_option(), set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
     """Print the effective config (the preset with its defaults filled in and --set applied) as YAML."""
     import yaml
 

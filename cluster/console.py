@@ -61,8 +61,10 @@ def configure(log_level: str | None = None, verbose_: bool = False) -> None:
     if lvl not in LOG_LEVELS:
         raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {lvl!r}")
     _state["level"], _state["verbose"] = lvl, verbose_
-    logging.basicConfig(level=logging.DEBUG if lvl == "debug" else logging.ERROR,  # libraries: errors only
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if lvl == "debug" else logging.ERROR,  # libraries: errors only
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if lvl == "debug":
         return
     for k, v in QUIET_ENV.items():
@@ -113,7 +115,7 @@ def _write(msg: str) -> None:
 def short_path(p: str | os.PathLike) -> str:
     """A path with the home folder written as ~."""
     s, home = str(p), str(Path.home())
-    return "~" + s[len(home):] if s == home or s.startswith(home + os.sep) else s
+    return "~" + s[len(home) :] if s == home or s.startswith(home + os.sep) else s
 
 
 # ---- Ray, quietly -------------------------------------------------------------------------
@@ -133,8 +135,9 @@ def ray_session(cfg) -> Iterator[None]:
 
     rt, loud = cfg.runtime, level() == "debug"
     env = {"PYTHONPATH": str(PROJECT_ROOT), **worker_env()}  # workers import the project from its root
-    common = dict(log_to_driver=loud, logging_level=logging.INFO if loud else logging.ERROR,
-                  runtime_env={"env_vars": env})
+    common = dict(
+        log_to_driver=loud, logging_level=logging.INFO if loud else logging.ERROR, runtime_env={"env_vars": env}
+    )
     t0 = time.perf_counter()
     phase(f"joining Ray at {rt.address}" if rt.address is not None else f"starting Ray (local, {rt.num_cpus} CPUs)")
     with nullcontext() if loud else stderr_to(log_dir() / "ray-init.log"):  # Ray's C++ start-up lines

@@ -160,9 +160,14 @@ class ResultSink:
         self._f.close()
 
 
-def run_sweep(cfg, problems: list, groups: list[Group], out_dir: Path,
-              execute: Callable[[list[dict], str, float, Callable[[dict], None]], None],
-              progress: bool = True) -> dict[str, dict]:
+def run_sweep(
+    cfg,
+    problems: list,
+    groups: list[Group],
+    out_dir: Path,
+    execute: Callable[[list[dict], str, float, Callable[[dict], None]], None],
+    progress: bool = True,
+) -> dict[str, dict]:
     """Run every missing (problem, group) row and append it to `out_dir/results.jsonl`.
 
     Args:
@@ -203,8 +208,14 @@ def run_sweep(cfg, problems: list, groups: list[Group], out_dir: Path,
 
             t0 = time.time()
             execute(items, g.policy, g.threshold, on_result)
-            seg = {"policy": g.policy, "threshold": g.threshold, "chains": len(items),
-                   "elapsed_s": time.time() - t0, "finished_at": time.time(), "cache": cache_totals(seg_rows)}
+            seg = {
+                "policy": g.policy,
+                "threshold": g.threshold,
+                "chains": len(items),
+                "elapsed_s": time.time() - t0,
+                "finished_at": time.time(),
+                "cache": cache_totals(seg_rows),
+            }
             with (out_dir / "segments.jsonl").open("a") as f:
                 f.write(json.dumps(seg) + "\n")
     finally:

@@ -20,11 +20,15 @@ from cluster.config_cli import SET_HELP, config_app, config_option, load_with_se
 
 
 @config_app.command("plan")
-def plan(config: str = config_option(),
-         set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
-         cluster: Optional[Path] = typer.Option(
-             None, "--cluster", help="Cluster-launcher YAML whose node types place the roles "
-                                     "(default: the project's ray_cluster.yaml).")) -> None:
+def plan(
+    config: str = config_option(),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    cluster: Optional[Path] = typer.Option(
+        None,
+        "--cluster",
+        help="Cluster-launcher YAML whose node types place the roles (default: the project's ray_cluster.yaml).",
+    ),
+) -> None:
     """Weights + KV cache + activations + headroom per role against the GPU memory it gets; fails if one does not fit."""
     from arbitrage.memory_plan import failure_message, format_plan, load_node_types
     from arbitrage.memory_plan import plan as make_plan

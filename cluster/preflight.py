@@ -76,8 +76,9 @@ def _model(field: str, mc) -> str:
         from arbitrage.tiny import SHAPES
 
         if src.name not in SHAPES:
-            raise ModelNotFoundError(f"{field}.source.name: unknown random shape {src.name!r}; "
-                                     f"known: {', '.join(SHAPES)}")
+            raise ModelNotFoundError(
+                f"{field}.source.name: unknown random shape {src.name!r}; known: {', '.join(SHAPES)}"
+            )
         return f"random weights ({src.name})"
     if src.kind == "hub":  # unreachable here; the actor reports it
         return f"{src.name} (hub)"

@@ -29,11 +29,17 @@ class StepProgress:
         self.decided = 0
         self._lock = threading.Lock()
         tty = sys.stderr.isatty()
-        self.bar = tqdm(total=chains * max_steps, desc=label, unit="step", file=sys.stderr,
-                        disable=not enabled, dynamic_ncols=True, leave=True,
-                        mininterval=0.1 if tty else 30.0,  # a log file gets a line every 30 s
-                        bar_format="{desc}: {n_fmt}/~{total_fmt} steps |{bar}| {elapsed}<{remaining}, "
-                                   "{rate_fmt}{postfix}")
+        self.bar = tqdm(
+            total=chains * max_steps,
+            desc=label,
+            unit="step",
+            file=sys.stderr,
+            disable=not enabled,
+            dynamic_ncols=True,
+            leave=True,
+            mininterval=0.1 if tty else 30.0,  # a log file gets a line every 30 s
+            bar_format="{desc}: {n_fmt}/~{total_fmt} steps |{bar}| {elapsed}<{remaining}, {rate_fmt}{postfix}",
+        )
         self._show()
 
     def _estimate(self) -> int:

@@ -21,10 +21,21 @@ from pathlib import Path
 from arbitrage.metrics import summarize
 from cluster.evaluate import THRESHOLD_FREE, cache_line, cache_totals, load_results
 
-COLUMNS = [("accuracy", "{:.3f}"), ("token_acceptance", "{:.3f}"), ("acceptance_rate", "{:.3f}"), ("target_calls", "{}"),
-           ("wasted_escalations", "{}"), ("wasted_share", "{:.3f}"), ("draft_tokens", "{}"),
-           ("target_tokens", "{}"), ("latency_mean_s", "{:.2f}"), ("latency_p50_s", "{:.2f}"),
-           ("latency_p90_s", "{:.2f}"), ("throughput_problems_per_s", "{:.4f}"), ("errors", "{}")]
+COLUMNS = [
+    ("accuracy", "{:.3f}"),
+    ("token_acceptance", "{:.3f}"),
+    ("acceptance_rate", "{:.3f}"),
+    ("target_calls", "{}"),
+    ("wasted_escalations", "{}"),
+    ("wasted_share", "{:.3f}"),
+    ("draft_tokens", "{}"),
+    ("target_tokens", "{}"),
+    ("latency_mean_s", "{:.2f}"),
+    ("latency_p50_s", "{:.2f}"),
+    ("latency_p90_s", "{:.2f}"),
+    ("throughput_problems_per_s", "{:.4f}"),
+    ("errors", "{}"),
+]
 
 
 def group_summaries(run_dir: Path) -> list[dict]:
@@ -59,8 +70,10 @@ def group_label(policy: str, tau: float) -> str:
     return policy if policy in THRESHOLD_FREE else f"{policy}@{tau:g}"
 
 
-TABLE_NOTE = ("accept = accepted draft tokens / draft tokens generated; s/problem = mean wall time of a "
-              "chain\n(chains of a group run concurrently); vs target = s/problem over target_only's.")
+TABLE_NOTE = (
+    "accept = accepted draft tokens / draft tokens generated; s/problem = mean wall time of a "
+    "chain\n(chains of a group run concurrently); vs target = s/problem over target_only's."
+)
 
 
 def summary_table(summaries: list[dict], cache: str | None = None) -> str:
@@ -79,19 +92,37 @@ def summary_table(summaries: list[dict], cache: str | None = None) -> str:
         ta = "-" if s.get("token_acceptance") is None else f"{s['token_acceptance']:.3f}"
         ratio = f"{s['latency_mean_s'] / base:.2f}x" if base else "-"
         label = group_label(s["policy"], s["threshold"])
-        rows.append((label, str(s["problems"]), acc, ta, str(s["target_calls"]), str(s["target_tokens"]),
-                     f"{s['latency_mean_s']:.1f}", ratio))
+        rows.append(
+            (
+                label,
+                str(s["problems"]),
+                acc,
+                ta,
+                str(s["target_calls"]),
+                str(s["target_tokens"]),
+                f"{s['latency_mean_s']:.1f}",
+                ratio,
+            )
+        )
         if s["errors"]:
             errors.append(f"{label} {s['errors']}")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    fmt = lambda r: "  ".join(
+        c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+        for i, (c, w) in enumerate(zip(r, widths))
+    ).rstrip()
     lines = [fmt(head), "  ".join("-" * w for w in widths), *map(fmt, rows), TABLE_NOTE]
     if errors:
         lines.append("chains that ended in an error (their rows hold the message): " + ", ".join(errors))
     if cache is not None:
-        lines.append(cache + (" -- wall times are uncached" if cache == "step cache: off" else
-                              " -- groups with hits ran faster than uncached"))
+        lines.append(
+            cache
+            + (
+                " -- wall times are uncached"
+                if cache == "step cache: off"
+                else " -- groups with hits ran faster than uncached"
+            )
+        )
     return "\n".join(lines)
 
 
@@ -112,8 +143,10 @@ def cache_table(run_dir: Path) -> str | None:
     for r in load_results(run_dir / "results.jsonl").values():
         groups[(r["policy"], float(r["threshold"]))].append(r)
     roles = ("draft", "target", "prm")
-    lines = ["| policy | tau | " + " | ".join(f"{r} hits / calls" for r in roles) + " | tokens saved | calls saved |",
-             "|" + "---|" * (len(roles) + 4)]
+    lines = [
+        "| policy | tau | " + " | ".join(f"{r} hits / calls" for r in roles) + " | tokens saved | calls saved |",
+        "|" + "---|" * (len(roles) + 4),
+    ]
     all_rows: list[dict] = []
     for (policy, tau), rs in sorted(groups.items()):
         all_rows += rs
@@ -150,9 +183,17 @@ def plot(summaries: list[dict], out_dir: Path, title: str = "") -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    specs = [("acceptance_rate", "accuracy", "accuracy_vs_acceptance.png", "acceptance rate (draft steps kept)", "accuracy"),
-             ("latency_mean_s", "accuracy", "accuracy_vs_latency.png", "mean wall time per problem (s), under the run's own load", "accuracy"),
-             ("acceptance_rate", "wasted_share", "wasted_vs_acceptance.png", "acceptance rate", "wasted-escalation share")]
+    specs = [
+        ("acceptance_rate", "accuracy", "accuracy_vs_acceptance.png", "acceptance rate (draft steps kept)", "accuracy"),
+        (
+            "latency_mean_s",
+            "accuracy",
+            "accuracy_vs_latency.png",
+            "mean wall time per problem (s), under the run's own load",
+            "accuracy",
+        ),
+        ("acceptance_rate", "wasted_share", "wasted_vs_acceptance.png", "acceptance rate", "wasted-escalation share"),
+    ]
     by_policy: dict[str, list[dict]] = defaultdict(list)
     for s in summaries:
         by_policy[s["policy"]].append(s)
@@ -162,14 +203,14 @@ def plot(summaries: list[dict], out_dir: Path, title: str = "") -> list[Path]:
     for x, y, name, xl, yl in specs:
         fig, ax = plt.subplots(figsize=(6, 4.2))
         for policy, ss in by_policy.items():
-            pts = sorted(((s[x], s[y], s["threshold"], s["problems"]) for s in ss if s[y] is not None),
-                         key=lambda p: p[2])
+            pts = sorted(
+                ((s[x], s[y], s["threshold"], s["problems"]) for s in ss if s[y] is not None), key=lambda p: p[2]
+            )
             if not pts:
                 continue
             xs, ys, ts, ns = zip(*pts)
             style = "*" if policy in THRESHOLD_FREE else "o-"
-            ax.plot(xs, ys, style, label=policy, color=colors[policy],
-                    markersize=10 if policy in THRESHOLD_FREE else 5)
+            ax.plot(xs, ys, style, label=policy, color=colors[policy], markersize=10 if policy in THRESHOLD_FREE else 5)
             if policy not in THRESHOLD_FREE:
                 for xv, yv, t, n in pts:
                     note = f"{t:g}" + (f" (n={n})" if n < n_full else "")
@@ -210,11 +251,18 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> tuple[str, list[
     title = run_title(run_dir)
     plots = plot(summaries, out_dir, title)
     cache = cache_table(run_dir)
-    cache_md = ("## Step cache\n\nModel calls answered from the step cache (greedy steps and PRM scores "
-                "repeated across groups); groups with hits ran faster than they would uncached.\n\n"
-                f"{cache}\n\n") if cache else ""
-    (out_dir / "report.md").write_text(f"# Report: {run_dir.name}\n\n{table}\n\n{cache_md}" +
-                                       "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
+    cache_md = (
+        (
+            "## Step cache\n\nModel calls answered from the step cache (greedy steps and PRM scores "
+            "repeated across groups); groups with hits ran faster than they would uncached.\n\n"
+            f"{cache}\n\n"
+        )
+        if cache
+        else ""
+    )
+    (out_dir / "report.md").write_text(
+        f"# Report: {run_dir.name}\n\n{table}\n\n{cache_md}" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
+    )
     rows = load_results(run_dir / "results.jsonl").values()
     research = research_section(rows, out_dir, title=title)
     if research is not None:
@@ -241,8 +289,9 @@ def run_title(run_dir: Path) -> str:
         return ""
 
 
-def research_section(rows, out_dir: Path, policy: str = "router",
-                     baselines: tuple[str, ...] = ("rsd", "confidence"), title: str = "") -> tuple[str, Path] | None:
+def research_section(
+    rows, out_dir: Path, policy: str = "router", baselines: tuple[str, ...] = ("rsd", "confidence"), title: str = ""
+) -> tuple[str, Path] | None:
     """Accuracy with 95% problem-bootstrap intervals, acceptance and target tokens per cell, and
     `policy` against each baseline cell at matched target tokens (`arbitrage.sweep_stats`).
 
@@ -262,30 +311,46 @@ def research_section(rows, out_dir: Path, policy: str = "router",
     res["unfinished"] = unfinished
     res["title"] = title
     (out_dir / "research.json").write_text(json.dumps(res, indent=2))
-    lines = [f"## Accuracy at matched target tokens ({res['problems']} problems every cell shares)", "",
-             "Accuracy with 95% bootstrap intervals by problem; acceptance = accepted draft tokens / draft "
-             "tokens generated; target tokens per problem. `draft_only` and `target_only` are the ends of "
-             "every threshold policy's curve (no step escalated, every step escalated).", ""]
+    lines = [
+        f"## Accuracy at matched target tokens ({res['problems']} problems every cell shares)",
+        "",
+        "Accuracy with 95% bootstrap intervals by problem; acceptance = accepted draft tokens / draft "
+        "tokens generated; target tokens per problem. `draft_only` and `target_only` are the ends of "
+        "every threshold policy's curve (no step escalated, every step escalated).",
+        "",
+    ]
     if unfinished:
-        lines += ["Unfinished cells, left out: " + ", ".join(f"{lab} ({n} of {n_full} problems)"
-                                                         for lab, n in sorted(unfinished.items())) + ".", ""]
+        lines += [
+            "Unfinished cells, left out: "
+            + ", ".join(f"{lab} ({n} of {n_full} problems)" for lab, n in sorted(unfinished.items()))
+            + ".",
+            "",
+        ]
     lines += ["| cell | accuracy | 95% CI | acceptance | target tokens / problem |", "|---|---|---|---|---|"]
     for c in res["cells"]:
         ta = "-" if c["token_acceptance"] is None else f"{c['token_acceptance']:.3f}"
-        lines.append(f"| {c['cell']} | {c['accuracy']:.3f} | {c['ci'][0]:.3f}-{c['ci'][1]:.3f} | {ta} | "
-                     f"{c['target_tokens_per_problem']:.1f} |")
-    lines += ["", f"{policy} minus each baseline cell at the baseline's target tokens: {policy}'s two "
-              "neighbouring cells mixed per problem so that the mixture's mean target tokens equal the "
-              "baseline's; paired bootstrap by problem.", "",
-              f"| baseline | target tokens / problem | {policy} (between) | baseline accuracy | difference | 95% CI |",
-              "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {c['cell']} | {c['accuracy']:.3f} | {c['ci'][0]:.3f}-{c['ci'][1]:.3f} | {ta} | "
+            f"{c['target_tokens_per_problem']:.1f} |"
+        )
+    lines += [
+        "",
+        f"{policy} minus each baseline cell at the baseline's target tokens: {policy}'s two "
+        "neighbouring cells mixed per problem so that the mixture's mean target tokens equal the "
+        "baseline's; paired bootstrap by problem.",
+        "",
+        f"| baseline | target tokens / problem | {policy} (between) | baseline accuracy | difference | 95% CI |",
+        "|---|---|---|---|---|---|",
+    ]
     for m in res["matched"]:
         if not m["matched"]:
             lines.append(f"| {m['baseline']} | outside {policy}'s range | - | - | - | - |")
             continue
-        lines.append(f"| {m['baseline']} | {m['tokens_per_problem']:.1f} | {m['accuracy']:.3f} "
-                     f"({m['between'][0]} / {m['between'][1]}, w={m['weight']:.2f}) | {m['baseline_accuracy']:.3f} | "
-                     f"{m['difference']:+.3f} | {m['ci'][0]:+.3f}..{m['ci'][1]:+.3f} |")
+        lines.append(
+            f"| {m['baseline']} | {m['tokens_per_problem']:.1f} | {m['accuracy']:.3f} "
+            f"({m['between'][0]} / {m['between'][1]}, w={m['weight']:.2f}) | {m['baseline_accuracy']:.3f} | "
+            f"{m['difference']:+.3f} | {m['ci'][0]:+.3f}..{m['ci'][1]:+.3f} |"
+        )
     return "\n".join(lines) + "\n", _plot_tokens(res, out_dir)
 
 
@@ -304,8 +369,16 @@ def _plot_tokens(res: dict, out_dir: Path) -> Path:
         xs = [c["target_tokens_per_problem"] for c in cs]
         ys = [c["accuracy"] for c in cs]
         err = [[y - c["ci"][0] for y, c in zip(ys, cs)], [c["ci"][1] - y for y, c in zip(ys, cs)]]
-        ax.errorbar(xs, ys, yerr=err, fmt="*" if policy in THRESHOLD_FREE else "o-", capsize=3,
-                    label=policy, color=f"C{i}", markersize=9 if policy in THRESHOLD_FREE else 5)
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=err,
+            fmt="*" if policy in THRESHOLD_FREE else "o-",
+            capsize=3,
+            label=policy,
+            color=f"C{i}",
+            markersize=9 if policy in THRESHOLD_FREE else 5,
+        )
     ax.set_xlabel("target tokens per problem")
     ax.set_ylabel("accuracy (95% bootstrap CI by problem)")
     ax.set_ylim(0, 1)

@@ -10,7 +10,6 @@ line on stderr and exit code 2.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -27,14 +26,17 @@ def _cli():
 def label(
     data: Path = typer.Option(..., "--data", help="Collected step rows (JSONL from `arbitrage collect`)."),
     out: Path = typer.Option(..., "--out", help="Labelled rows (JSONL, appended; resumable)."),
-    config: str = typer.Option("configs/local.yaml", "--config", "-c",
-                               help="YAML config or preset name; its draft writes the rollouts."),
+    config: str = typer.Option(
+        "configs/local.yaml", "--config", "-c", help="YAML config or preset name; its draft writes the rollouts."
+    ),
     k: int = typer.Option(4, "--k", help="Rollouts per step (V = share of the k that reach the gold answer)."),
     temperature: float = typer.Option(0.7, help="Rollout sampling temperature (> 0)."),
     limit_rows: Optional[int] = typer.Option(None, "--limit-rows", help="Label only the first N rows."),
-    problems_from: str = typer.Option("gsm8k:train", "--solutions",
-                                      help="DATASET:SPLIT whose reference solutions feed the GSM8K "
-                                      "reference check ('none' to skip)."),
+    problems_from: str = typer.Option(
+        "gsm8k:train",
+        "--solutions",
+        help="DATASET:SPLIT whose reference solutions feed the GSM8K reference check ('none' to skip).",
+    ),
     concurrency: Optional[int] = typer.Option(None, help="Rollout chains in flight (runtime.max_concurrent_chains)."),
     in_process: bool = typer.Option(True, "--in-process/--ray", help="Roll out in this process (default) or on Ray."),
 ) -> None:
@@ -46,9 +48,15 @@ def label(
         ls = LabelSettings(k=k, temperature=temperature)
         rows = _read_rows(data)[:limit_rows] if limit_rows else _read_rows(data)
         rows = with_prefix_tokens(rows)
-        cfg = cli.load_cli_config(config, **{"generation.temperature": temperature,
-                                             "runtime.max_concurrent_chains": concurrency,
-                                             "models.router": None, "models.prm": None})
+        cfg = cli.load_cli_config(
+            config,
+            **{
+                "generation.temperature": temperature,
+                "runtime.max_concurrent_chains": concurrency,
+                "models.router": None,
+                "models.prm": None,
+            },
+        )
         solutions = _solutions(problems_from)
     except cli.USER_ERRORS as e:
         cli.fail(str(e))
@@ -65,8 +73,14 @@ def label(
         console.phase(f"{len(rows) - len(todo)} of {len(rows)} rows done, resuming")
     from tqdm import tqdm
 
-    bar = tqdm(total=len(todo), desc="rows labelled", unit="row", file=sys.stderr,
-               disable=not console.shows("info"), dynamic_ncols=True)
+    bar = tqdm(
+        total=len(todo),
+        desc="rows labelled",
+        unit="row",
+        file=sys.stderr,
+        disable=not console.shows("info"),
+        dynamic_ncols=True,
+    )
     try:
         models = cli.check_models(cfg, ("draft",))
         if in_process:
@@ -77,18 +91,29 @@ def label(
 
                 run_in_process(cfg, items, "draft_only", 0.0, backend=backend, on_result=on_result)
 
-            stats = label_rows(rows, out, ls, run, solutions, cfg.generation.step_separator,
-                               on_row=lambda _: bar.update(1))
+            stats = label_rows(
+                rows, out, ls, run, solutions, cfg.generation.step_separator, on_row=lambda _: bar.update(1)
+            )
         else:
             with cli.runtime(cfg, models) as rt:
-                stats = label_rows(rows, out, ls, lambda items, cb: rt.run(items, "draft_only", 0.0, on_result=cb),
-                                   solutions, cfg.generation.step_separator, on_row=lambda _: bar.update(1))
+                stats = label_rows(
+                    rows,
+                    out,
+                    ls,
+                    lambda items, cb: rt.run(items, "draft_only", 0.0, on_result=cb),
+                    solutions,
+                    cfg.generation.step_separator,
+                    on_row=lambda _: bar.update(1),
+                )
     except cli.USER_ERRORS as e:
         cli.fail(str(e))
     finally:
         bar.close()
-    typer.echo(f"label: {stats['done_before']} rows already done, {stats['labelled']} new, "
-               f"{stats['rollouts']} rollouts ({stats['failed_rollouts']} failed)", err=True)
+    typer.echo(
+        f"label: {stats['done_before']} rows already done, {stats['labelled']} new, "
+        f"{stats['rollouts']} rollouts ({stats['failed_rollouts']} failed)",
+        err=True,
+    )
     _print_stats(label_statistics(read_labelled(out).values()))
 
 
@@ -114,8 +139,9 @@ def with_prefix_tokens(rows: list[dict]) -> list[dict]:
 def _read_rows(path: Path) -> list[dict]:
     from arbitrage.prm_train import read_rows
 
-    return read_rows(path, lambda r: (r["problem_id"], r["step_index"], r["draft"], r["targets"][0]["text"]),
-                     "a collected step row")
+    return read_rows(
+        path, lambda r: (r["problem_id"], r["step_index"], r["draft"], r["targets"][0]["text"]), "a collected step row"
+    )
 
 
 def _solutions(spec: str) -> dict[str, str] | None:
@@ -133,10 +159,12 @@ def _print_stats(st: dict) -> None:
     if not st.get("rows"):
         return
     agree = "-" if st["ref_mc_agreement"] is None else f"{st['ref_mc_agreement']:.2f}"
-    typer.echo(f"labels: {st['rows']} rows / {st['problems']} problems; ties {st['ties']} ({st['tie_share']:.0%}); "
-               f"non-tie A_mc > 0: {st['a_mc_positive']}, < 0: {st['a_mc_negative']}, = 0: {st['a_mc_zero_non_tie']}; "
-               f"V histogram {st['v_histogram']}; reference check agrees with V>=0.5 on {agree} of "
-               f"{st['ref_checked_steps']} steps")
+    typer.echo(
+        f"labels: {st['rows']} rows / {st['problems']} problems; ties {st['ties']} ({st['tie_share']:.0%}); "
+        f"non-tie A_mc > 0: {st['a_mc_positive']}, < 0: {st['a_mc_negative']}, = 0: {st['a_mc_zero_non_tie']}; "
+        f"V histogram {st['v_histogram']}; reference check agrees with V>=0.5 on {agree} of "
+        f"{st['ref_checked_steps']} steps"
+    )
 
 
 def train_prm(
@@ -161,8 +189,10 @@ def train_prm(
         cfg = cli.load_cli_config(config)
         mc = getattr(cfg.models, backbone)
         if mc.engine != "llamacpp":
-            raise ValueError(f"models.{backbone}.engine: train-prm reads hidden states through the llamacpp "
-                             f"engine, not {mc.engine!r}")
+            raise ValueError(
+                f"models.{backbone}.engine: train-prm reads hidden states through the llamacpp "
+                f"engine, not {mc.engine!r}"
+            )
     except cli.USER_ERRORS as e:
         cli.fail(str(e))
     from tqdm import tqdm
@@ -172,12 +202,26 @@ def train_prm(
 
     console.phase(f"train-prm: {len(rows)} labelled rows from {data}, backbone {backbone} -> {out}")
     engine = load_engine(mc.model_copy(update={"hidden_states": True}))
-    n_ex = len({(r["problem_id"], tuple(t for _, t in r["history"]), s)
-                for r in rows for s in (r["draft"], r["targets"][0]["text"])})
+    n_ex = len(
+        {
+            (r["problem_id"], tuple(t for _, t in r["history"]), s)
+            for r in rows
+            for s in (r["draft"], r["targets"][0]["text"])
+        }
+    )
     bar = tqdm(total=n_ex, desc="hidden states", unit="step", file=sys.stderr, disable=not console.shows("info"))
     try:
-        report = fit(rows, engine, out, backbone, cfg.prompt.system_prompt, cfg.prompt.use_chat_template,
-                     val_fraction=val_fraction, seed=seed, progress=bar.update)
+        report = fit(
+            rows,
+            engine,
+            out,
+            backbone,
+            cfg.prompt.system_prompt,
+            cfg.prompt.use_chat_template,
+            val_fraction=val_fraction,
+            seed=seed,
+            progress=bar.update,
+        )
     finally:
         bar.close()
         engine.close()
@@ -187,8 +231,10 @@ def train_prm(
     def f(x):
         return "-" if x is None else f"{x:.3f}"
 
-    typer.echo(f"value PRM ({backbone}, width {report['training']['width']}) on {report['validation_problems']} "
-               f"held-out problems: step AUC(V>=0.5) {f(step['auc_v_ge_half'])}, Spearman(V) {f(step['spearman_v'])}, "
-               f"chain AUC(min step) {f(v['chain_auc_min_step'])}; judge: step AUC {f(jstep.get('auc_v_ge_half'))}, "
-               f"chain AUC {f(v['judge_chain_auc_min_step'])}")
+    typer.echo(
+        f"value PRM ({backbone}, width {report['training']['width']}) on {report['validation_problems']} "
+        f"held-out problems: step AUC(V>=0.5) {f(step['auc_v_ge_half'])}, Spearman(V) {f(step['spearman_v'])}, "
+        f"chain AUC(min step) {f(v['chain_auc_min_step'])}; judge: step AUC {f(jstep.get('auc_v_ge_half'))}, "
+        f"chain AUC {f(v['judge_chain_auc_min_step'])}"
+    )
     typer.echo(f"head: {out}")

@@ -48,9 +48,16 @@ def collect(
             raise ValueError(f"--k must be >= 1, got {k}")
         if k > 1 and temperature <= 0:
             raise ValueError(f"--temperature must be > 0 when --k > 1, got {temperature}")
-        cfg = cli.load_cli_config(config, **{"data.dataset": dataset, "data.split": split, "data.limit": limit,
-                                             "runtime.address": address,
-                                             "runtime.max_concurrent_chains": concurrency})
+        cfg = cli.load_cli_config(
+            config,
+            **{
+                "data.dataset": dataset,
+                "data.split": split,
+                "data.limit": limit,
+                "runtime.address": address,
+                "runtime.max_concurrent_chains": concurrency,
+            },
+        )
         from arbitrage.collect import oracle_config
         from arbitrage.data import load_problems
 
@@ -61,8 +68,10 @@ def collect(
     from arbitrage.collect import load_collected, pending_items
     from cluster import console
 
-    console.phase(f"collect: config={cfg.name} problems={len(problems)} dataset={cfg.data.dataset}/"
-                  f"{cfg.data.split} k={k} -> {out}")
+    console.phase(
+        f"collect: config={cfg.name} problems={len(problems)} dataset={cfg.data.dataset}/"
+        f"{cfg.data.split} k={k} -> {out}"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     todo = pending_items(problems, load_collected(out))
     if not todo:
@@ -86,11 +95,16 @@ def collect(
         progress.chain_done(r)
         if rows:
             adv = [row["advantage"] for row in rows]
-            tqdm.write(f"[{len(seen)}] {r['problem_id']}: steps={len(rows)} positive={sum(a > 0 for a in adv)} "
-                       f"A_mean={sum(adv) / len(adv):+.3f} correct={r['correct']} {r['wall_s']:.1f}s", file=sys.stdout)
+            tqdm.write(
+                f"[{len(seen)}] {r['problem_id']}: steps={len(rows)} positive={sum(a > 0 for a in adv)} "
+                f"A_mean={sum(adv) / len(adv):+.3f} correct={r['correct']} {r['wall_s']:.1f}s",
+                file=sys.stdout,
+            )
         else:
-            tqdm.write(f"[{len(seen)}] {r['problem_id']}: FAILED ({r.get('error') or r['stop_reason']}); "
-                       "retried next run", file=sys.stdout)
+            tqdm.write(
+                f"[{len(seen)}] {r['problem_id']}: FAILED ({r.get('error') or r['stop_reason']}); retried next run",
+                file=sys.stdout,
+            )
 
     try:
         if in_process:
@@ -105,12 +119,16 @@ def collect(
         cli.fail(str(e))
     finally:
         progress.close()
-    typer.echo(f"collect: {stats.problems_done_before} problems already done, {stats.problems_new} new "
-               f"({stats.steps_new} steps), {stats.problems_failed} failed, {stats.elapsed_s:.0f}s", err=True)
+    typer.echo(
+        f"collect: {stats.problems_done_before} problems already done, {stats.problems_new} new "
+        f"({stats.steps_new} steps), {stats.problems_failed} failed, {stats.elapsed_s:.0f}s",
+        err=True,
+    )
 
 
-def collect_on_runtime(cfg, problems: list, out: Path, k: int, temperature: float, on_problem=None,
-                       rt=None, progress=None):
+def collect_on_runtime(
+    cfg, problems: list, out: Path, k: int, temperature: float, on_problem=None, rt=None, progress=None
+):
     """`collect_in_process` on the Ray runtime: chains on the coordinators, extra samples from here.
 
     Args:
@@ -124,8 +142,16 @@ def collect_on_runtime(cfg, problems: list, out: Path, k: int, temperature: floa
     import asyncio
 
     from actors.backend import RayBackend
-    from arbitrage.collect import (CollectStats, RowSink, collect_meta, load_collected, pending_items, record,
-                                   rows_from_chain, sample_targets)
+    from arbitrage.collect import (
+        CollectStats,
+        RowSink,
+        collect_meta,
+        load_collected,
+        pending_items,
+        record,
+        rows_from_chain,
+        sample_targets,
+    )
     from arbitrage.loop import LoopSettings
     from arbitrage.types import FAILED_STOPS
     from cluster.progress import poll_coordinators
@@ -142,15 +168,22 @@ def collect_on_runtime(cfg, problems: list, out: Path, k: int, temperature: floa
     t0 = time.perf_counter()
     owned = rt is None
     try:
-        with (Runtime(cfg) if owned else nullcontext(rt)) as rt, \
-                (poll_coordinators(progress, rt.coordinators) if progress is not None else nullcontext()):
+        with (
+            Runtime(cfg) if owned else nullcontext(rt) as rt,
+            poll_coordinators(progress, rt.coordinators) if progress is not None else nullcontext(),
+        ):
             backend = RayBackend(rt.handles)
 
             def on_result(r: dict) -> None:
                 rows = None
                 if r["stop_reason"] not in FAILED_STOPS:
-                    extra = asyncio.run(sample_targets(backend, settings, by_id[r["problem_id"]], r["steps"],
-                                                       k - 1, temperature)) if k > 1 else None
+                    extra = (
+                        asyncio.run(
+                            sample_targets(backend, settings, by_id[r["problem_id"]], r["steps"], k - 1, temperature)
+                        )
+                        if k > 1
+                        else None
+                    )
                     rows = rows_from_chain(r, extra, meta)
                 record(stats, sink, r, rows, on_problem)
 
@@ -164,10 +197,13 @@ def collect_on_runtime(cfg, problems: list, out: Path, k: int, temperature: floa
 def train_router(
     data: Path = typer.Option(..., "--data", help="JSONL written by `arbitrage collect`."),
     out: Path = typer.Option(..., "--out", help="Router folder to write."),
-    kind: str = typer.Option("classifier", help="classifier | probe | hidden (a head on the draft's hidden "
-                             "state; --data: a value PRM's scored.jsonl)"),
-    backbone: str = typer.Option("all-minilm-l6-v2",
-                                 help="classifier: a packaged model name, an HF folder, or random:<shape>."),
+    kind: str = typer.Option(
+        "classifier",
+        help="classifier | probe | hidden (a head on the draft's hidden state; --data: a value PRM's scored.jsonl)",
+    ),
+    backbone: str = typer.Option(
+        "all-minilm-l6-v2", help="classifier: a packaged model name, an HF folder, or random:<shape>."
+    ),
     epochs: int = typer.Option(3, help="classifier: passes over the balanced training steps."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: 3e-5 classifier, 0.05 probe, 3e-3 hidden)."),
     batch_size: int = typer.Option(16, help="classifier: batch size."),
@@ -175,10 +211,14 @@ def train_router(
     save_dtype: str = typer.Option("float32", help="classifier: float32 | float16 | bfloat16 weights on disk."),
     probe_hidden: int = typer.Option(0, help="probe: MLP hidden units (0 = logistic regression)."),
     probe_steps: int = typer.Option(500, help="probe / hidden: full-batch optimisation steps."),
-    init_prm: Optional[Path] = typer.Option(None, "--init-prm", help="hidden: start from this value PRM's head "
-                                            "(`arbitrage train-prm --out`), negated: P(escalate) = 1 - V."),
-    prior: Optional[float] = typer.Option(None, help="hidden: L2 pull towards the initial head "
-                                          "(default: arbitrage.hidden_router.DEFAULT_PRIOR)."),
+    init_prm: Optional[Path] = typer.Option(
+        None,
+        "--init-prm",
+        help="hidden: start from this value PRM's head (`arbitrage train-prm --out`), negated: P(escalate) = 1 - V.",
+    ),
+    prior: Optional[float] = typer.Option(
+        None, help="hidden: L2 pull towards the initial head (default: arbitrage.hidden_router.DEFAULT_PRIOR)."
+    ),
     margin: float = typer.Option(0.0, help="Label y = 1[A > margin]."),
     val_fraction: float = typer.Option(0.2, help="Share of problems held out for validation."),
     seed: int = typer.Option(0, help="Seed of the split, the balancing and the training."),
@@ -194,21 +234,33 @@ def train_router(
         if init_prm is not None and kind != "hidden":
             raise ValueError("--init-prm applies to --kind hidden only")
         if init_prm is not None and not (init_prm / "value_head.json").is_file():
-            raise ValueError(f"--init-prm: {init_prm} is not a value PRM folder (no value_head.json); "
-                             "write one with `arbitrage train-prm`")
+            raise ValueError(
+                f"--init-prm: {init_prm} is not a value PRM folder (no value_head.json); "
+                "write one with `arbitrage train-prm`"
+            )
         ds = build_dataset(load_rows(data), margin=margin, val_fraction=val_fraction, seed=seed)
-        ts = TrainSettings(kind=kind, backbone=backbone, epochs=epochs, lr=lr, batch_size=batch_size,
-                           max_length=max_length, save_dtype=save_dtype, probe_hidden=probe_hidden,
-                           probe_steps=probe_steps, seed=seed,
-                           init_prm=str(init_prm) if init_prm else None,
-                           **({} if prior is None else {"prior": prior}))
+        ts = TrainSettings(
+            kind=kind,
+            backbone=backbone,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            max_length=max_length,
+            save_dtype=save_dtype,
+            probe_hidden=probe_hidden,
+            probe_steps=probe_steps,
+            seed=seed,
+            init_prm=str(init_prm) if init_prm else None,
+            **({} if prior is None else {"prior": prior}),
+        )
         typer.echo(f"train-router: {kind} on {json.dumps(ds.stats)}", err=True)
         t0 = time.perf_counter()
         _, info = train(ds, out, ts, data_path=str(data), log=lambda m: typer.echo(m, err=True))
     except cli.USER_ERRORS as e:
         cli.fail(str(e))
-    typer.echo(f"train-router: wrote {out} in {time.perf_counter() - t0:.0f}s "
-               f"(final train loss {info['train_loss'][-1]:.4f})")
+    typer.echo(
+        f"train-router: wrote {out} in {time.perf_counter() - t0:.0f}s (final train loss {info['train_loss'][-1]:.4f})"
+    )
 
 
 def eval_router(
@@ -217,8 +269,12 @@ def eval_router(
     split: str = typer.Option("validation", help="validation (held-out problems) | train | all"),
     out: Optional[Path] = typer.Option(None, "--out", help="JSON file (default: <router>/eval_<split>.json)."),
     batch_size: int = typer.Option(32, help="Router batch size."),
-    cv: int = typer.Option(0, "--cv", help="K > 1: K-fold cross-validation by problem, retraining the "
-                           "router's kind and settings per fold (every step held out once)."),
+    cv: int = typer.Option(
+        0,
+        "--cv",
+        help="K > 1: K-fold cross-validation by problem, retraining the "
+        "router's kind and settings per fold (every step held out once).",
+    ),
 ) -> None:
     """Spearman(router prob, A) and ROC-AUC(y) on held-out steps, beside the draft-PRM ranking (RSD)."""
     cli = _cli()

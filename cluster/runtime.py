@@ -98,8 +98,11 @@ class Runtime:
         if rt.address is not None:
             ray.init(address=rt.address)
         else:  # workers import the project from its root when it is not pip-installed
-            ray.init(num_cpus=rt.num_cpus, include_dashboard=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}})
+            ray.init(
+                num_cpus=rt.num_cpus,
+                include_dashboard=False,
+                runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}},
+            )
         self._owns_ray = True
 
     def _create_model_actors(self) -> None:
@@ -156,7 +159,8 @@ class Runtime:
                 raise RuntimeStartError(
                     f"actors not ready after {self.ready_timeout_s:.0f}s: "
                     + ", ".join(f"{r} ({self._why_late(r)})" for r in late)
-                    + "; check runtime.<role> resources against the cluster's node types, or wait longer")
+                    + "; check runtime.<role> resources against the cluster's node types, or wait longer"
+                )
             role = refs.pop(ready[0])
             try:
                 ray.get(ready[0])
@@ -194,16 +198,20 @@ class Runtime:
         return f"{where}; asks {self._asks(role)}"
 
     def _create_coordinators(self) -> None:
-        self.coordinators = [make_coordinator(self.cfg, self.handles)
-                             for _ in range(self.cfg.runtime.coordinators)]
+        self.coordinators = [make_coordinator(self.cfg, self.handles) for _ in range(self.cfg.runtime.coordinators)]
         try:
             ray.get([c.health.remote() for c in self.coordinators], timeout=self.ready_timeout_s)
         except Exception as e:
             raise RuntimeStartError(f"coordinator failed to start: {_first_line(e)}") from e
 
     # ---- running ------------------------------------------------------------------------
-    def run(self, items: Iterable, policy: str | None = None, threshold: float | None = None,
-            on_result: Callable[[dict], None] | None = None) -> list[dict]:
+    def run(
+        self,
+        items: Iterable,
+        policy: str | None = None,
+        threshold: float | None = None,
+        on_result: Callable[[dict], None] | None = None,
+    ) -> list[dict]:
         """Solve problems on the coordinators (round-robin), streaming results back.
 
         Args:
@@ -242,10 +250,13 @@ class Runtime:
             except RayActorError as e:  # the coordinator died: its unfinished chains run again
                 lost = [i for i in idxs if results[i] is None]
                 if tries >= self.cfg.runtime.retry.attempts:
-                    raise RuntimeError(f"coordinator {k} died {tries} times under this run; {len(lost)} "
-                                       f"chains unfinished: {_first_line(e)}") from e
-                self.resubmitted.append({"coordinator": k, "chains": len(lost), "try": tries + 1,
-                                         "error": _first_line(e)})
+                    raise RuntimeError(
+                        f"coordinator {k} died {tries} times under this run; {len(lost)} "
+                        f"chains unfinished: {_first_line(e)}"
+                    ) from e
+                self.resubmitted.append(
+                    {"coordinator": k, "chains": len(lost), "try": tries + 1, "error": _first_line(e)}
+                )
                 self._await_restart(self.coordinators[k])
                 submit(k, lost, tries + 1)
                 continue
@@ -278,8 +289,7 @@ class Runtime:
         self._require_started()
         out: dict[str, list[dict]] = {}
         for role, hs in self.handles.items():
-            out[role] = [self._group_health() if h is self._group else call_handle_sync(h, "health")
-                         for h in hs]
+            out[role] = [self._group_health() if h is self._group else call_handle_sync(h, "health") for h in hs]
         out["coordinators"] = ray.get([c.health.remote() for c in self.coordinators])
         return out
 
@@ -287,8 +297,10 @@ class Runtime:
         """Per-role batch histograms (summed over replicas) and each coordinator's chain counts."""
         self._require_started()
         coords = ray.get([c.stats.remote() for c in self.coordinators])
-        return {"roles": RayBackend(self.handles).stats(),
-                "coordinators": [{k: v for k, v in c.items() if k != "roles"} for c in coords]}
+        return {
+            "roles": RayBackend(self.handles).stats(),
+            "coordinators": [{k: v for k, v in c.items() if k != "roles"} for c in coords],
+        }
 
     def shutdown(self) -> None:
         """Kill the actors created here; shut Ray down only if this runtime started it."""

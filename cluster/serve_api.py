@@ -28,10 +28,12 @@ class ArbitrageOptions(StrictModel):
     """Per-request ARBITRAGE settings: the `arbitrage` object of a request body."""
 
     policy: PolicyName | None = Field(default=None, description="Escalation policy; default policy.name.")
-    threshold: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False,
-                                    description="tau in [0, 1]; default policy.threshold.")
-    max_steps: int | None = Field(default=None, ge=1, le=4096,
-                                  description="Step limit of the chain; default generation.max_steps.")
+    threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0, allow_inf_nan=False, description="tau in [0, 1]; default policy.threshold."
+    )
+    max_steps: int | None = Field(
+        default=None, ge=1, le=4096, description="Step limit of the chain; default generation.max_steps."
+    )
 
 
 class StreamOptions(StrictModel):
@@ -56,29 +58,47 @@ class CompletionBase(StrictModel):
     """Fields shared by chat and text completions."""
 
     model: str = Field(description="Must be serve.model_id (see GET /v1/models).")
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT,
-                                   description="Total token budget of the chain (generation.max_total_tokens).")
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT,
-                                              description="OpenAI's newer name for max_tokens.")
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False,
-                                      description="0 = greedy (so is anything under 1e-5); default from config.")
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False,
-                                description="Nucleus mass (under 1e-5: greedy); default from config.")
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_TOKENS_LIMIT,
+        description="Total token budget of the chain (generation.max_total_tokens).",
+    )
+    max_completion_tokens: int | None = Field(
+        default=None, ge=1, le=MAX_TOKENS_LIMIT, description="OpenAI's newer name for max_tokens."
+    )
+    temperature: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=2.0,
+        allow_inf_nan=False,
+        description="0 = greedy (so is anything under 1e-5); default from config.",
+    )
+    top_p: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="Nucleus mass (under 1e-5: greedy); default from config.",
+    )
     seed: int | None = Field(default=None, ge=0, le=2**62, description="Sampling seed; default from config.")
     stream: bool = Field(default=False, description="Server-sent events, one chunk per decided step.")
     stream_options: StreamOptions | None = Field(default=None, description="include_usage: a usage chunk last.")
     n: int = Field(default=1, ge=1, le=1, description="Choices per request; only 1.")
     stop: str | list[str] | None = Field(default=None, description="Unsupported: must be unset or empty.")
     user: str | None = Field(default=None, description="End-user id; accepted and ignored.")
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False,
-                                           description="Only 0 is supported.")
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False,
-                                            description="Only 0 is supported.")
+    presence_penalty: float | None = Field(
+        default=None, ge=-2.0, le=2.0, allow_inf_nan=False, description="Only 0 is supported."
+    )
+    frequency_penalty: float | None = Field(
+        default=None, ge=-2.0, le=2.0, allow_inf_nan=False, description="Only 0 is supported."
+    )
     logit_bias: dict[str, float] | None = Field(default=None, description="Only empty is supported.")
     top_k: int | None = Field(default=None, ge=-1, le=1_000_000, description="vLLM's top_k: only -1 or 0 (off).")
     min_p: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False, description="Only 0 (off).")
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0, allow_inf_nan=False,
-                                             description="vLLM's repetition_penalty: only 1 (off).")
+    repetition_penalty: float | None = Field(
+        default=None, gt=0.0, le=10.0, allow_inf_nan=False, description="vLLM's repetition_penalty: only 1 (off)."
+    )
     store: bool | None = Field(default=None, description="Only false: nothing is stored.")
     metadata: dict[str, str] | None = Field(default=None, description="Accepted and ignored.")
     service_tier: Literal["auto", "default"] | None = Field(default=None, description="Accepted and ignored.")
@@ -87,16 +107,22 @@ class CompletionBase(StrictModel):
     @model_validator(mode="after")
     def _supported(self) -> "CompletionBase":
         if self.stop:
-            raise ValueError("stop: stop sequences are not supported; a chain stops at its final answer, "
-                             "EOS, arbitrage.max_steps or max_tokens")
+            raise ValueError(
+                "stop: stop sequences are not supported; a chain stops at its final answer, "
+                "EOS, arbitrage.max_steps or max_tokens"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise ValueError(f"{name}: only 0 is supported, got {getattr(self, name)}")
         _refuse("logit_bias", self.logit_bias, not self.logit_bias, "only an empty map is supported")
         _refuse("top_k", self.top_k, self.top_k in (None, -1, 0), "only -1 or 0 (no top-k cut) is supported")
         _refuse("min_p", self.min_p, not self.min_p, "only 0 is supported")
-        _refuse("repetition_penalty", self.repetition_penalty, self.repetition_penalty in (None, 1.0),
-                "only 1 (no penalty) is supported")
+        _refuse(
+            "repetition_penalty",
+            self.repetition_penalty,
+            self.repetition_penalty in (None, 1.0),
+            "only 1 (no penalty) is supported",
+        )
         _refuse("store", self.store, not self.store, "completions are not stored; send false or omit it")
         a, b = self.max_tokens, self.max_completion_tokens
         if a is not None and b is not None and a != b:
@@ -161,14 +187,26 @@ class ChatCompletionRequest(CompletionBase):
         _refuse("logprobs", self.logprobs, not self.logprobs, "log-probabilities are not returned; send false")
         _refuse("top_logprobs", self.top_logprobs, not self.top_logprobs, "log-probabilities are not returned")
         fmt = self.response_format
-        _refuse("response_format", fmt and fmt.model_dump(exclude_none=True), fmt is None or fmt.type == "text",
-                "only {'type': 'text'} is supported")
+        _refuse(
+            "response_format",
+            fmt and fmt.model_dump(exclude_none=True),
+            fmt is None or fmt.type == "text",
+            "only {'type': 'text'} is supported",
+        )
         _refuse("tools", self.tools, not self.tools, "tool calls are not supported; send [] or omit it")
         _refuse("functions", self.functions, not self.functions, "function calls are not supported")
-        _refuse("tool_choice", self.tool_choice, self.tool_choice in (None, "none", "auto"),
-                "tool calls are not supported; send 'none'")
-        _refuse("function_call", self.function_call, self.function_call in (None, "none", "auto"),
-                "function calls are not supported; send 'none'")
+        _refuse(
+            "tool_choice",
+            self.tool_choice,
+            self.tool_choice in (None, "none", "auto"),
+            "tool calls are not supported; send 'none'",
+        )
+        _refuse(
+            "function_call",
+            self.function_call,
+            self.function_call in (None, "none", "auto"),
+            "function calls are not supported; send 'none'",
+        )
         return self
 
     @property
@@ -258,8 +296,11 @@ class ArbitrageMeta(BaseModel):
         n = r["num_steps"]
         keep = set(cls.model_fields) - {"acceptance", "steps"}
         steps = [StepMeta.from_trace(s) for s in r["steps"]] if with_steps else None
-        return cls(acceptance=r["accepted_draft_steps"] / n if n else 0.0, steps=steps,
-                   **{k: v for k, v in r.items() if k in keep})
+        return cls(
+            acceptance=r["accepted_draft_steps"] / n if n else 0.0,
+            steps=steps,
+            **{k: v for k, v in r.items() if k in keep},
+        )
 
 
 class Usage(BaseModel):
@@ -320,8 +361,10 @@ class ResponseView:
     def completion(self, r: dict) -> dict:
         content = "".join(s["text"] + self.separator for s in r["steps"])
         body = self._envelope([{"index": 0, **self._content(content), "finish_reason": finish_reason(r)}], chunk=False)
-        return body | {"usage": Usage.of(r, self.prompt_tokens).model_dump(),
-                       "arbitrage": ArbitrageMeta.from_result(r).model_dump()}
+        return body | {
+            "usage": Usage.of(r, self.prompt_tokens).model_dump(),
+            "arbitrage": ArbitrageMeta.from_result(r).model_dump(),
+        }
 
     def step_chunk(self, step: dict) -> dict:
         text = step["text"] + self.separator

@@ -122,44 +122,76 @@ def role_options(role: str, cfg: ArbitrageConfig) -> dict[str, Any]:
         actor["label_selector"] = dict(a.label_selector)
     sc = getattr(cfg.serve.autoscaling, role)
     if sc is None:  # model replicas load weights (slow, GPU-bound): fixed unless configured
-        scaling = {"min_replicas": a.replicas, "max_replicas": a.replicas,
-                   "target_ongoing_requests": a.batching.max_batch_size}
+        scaling = {
+            "min_replicas": a.replicas,
+            "max_replicas": a.replicas,
+            "target_ongoing_requests": a.batching.max_batch_size,
+        }
     else:
-        scaling = {"min_replicas": sc.min_replicas, "max_replicas": sc.max_replicas,
-                   "initial_replicas": max(sc.min_replicas, 1),
-                   "target_ongoing_requests": sc.target_ongoing_requests or a.batching.max_batch_size,
-                   "upscale_delay_s": sc.upscale_delay_s, "downscale_delay_s": sc.downscale_delay_s,
-                   "look_back_period_s": sc.look_back_period_s,
-                   # replicas report their load this often (Serve's default, 10 s, must stay under the window)
-                   "metrics_interval_s": min(10.0, sc.look_back_period_s / 2)}
-    return dict(name=role, ray_actor_options=actor, max_ongoing_requests=MAX_CONCURRENCY,
-                max_queued_requests=-1, autoscaling_config=scaling)
+        scaling = {
+            "min_replicas": sc.min_replicas,
+            "max_replicas": sc.max_replicas,
+            "initial_replicas": max(sc.min_replicas, 1),
+            "target_ongoing_requests": sc.target_ongoing_requests or a.batching.max_batch_size,
+            "upscale_delay_s": sc.upscale_delay_s,
+            "downscale_delay_s": sc.downscale_delay_s,
+            "look_back_period_s": sc.look_back_period_s,
+            # replicas report their load this often (Serve's default, 10 s, must stay under the window)
+            "metrics_interval_s": min(10.0, sc.look_back_period_s / 2),
+        }
+    return dict(
+        name=role,
+        ray_actor_options=actor,
+        max_ongoing_requests=MAX_CONCURRENCY,
+        max_queued_requests=-1,
+        autoscaling_config=scaling,
+    )
 
 
 def coordinator_options(cfg: ArbitrageConfig) -> dict[str, Any]:
     """Serve options of the coordinator deployment: scales on chains in flight."""
     s = cfg.serve
-    scaling = {"min_replicas": 1, "max_replicas": s.max_replicas,
-               "target_ongoing_requests": cfg.runtime.max_concurrent_chains}
-    return dict(name="coordinator", ray_actor_options={"num_cpus": 0}, max_queued_requests=-1,
-                max_ongoing_requests=s.max_queued_requests * s.max_replicas + INGRESS_HEADROOM,
-                autoscaling_config=scaling)
+    scaling = {
+        "min_replicas": 1,
+        "max_replicas": s.max_replicas,
+        "target_ongoing_requests": cfg.runtime.max_concurrent_chains,
+    }
+    return dict(
+        name="coordinator",
+        ray_actor_options={"num_cpus": 0},
+        max_queued_requests=-1,
+        max_ongoing_requests=s.max_queued_requests * s.max_replicas + INGRESS_HEADROOM,
+        autoscaling_config=scaling,
+    )
 
 
 def ingress_options(cfg: ArbitrageConfig) -> dict[str, Any]:
     """Serve options of the ingress: autoscaling from `serve`, and the backpressure bounds."""
     s = cfg.serve
-    scaling = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-               "target_ongoing_requests": s.target_ongoing_requests}
-    return dict(name="ingress", ray_actor_options={"num_cpus": 0}, autoscaling_config=scaling,
-                max_ongoing_requests=s.max_queued_requests + INGRESS_HEADROOM,
-                max_queued_requests=s.max_queued_requests)
+    scaling = {
+        "min_replicas": s.min_replicas,
+        "max_replicas": s.max_replicas,
+        "target_ongoing_requests": s.target_ongoing_requests,
+    }
+    return dict(
+        name="ingress",
+        ray_actor_options={"num_cpus": 0},
+        autoscaling_config=scaling,
+        max_ongoing_requests=s.max_queued_requests + INGRESS_HEADROOM,
+        max_queued_requests=s.max_queued_requests,
+    )
 
 
 def metrics_options() -> dict[str, Any]:
     """Serve options of the metrics hub: one light replica."""
-    return dict(name="metrics", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
-                max_queued_requests=-1, logging_config={"enable_access_log": False})  # a push a second per replica
+    return dict(
+        name="metrics",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=1000,
+        max_queued_requests=-1,
+        logging_config={"enable_access_log": False},
+    )  # a push a second per replica
 
 
 def as_serve_config(cfg: ArbitrageConfig | dict | str | Path) -> ArbitrageConfig:
@@ -230,12 +262,15 @@ def serve_start_options(cfg: ArbitrageConfig) -> dict[str, Any]:
     """`serve.start` arguments: HTTP host/port, and the proxy guard (`cluster.serve_proxy`) with
     `serve.*` limits, which the controller's env hands to the proxies it starts."""
     env = proxy_env(ProxyLimits.of(cfg.serve), pythonpath=str(PROJECT_ROOT))
-    return {"http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
-            "controller_options": {"runtime_env": {"env_vars": env}}}
+    return {
+        "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
+        "controller_options": {"runtime_env": {"env_vars": env}},
+    }
 
 
-def run_openai_app(cfg: ArbitrageConfig | dict | str | Path, blocking: bool = False,
-                   name: str = APP_NAME, route_prefix: str = "/"):
+def run_openai_app(
+    cfg: ArbitrageConfig | dict | str | Path, blocking: bool = False, name: str = APP_NAME, route_prefix: str = "/"
+):
     """Start Ray (or join `runtime.address`), start Serve on `serve.host:serve.port` with the proxy
     guard, deploy the app.
 

@@ -19,20 +19,25 @@ def serve(
     config: str = typer.Option("configs/local.yaml", "--config", "-c", help="YAML config or preset name."),
     host: Optional[str] = typer.Option(None, help="Bind address (default: serve.host, 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, help="HTTP port (default: serve.port)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="ARBITRAGE_API_KEY",
-                                          help="Bearer key required on /v1/* (default: serve.api_key)."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="ARBITRAGE_API_KEY", help="Bearer key required on /v1/* (default: serve.api_key)."
+    ),
     address: Optional[str] = typer.Option(None, help="Ray address to join (default: start a local Ray)."),
-    blocking: bool = typer.Option(True, "--blocking/--no-blocking",
-                                  help="Keep serving until Ctrl-C. --no-blocking deploys and returns: use it "
-                                       "with --address, since a local Ray ends with this process."),
+    blocking: bool = typer.Option(
+        True,
+        "--blocking/--no-blocking",
+        help="Keep serving until Ctrl-C. --no-blocking deploys and returns: use it "
+        "with --address, since a local Ray ends with this process.",
+    ),
 ) -> None:
     """Serve the OpenAI-compatible API (POST /v1/chat/completions, /v1/completions) on Ray Serve."""
     from cluster import console
     from cluster.cli_common import USER_ERRORS, check_models, fail, load_cli_config
 
     try:
-        cfg = load_cli_config(config, **{"serve.host": host, "serve.port": port, "serve.api_key": api_key,
-                                         "runtime.address": address})
+        cfg = load_cli_config(
+            config, **{"serve.host": host, "serve.port": port, "serve.api_key": api_key, "runtime.address": address}
+        )
         from cluster.serve_app import as_serve_config
 
         cfg = as_serve_config(cfg)
@@ -45,11 +50,16 @@ def serve(
     with console.ray_session(cfg):
         for role, what in models.items():
             console.phase(f"loading {role}: {what}")
-        console.phase(f"starting Serve: {cfg.serve.model_id!r} (config={cfg.name}, policy={cfg.policy.name}, "
-                      f"tau={cfg.policy.threshold:g})")
+        console.phase(
+            f"starting Serve: {cfg.serve.model_id!r} (config={cfg.name}, policy={cfg.policy.name}, "
+            f"tau={cfg.policy.threshold:g})"
+        )
         run_openai_app(cfg, blocking=False)
-        typer.echo(f"serving {cfg.serve.model_id!r} at {url} (POST /v1/chat/completions)"
-                   + ("; Ctrl-C stops it" if blocking else ""), err=True)
+        typer.echo(
+            f"serving {cfg.serve.model_id!r} at {url} (POST /v1/chat/completions)"
+            + ("; Ctrl-C stops it" if blocking else ""),
+            err=True,
+        )
         if not blocking:
             return
         try:  # Ctrl-C or `kill` (SystemExit, see cluster.cli) ends it; Ray shuts down on the way out

@@ -28,23 +28,42 @@ REQUEST_ID: ContextVar[str] = ContextVar("arbitrage_request_id", default="-")
 class APIError(Exception):
     """An HTTP error answered with OpenAI's error body."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             408: "timeout_error", 413: "invalid_request_error", 503: "overloaded_error"}
+    TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "not_found_error",
+        408: "timeout_error",
+        413: "invalid_request_error",
+        503: "overloaded_error",
+    }
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
+        body = {
+            "error": {
+                "message": self.message,
+                "type": self.TYPES.get(self.status, "server_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-def server_error(status: int, what: str, detail: str, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> APIError:
+def server_error(
+    status: int, what: str, detail: str, code: str | None = None, headers: dict[str, str] | None = None
+) -> APIError:
     """A 5xx whose body says only `what` and the request id; `detail` goes to the server log."""
     rid = REQUEST_ID.get()
     logger.error("request %s: %s %s: %s", rid, status, what, detail)
@@ -101,8 +120,11 @@ class RequestContext:
     """ASGI middleware of the ingress app: the request id (Serve's X-Request-ID) for logs and error
     bodies, and the request counter and latency of /v1/* by endpoint and status."""
 
-    ENDPOINTS = (("/v1/chat/completions", "chat.completions"), ("/v1/completions", "completions"),
-                 ("/v1/models", "models"))
+    ENDPOINTS = (
+        ("/v1/chat/completions", "chat.completions"),
+        ("/v1/completions", "completions"),
+        ("/v1/models", "models"),
+    )
 
     def __init__(self, app, metrics: MetricSet | None):
         self.app, self.metrics = app, metrics
@@ -121,8 +143,10 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 if not any(k.lower() == b"x-request-id" for k, _ in message.get("headers", ())):
-                    message = {**message, "headers": list(message.get("headers", ())) + [
-                        (b"x-request-id", rid.encode("latin-1"))]}
+                    message = {
+                        **message,
+                        "headers": list(message.get("headers", ())) + [(b"x-request-id", rid.encode("latin-1"))],
+                    }
             await send(message)
 
         try:
@@ -134,5 +158,11 @@ class RequestContext:
 
 
 def error_event(err: APIError) -> dict:
-    return {"error": {"message": err.message, "type": APIError.TYPES.get(err.status, "server_error"),
-                      "param": None, "code": err.code}}
+    return {
+        "error": {
+            "message": err.message,
+            "type": APIError.TYPES.get(err.status, "server_error"),
+            "param": None,
+            "code": err.code,
+        }
+    }

@@ -21,9 +21,15 @@ from ray import serve
 
 from actors.backend import UNAVAILABLE, is_retryable
 from actors.model_actor import as_config
-from cluster.serve_api import (ChainJob, ChatCompletionRequest, CompletionBase, CompletionRequest, ResponseView,
-                               sse)
-from cluster.serve_errors import APIError, RequestContext, error_event, install_error_handlers, server_error, validation_error
+from cluster.serve_api import ChainJob, ChatCompletionRequest, CompletionBase, CompletionRequest, ResponseView, sse
+from cluster.serve_errors import (
+    APIError,
+    RequestContext,
+    error_event,
+    install_error_handlers,
+    server_error,
+    validation_error,
+)
 from cluster.serve_metrics import MetricSet, Pusher
 
 HEALTH_PERIOD_S = 1.0  # the ingress asks the coordinator this often
@@ -74,10 +80,19 @@ class OpenAIIngress:
 
     def _model_card(self) -> dict:
         p, m = self.cfg.policy, self.cfg.models
-        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "arbitrage",
-                "arbitrage": {"policy": p.name, "threshold": p.threshold, "draft": m.draft.source.name,
-                              "target": m.target.source.name, "max_context": min(m.draft.max_context,
-                                                                                 m.target.max_context)}}
+        return {
+            "id": self.model_id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "arbitrage",
+            "arbitrage": {
+                "policy": p.name,
+                "threshold": p.threshold,
+                "draft": m.draft.source.name,
+                "target": m.target.source.name,
+                "max_context": min(m.draft.max_context, m.target.max_context),
+            },
+        }
 
     async def models(self, request: Request) -> dict:
         """GET /v1/models: the one served model."""
@@ -89,8 +104,12 @@ class OpenAIIngress:
         self._authorize(request)
         model_id = request.path_params["model_id"]
         if model_id != self.model_id:
-            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {self.model_id!r}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {model_id!r} does not exist; this server serves {self.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
         return self._model_card()
 
     async def health(self):
@@ -103,10 +122,19 @@ class OpenAIIngress:
         fresh = h["since"] is not None and time.monotonic() - h["since"] <= HEALTH_STALE_S
         if not (h["ok"] and fresh):
             why = h["error"] or f"no answer for over {HEALTH_STALE_S:g} s"
-            raise APIError(503, f"coordinator not ready: {why}", code="not_ready",
-                           headers={"Retry-After": str(self.cfg.serve.retry_after_s)})
-        return {"status": "ok", "model": self.model_id, "coordinator": h["info"],
-                "in_flight": self.active, "max_queued_requests": self.limit}
+            raise APIError(
+                503,
+                f"coordinator not ready: {why}",
+                code="not_ready",
+                headers={"Retry-After": str(self.cfg.serve.retry_after_s)},
+            )
+        return {
+            "status": "ok",
+            "model": self.model_id,
+            "coordinator": h["info"],
+            "in_flight": self.active,
+            "max_queued_requests": self.limit,
+        }
 
     async def prometheus(self):
         """GET /metrics: every replica's metrics, summed, as Prometheus text."""
@@ -175,8 +203,7 @@ class OpenAIIngress:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         challenge = {"WWW-Authenticate": "Bearer"}
         if scheme.lower() != "bearer" or not token.strip():
-            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
-                           headers=challenge)
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'", headers=challenge)
         if not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise APIError(401, "invalid API key", code="invalid_api_key", headers=challenge)
 
@@ -209,23 +236,40 @@ class OpenAIIngress:
         except ValidationError as e:
             raise validation_error(e) from e
         if body.model != self.model_id:
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves "
-                                f"{self.model_id!r} (GET /v1/models)", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {body.model!r} does not exist; this server serves {self.model_id!r} (GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
         return body
 
     def _job(self, body: CompletionBase, chat: bool) -> ChainJob:
         a = body.arbitrage
-        return ChainJob(id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", problem=body.problem,
-                        system=body.system if chat else None, chat=chat, policy=a.policy,
-                        threshold=a.threshold, max_tokens=body.token_budget, max_steps=a.max_steps,
-                        temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                        stream_steps=body.stream)
+        return ChainJob(
+            id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            problem=body.problem,
+            system=body.system if chat else None,
+            chat=chat,
+            policy=a.policy,
+            threshold=a.threshold,
+            max_tokens=body.token_budget,
+            max_steps=a.max_steps,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stream_steps=body.stream,
+        )
 
     def _admit(self) -> None:
         if self.active >= self.limit:
-            raise APIError(503, f"server busy: {self.active} requests in flight on this replica "
-                                f"(serve.max_queued_requests={self.limit}); retry later",
-                           code="server_busy", headers={"Retry-After": str(self.cfg.serve.retry_after_s)})
+            raise APIError(
+                503,
+                f"server busy: {self.active} requests in flight on this replica "
+                f"(serve.max_queued_requests={self.limit}); retry later",
+                code="server_busy",
+                headers={"Retry-After": str(self.cfg.serve.retry_after_s)},
+            )
         self.active += 1
 
     async def _complete(self, body: CompletionBase, chat: bool):
@@ -244,8 +288,15 @@ class OpenAIIngress:
                     first = await stream.__anext__()
                     if first["event"] == "error":
                         raise APIError(first["status"], first["message"])
-                    view = ResponseView(job.id, self.model_id, int(time.time()), chat, self.separator,
-                                 first["prompt_tokens"], body.include_usage)
+                    view = ResponseView(
+                        job.id,
+                        self.model_id,
+                        int(time.time()),
+                        chat,
+                        self.separator,
+                        first["prompt_tokens"],
+                        body.include_usage,
+                    )
                     if body.stream:
                         handed_off = True
                         return StreamingResponse(self._stream(stream, view), media_type="text/event-stream")
@@ -285,8 +336,11 @@ class OpenAIIngress:
                         yield sse(error_event(self._chain_error(r)))
             yield "data: [DONE]\n\n"
         except Exception as e:  # the status line is gone: report in-band
-            err = self._unavailable(e) if is_retryable(e) else server_error(
-                500, "internal error while streaming", f"{type(e).__name__}: {e}")
+            err = (
+                self._unavailable(e)
+                if is_retryable(e)
+                else server_error(500, "internal error while streaming", f"{type(e).__name__}: {e}")
+            )
             yield sse(error_event(err))
             yield "data: [DONE]\n\n"
         finally:
@@ -297,21 +351,34 @@ class OpenAIIngress:
         """503 for a replica lost under a request: transient, the client should retry."""
         cause = getattr(err, "cause", None)
         cause = cause if isinstance(cause, BaseException) else err
-        return server_error(503, "service temporarily unavailable: a replica serving this request was lost; retry",
-                            f"{type(cause).__name__}: {cause}", code="replica_unavailable",
-                            headers={"Retry-After": str(self.cfg.serve.retry_after_s)})
+        return server_error(
+            503,
+            "service temporarily unavailable: a replica serving this request was lost; retry",
+            f"{type(cause).__name__}: {cause}",
+            code="replica_unavailable",
+            headers={"Retry-After": str(self.cfg.serve.retry_after_s)},
+        )
 
     def _chain_error(self, r: dict) -> APIError:
         """The error answer of a chain that ended with an error (the error itself is only logged)."""
         if r["error"].startswith(UNAVAILABLE):
-            return server_error(503, "service temporarily unavailable: a model stayed unreachable; retry",
-                                r["error"], code="replica_unavailable",
-                                headers={"Retry-After": str(self.cfg.serve.retry_after_s)})
+            return server_error(
+                503,
+                "service temporarily unavailable: a model stayed unreachable; retry",
+                r["error"],
+                code="replica_unavailable",
+                headers={"Retry-After": str(self.cfg.serve.retry_after_s)},
+            )
         if r["stop_reason"] == "timeout":
             return server_error(504, "the chain timed out (runtime.chain_timeout_s)", r["error"], code="timeout")
         if r["stop_reason"] == "cancelled":
-            return server_error(503, "the chain was cancelled; retry", r["error"], code="cancelled",
-                                headers={"Retry-After": str(self.cfg.serve.retry_after_s)})
+            return server_error(
+                503,
+                "the chain was cancelled; retry",
+                r["error"],
+                code="cancelled",
+                headers={"Retry-After": str(self.cfg.serve.retry_after_s)},
+            )
         return server_error(500, "internal error while running the chain", r["error"], code="chain_error")
 
     def _raise_for_chain(self, r: dict) -> None:
@@ -352,10 +419,24 @@ def openapi_schema(app: FastAPI, model_id: str, with_key: bool) -> dict:
 
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    error = {"description": "OpenAI error body", "content": {"application/json": {"schema": {
-        "type": "object", "required": ["error"], "properties": {"error": {
-            "type": "object", "required": ["message", "type"],
-            "properties": {"message": {"type": "string"}, "type": {"type": "string"}}}}}}}}
+    error = {
+        "description": "OpenAI error body",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["message", "type"],
+                            "properties": {"message": {"type": "string"}, "type": {"type": "string"}},
+                        }
+                    },
+                }
+            }
+        },
+    }
     models = {"ChatCompletionRequest": ChatCompletionRequest, "CompletionRequest": CompletionRequest}
     for name, model in models.items():
         js = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -364,10 +445,14 @@ def openapi_schema(app: FastAPI, model_id: str, with_key: bool) -> dict:
         schemas[name] = js
     for path, name in REQUEST_BODIES.items():
         op = doc["paths"][path]["post"]
-        op["requestBody"] = {"required": True, "content": {"application/json": {
-            "schema": {"$ref": f"#/components/schemas/{name}"}}}}
-        op["responses"] = {"200": {"description": "A completion (JSON), or server-sent events when stream is true"},
-                           **{str(c): error for c in (400, 401, 404, 408, 413, 503)}}
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+        }
+        op["responses"] = {
+            "200": {"description": "A completion (JSON), or server-sent events when stream is true"},
+            **{str(c): error for c in (400, 401, 404, 408, 413, 503)},
+        }
     if with_key:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         for path, methods in doc["paths"].items():

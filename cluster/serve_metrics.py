@@ -120,8 +120,11 @@ class MetricSet:
         self.gauges[(name, _labels(labels))] = float(value)
 
     def snapshot(self) -> dict:
-        return {"counters": dict(self.counters), "hists": {k: [list(v[0]), v[1]] for k, v in self.hists.items()},
-                "gauges": dict(self.gauges)}
+        return {
+            "counters": dict(self.counters),
+            "hists": {k: [list(v[0]), v[1]] for k, v in self.hists.items()},
+            "gauges": dict(self.gauges),
+        }
 
 
 def replica_source() -> str:
@@ -198,8 +201,7 @@ class MetricsHub:
 
 def render(merged: dict) -> str:
     """Prometheus text exposition (format 0.0.4) of merged snapshots; every metric is declared."""
-    from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, GaugeMetricFamily,
-                                        HistogramMetricFamily)
+    from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
     from prometheus_client.exposition import generate_latest
 
     def by_name(table: dict) -> dict[str, list]:

@@ -46,11 +46,24 @@ PROXY_CALLBACK = "cluster.serve_proxy:proxy_middlewares"
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 LIMITS_ENV = "ARBITRAGE_PROXY_LIMITS"
 JSON_TYPES = (b"application/json", b"text/event-stream")
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               408: "timeout_error", 413: "invalid_request_error", 431: "invalid_request_error",
-               503: "overloaded_error"}
-REASONS = {400: "Bad Request", 404: "Not Found", 408: "Request Timeout", 413: "Payload Too Large",
-           431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    431: "invalid_request_error",
+    503: "overloaded_error",
+}
+REASONS = {
+    400: "Bad Request",
+    404: "Not Found",
+    408: "Request Timeout",
+    413: "Payload Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 @dataclass(frozen=True)
@@ -75,9 +88,13 @@ class ProxyLimits:
     def of(cls, serve_cfg) -> "ProxyLimits":
         """From a `ServeConfig`."""
         s = serve_cfg
-        return cls(max_body_bytes=s.max_body_bytes, max_header_bytes=s.max_header_bytes,
-                   header_timeout_s=s.header_timeout_s, body_timeout_s=s.body_timeout_s,
-                   retry_after_s=s.retry_after_s)
+        return cls(
+            max_body_bytes=s.max_body_bytes,
+            max_header_bytes=s.max_header_bytes,
+            header_timeout_s=s.header_timeout_s,
+            body_timeout_s=s.body_timeout_s,
+            retry_after_s=s.retry_after_s,
+        )
 
 
 def proxy_env(limits: ProxyLimits, pythonpath: str | None = None) -> dict[str, str]:
@@ -103,14 +120,19 @@ def proxy_middlewares() -> list:
 
 # ---- error bodies ----------------------------------------------------------------------------
 def error_body(status: int, message: str, code: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
-                                 "param": None, "code": code}}).encode()
+    return json.dumps(
+        {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": None, "code": code}}
+    ).encode()
 
 
 def _raw_response(status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> bytes:
     """A whole HTTP/1.1 response that closes the connection (written by the protocol guard)."""
-    lines = [f"HTTP/1.1 {status} {REASONS.get(status, '')}".encode(), b"content-type: application/json",
-             b"content-length: " + str(len(body)).encode(), b"connection: close"]
+    lines = [
+        f"HTTP/1.1 {status} {REASONS.get(status, '')}".encode(),
+        b"content-type: application/json",
+        b"content-length: " + str(len(body)).encode(),
+        b"connection: close",
+    ]
     lines += [k + b": " + v for k, v in headers]
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
@@ -136,13 +158,19 @@ def install_protocol_guard(limits: ProxyLimits) -> bool:
         return True
     P._arbitrage_limits = limits
     made, received, begin, url, header, headers_done, lost, bad = (
-        P.connection_made, P.data_received, P.on_message_begin, P.on_url, P.on_header, P.on_headers_complete,
-        P.connection_lost, P.send_400_response)
+        P.connection_made,
+        P.data_received,
+        P.on_message_begin,
+        P.on_url,
+        P.on_header,
+        P.on_headers_complete,
+        P.connection_lost,
+        P.send_400_response,
+    )
 
     def _arm(self, in_request: bool) -> None:
         _disarm(self)
-        self._arb_timer = self.loop.call_later(self._arbitrage_limits.header_timeout_s, _expired, self,
-                                               in_request)
+        self._arb_timer = self.loop.call_later(self._arbitrage_limits.header_timeout_s, _expired, self, in_request)
 
     def _disarm(self) -> None:
         t = getattr(self, "_arb_timer", None)
@@ -156,8 +184,14 @@ def install_protocol_guard(limits: ProxyLimits) -> bool:
             return
         if in_request:  # a request started but its headers did not arrive in time
             lim = self._arbitrage_limits
-            self.transport.write(_raw_response(408, error_body(
-                408, f"request headers not received within {lim.header_timeout_s:g} s", "header_timeout")))
+            self.transport.write(
+                _raw_response(
+                    408,
+                    error_body(
+                        408, f"request headers not received within {lim.header_timeout_s:g} s", "header_timeout"
+                    ),
+                )
+            )
         self.transport.close()  # an idle new connection is closed without an answer
 
     def _count(self, n: int) -> None:
@@ -205,19 +239,32 @@ def install_protocol_guard(limits: ProxyLimits) -> bool:
             return bad(self, msg)
         _disarm(self)
         self._arb_head = None
-        self.transport.write(_raw_response(431, error_body(
-            431, f"request line and headers over {self._arbitrage_limits.max_header_bytes} bytes",
-            "headers_too_large")))
+        self.transport.write(
+            _raw_response(
+                431,
+                error_body(
+                    431,
+                    f"request line and headers over {self._arbitrage_limits.max_header_bytes} bytes",
+                    "headers_too_large",
+                ),
+            )
+        )
         self.transport.close()
 
     def connection_lost(self, exc):
         _disarm(self)
         lost(self, exc)
 
-    for name, fn in (("connection_made", connection_made), ("data_received", data_received),
-                     ("on_message_begin", on_message_begin), ("on_url", on_url), ("on_header", on_header),
-                     ("on_headers_complete", on_headers_complete), ("connection_lost", connection_lost),
-                     ("send_400_response", send_400_response)):
+    for name, fn in (
+        ("connection_made", connection_made),
+        ("data_received", data_received),
+        ("on_message_begin", on_message_begin),
+        ("on_url", on_url),
+        ("on_header", on_header),
+        ("on_headers_complete", on_headers_complete),
+        ("connection_lost", connection_lost),
+        ("send_400_response", send_400_response),
+    ):
         setattr(P, name, fn)
     return True
 
@@ -245,10 +292,10 @@ class ProxyGuard:
         length = _header(scope, b"content-length")
         if length is not None and (not length.strip().isdigit() or int(length) > lim.max_body_bytes):
             status = 413 if length.strip().isdigit() else 400
-            msg = (f"request body over {lim.max_body_bytes} bytes" if status == 413
-                   else "invalid Content-Length header")
-            return await _answer(send, status, f"{msg} (request id {rid})", "body_too_large" if status == 413 else None,
-                                 close=True)
+            msg = f"request body over {lim.max_body_bytes} bytes" if status == 413 else "invalid Content-Length header"
+            return await _answer(
+                send, status, f"{msg} (request id {rid})", "body_too_large" if status == 413 else None, close=True
+            )
         body = await self._read_body(receive, send, rid)
         if body is None:
             return
@@ -283,24 +330,35 @@ class ProxyGuard:
             try:
                 msg = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
-                await _answer(send, 408, f"request body not received within {lim.body_timeout_s:g} s "
-                                         f"(request id {rid})", "body_timeout", close=True)
+                await _answer(
+                    send,
+                    408,
+                    f"request body not received within {lim.body_timeout_s:g} s (request id {rid})",
+                    "body_timeout",
+                    close=True,
+                )
                 return None
             if msg["type"] == "http.disconnect":
                 return None
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > lim.max_body_bytes:
-                await _answer(send, 413, f"request body over {lim.max_body_bytes} bytes (request id {rid})",
-                              "body_too_large", close=True)
+                await _answer(
+                    send,
+                    413,
+                    f"request body over {lim.max_body_bytes} bytes (request id {rid})",
+                    "body_too_large",
+                    close=True,
+                )
                 return None
             chunks.append(chunk)
             more = msg.get("more_body", False)
         return b"".join(chunks)
 
 
-async def _answer(send, status: int, message: str, code: str | None = None, close: bool = False,
-                  retry_after: int | None = None) -> None:
+async def _answer(
+    send, status: int, message: str, code: str | None = None, close: bool = False, retry_after: int | None = None
+) -> None:
     body = error_body(status, message, code)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if close:
@@ -333,7 +391,7 @@ class _ErrorRewriter:
         elif kind == "http.response.body" and not message.get("more_body", False):
             self.finished = True
         if kind == "http.response.body" and self.held is not None:
-            self._text += message.get("body", b"")[:1024 - len(self._text)]
+            self._text += message.get("body", b"")[: 1024 - len(self._text)]
             if not message.get("more_body", False):
                 held, self.held = self.held, None
                 await self._rewrite(held)
@@ -352,11 +410,17 @@ class _ErrorRewriter:
         code = None
         if status == 503:
             code = "backpressure" if "backpressure" in text else "unavailable"
-            msg = ("server busy: too many requests queued; retry" if code == "backpressure"
-                   else "service temporarily unavailable; retry")
+            msg = (
+                "server busy: too many requests queued; retry"
+                if code == "backpressure"
+                else "service temporarily unavailable; retry"
+            )
         elif status == 500:  # Serve's answer for a replica lost under the request
-            status, code, msg = 503, "replica_unavailable", "service temporarily unavailable: a replica " \
-                                                            "serving this request was lost; retry"
+            status, code, msg = (
+                503,
+                "replica_unavailable",
+                "service temporarily unavailable: a replica serving this request was lost; retry",
+            )
         elif status == 408:
             code, msg = "timeout", "request timed out"
         elif status == 404:
@@ -367,14 +431,25 @@ class _ErrorRewriter:
             retry = str(self.retry_after_s).encode()
         logger.warning("request %s: proxy answered %s %r; sent as JSON", self.rid, start["status"], text[:200])
         self.finished = True
-        await _answer(self._send, status, f"{msg} (request id {self.rid})", code,
-                      retry_after=int(retry) if retry is not None and retry.isdigit() else None)
+        await _answer(
+            self._send,
+            status,
+            f"{msg} (request id {self.rid})",
+            code,
+            retry_after=int(retry) if retry is not None and retry.isdigit() else None,
+        )
 
     async def end_stream(self) -> None:
         """Close a server-sent event stream whose replica was lost: an error event, then [DONE]."""
         logger.warning("request %s: stream cut off by a lost replica; ended in-band", self.rid)
-        event = json.loads(error_body(503, "service temporarily unavailable: a replica serving this request "
-                                           f"was lost; retry (request id {self.rid})", "replica_unavailable"))
+        event = json.loads(
+            error_body(
+                503,
+                "service temporarily unavailable: a replica serving this request "
+                f"was lost; retry (request id {self.rid})",
+                "replica_unavailable",
+            )
+        )
         body = f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
         try:
             await self._send({"type": "http.response.body", "body": body, "more_body": False})
@@ -384,6 +459,10 @@ class _ErrorRewriter:
 
     async def unavailable(self) -> None:
         self.started = True
-        await _answer(self._send, 503, "service temporarily unavailable: a replica serving this request was "
-                                       f"lost; retry (request id {self.rid})", "replica_unavailable",
-                      retry_after=self.retry_after_s)
+        await _answer(
+            self._send,
+            503,
+            f"service temporarily unavailable: a replica serving this request was lost; retry (request id {self.rid})",
+            "replica_unavailable",
+            retry_after=self.retry_after_s,
+        )

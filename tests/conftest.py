@@ -14,8 +14,12 @@ def start_local_ray(num_cpus: int = RAY_NUM_CPUS) -> None:
     """A local Ray whose workers import the project from the repo root."""
     import ray
 
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+    )
 
 
 @pytest.fixture
@@ -90,8 +94,10 @@ def without_session_ray():
 
 def pytest_configure(config):
     config.stash[RUNTIME_KEY] = _RuntimeHolder()
-    config.addinivalue_line("markers", "own_ray_cluster: replaces the session Ray with its own cluster "
-                                       "(runs last, then restores a local Ray)")
+    config.addinivalue_line(
+        "markers",
+        "own_ray_cluster: replaces the session Ray with its own cluster (runs last, then restores a local Ray)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -22,8 +22,10 @@ class FakeReplica:
         return self.name
 
     def stats(self) -> dict:
-        return {"methods": {"generate_step": {"batch_sizes": {1: len(self.seen)}, "busy_s": 0.5}},
-                "forward_calls": 2 * len(self.seen)}
+        return {
+            "methods": {"generate_step": {"batch_sizes": {1: len(self.seen)}, "busy_s": 0.5}},
+            "forward_calls": 2 * len(self.seen),
+        }
 
 
 def test_chains_stick_to_one_replica_others_round_robin():

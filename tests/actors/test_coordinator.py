@@ -13,8 +13,10 @@ from arbitrage.policies import make_policy
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
-PROBLEMS = [ChainInput(id=f"p{i}", problem=f"Tom has {i} apples and buys {i + 3} more. How many now?",
-                       answer=str(2 * i + 3)) for i in range(16)]
+PROBLEMS = [
+    ChainInput(id=f"p{i}", problem=f"Tom has {i} apples and buys {i + 3} more. How many now?", answer=str(2 * i + 3))
+    for i in range(16)
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +35,9 @@ def _alone(item, cfg, backend, policy, threshold):
 
 
 @pytest.mark.parametrize("policy,threshold", [("fixed_rate", 0.5), ("router", 0.45)])  # tiny router: P in [0.43, 0.49]
-def test_16_concurrent_chains_batch_the_target_and_match_alone(tiny_runtime, tiny_config, local_backend,
-                                                               policy, threshold):
+def test_16_concurrent_chains_batch_the_target_and_match_alone(
+    tiny_runtime, tiny_config, local_backend, policy, threshold
+):
     coord = tiny_runtime.coordinators[0]
     before = ray.get(coord.stats.remote())["roles"]["target"]["batch_sizes"]
     rows = ray.get(coord.run_batch.remote(PROBLEMS, policy, threshold))

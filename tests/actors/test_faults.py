@@ -21,8 +21,12 @@ from arbitrage.loop import ChainInput, LoopSettings, run_chain
 from arbitrage.policies import make_policy
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
-PROBLEMS = [ChainInput(id=f"f{i}", problem=f"Ann has {i + 2} pens and buys {i + 5} more. How many pens now?",
-                       answer=str(2 * i + 7)) for i in range(16)]
+PROBLEMS = [
+    ChainInput(
+        id=f"f{i}", problem=f"Ann has {i + 2} pens and buys {i + 5} more. How many pens now?", answer=str(2 * i + 7)
+    )
+    for i in range(16)
+]
 POLICY, THRESHOLD = "fixed_rate", 0.5  # draft, target and (on escalation) the judge PRM all serve
 
 
@@ -47,15 +51,22 @@ def _same_as_undisturbed(rows: list[dict], reference: list[dict]) -> None:
         assert row["error"] is None, row["error"]
         assert [s["index"] for s in row["steps"]] == list(range(len(row["steps"])))  # none duplicated or lost
         assert [(s["text"], s["author"]) for s in row["steps"]] == [(s["text"], s["author"]) for s in ref["steps"]]
-        for k in ("final_text", "stop_reason", "draft_calls", "target_calls", "prm_calls", "draft_tokens",
-                  "target_tokens"):
+        for k in (
+            "final_text",
+            "stop_reason",
+            "draft_calls",
+            "target_calls",
+            "prm_calls",
+            "draft_tokens",
+            "target_tokens",
+        ):
             assert row[k] == ref[k], (row["problem_id"], k, row[k], ref[k])
 
 
 def _retries_since(coord, before: int) -> list[dict]:
     r = ray.get(coord.stats.remote(), timeout=60)["retries"]
     assert r["failed_calls"] == 0
-    return r["recent"][-(r["count"] - before):] if r["count"] > before else []
+    return r["recent"][-(r["count"] - before) :] if r["count"] > before else []
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +94,10 @@ def test_killed_target_actor_restarts_and_every_chain_finishes_unchanged(tiny_ru
     _same_as_undisturbed(rows, undisturbed)
     assert ray.get(target.health.remote())["pid"] != pid  # Ray restarted the actor (a new process)
     retried = _retries_since(coord, before)
-    print(f"target kill: {len(rows)} chains, {sum(r['num_steps'] for r in rows)} steps, "
-          f"{len(retried)} calls re-sent: {sorted({(r['role'], r['step']) for r in retried})}")
+    print(
+        f"target kill: {len(rows)} chains, {sum(r['num_steps'] for r in rows)} steps, "
+        f"{len(retried)} calls re-sent: {sorted({(r['role'], r['step']) for r in retried})}"
+    )
     assert retried, "the kill hit no call in flight"
     ids = {p.id: r["num_steps"] for p, r in zip(PROBLEMS, rows)}
     for r in retried:  # keyed by (role, chain, step index): a real step of a chain of this batch
@@ -134,15 +147,18 @@ def test_killed_tp_rank_restarts_the_whole_group_and_every_chain_finishes_unchan
         h = ray.get(host.health.remote())
         assert h["ready"] and h["epoch"] == 1 and len(h["restarts"]) == 1  # one restart, however many calls saw it
         reason = h["restarts"][0]["reason"]
-        assert reason.startswith(("TargetGroupBroken: target group is broken (rank failure", "ActorDiedError",
-                                  "watchdog: rank(s) [1] dead")), reason  # whichever noticed first
+        assert reason.startswith(
+            ("TargetGroupBroken: target group is broken (rank failure", "ActorDiedError", "watchdog: rank(s) [1] dead")
+        ), reason  # whichever noticed first
         new_ranks = ray.get(host.rank_handles.remote())
         assert len(new_ranks) == 2 and not {r._actor_id for r in new_ranks} & {r._actor_id for r in old_ranks}
         with pytest.raises(ray.exceptions.RayActorError):  # rank 0 went too: the whole group was replaced
             ray.get(old_ranks[0].ping.remote(), timeout=30)
         retried = _retries_since(coord, before)
-        print(f"TP rank kill: {len(rows)} chains, {sum(r['num_steps'] for r in rows)} steps, {len(retried)} calls "
-              f"re-sent, group restart {h['restarts'][0]['seconds']} s ({reason})")
+        print(
+            f"TP rank kill: {len(rows)} chains, {sum(r['num_steps'] for r in rows)} steps, {len(retried)} calls "
+            f"re-sent, group restart {h['restarts'][0]['seconds']} s ({reason})"
+        )
         assert retried and all(r["role"] == "target" and "TargetGroupBroken" in r["error"] for r in retried)
 
         ray.kill(new_ranks[0], no_restart=False)  # idle now: the host's watchdog must notice and restart

@@ -53,8 +53,13 @@ def test_missing_method_is_a_clear_error(tiny_runtime):
 
 
 def test_actor_options_follow_actor_config(tiny_config):
-    cfg = tiny_config(**{"runtime.draft.num_gpus": 0.5, "runtime.draft.resources": {"small_gpu_node": 0.01},
-                         "runtime.draft.label_selector": {"node-pool": "small_gpu"}})
+    cfg = tiny_config(
+        **{
+            "runtime.draft.num_gpus": 0.5,
+            "runtime.draft.resources": {"small_gpu_node": 0.01},
+            "runtime.draft.label_selector": {"node-pool": "small_gpu"},
+        }
+    )
     opts = actor_options("draft", cfg, name="draft-0")
     assert opts["num_gpus"] == 0.5 and opts["num_cpus"] == 0.25
     assert opts["resources"] == {"small_gpu_node": 0.01}

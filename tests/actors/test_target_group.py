@@ -33,13 +33,19 @@ def make_config(source: dict, **target_runtime) -> ArbitrageConfig:
     """A config whose target is `source` on CPU in float32, TP=2 by default."""
     model = {"source": source, "dtype": "float32", "device": "cpu", "max_context": 512, "seed": 3}
     # 0.5 CPU per rank: two groups fit beside the session's tiny runtime on a 4-CPU Ray
-    runtime = {"num_cpus": 0.5, "tensor_parallel": 2, "batching": {"max_batch_size": 8, "max_wait_ms": 100},
-               **target_runtime}
-    return ArbitrageConfig.model_validate({
-        "models": {"draft": {"source": {"kind": "random", "name": "tiny-llama"}}, "target": model},
-        "policy": {"name": "target_only"},
-        "runtime": {"target": runtime},
-    })
+    runtime = {
+        "num_cpus": 0.5,
+        "tensor_parallel": 2,
+        "batching": {"max_batch_size": 8, "max_wait_ms": 100},
+        **target_runtime,
+    }
+    return ArbitrageConfig.model_validate(
+        {
+            "models": {"draft": {"source": {"kind": "random", "name": "tiny-llama"}}, "target": model},
+            "policy": {"name": "target_only"},
+            "runtime": {"target": runtime},
+        }
+    )
 
 
 def requests(max_tokens: int = 10) -> list[StepRequest]:
@@ -68,19 +74,23 @@ def group(ray_local, random_cfg):
 def test_tp2_greedy_steps_match_unsplit_model(group, reference):
     outs = asyncio.run(group.generate_steps(requests()))
     want = reference.generate_steps(requests())
-    assert [(o.text, o.num_tokens, o.stop_reason) for o in outs] == \
-        [(w.text, w.num_tokens, w.stop_reason) for w in want]
+    assert [(o.text, o.num_tokens, o.stop_reason) for o in outs] == [
+        (w.text, w.num_tokens, w.stop_reason) for w in want
+    ]
     assert all(o.num_tokens > 0 for o in outs)
 
 
 def test_chain_kv_reuse_across_steps_matches_unsplit_model(group, reference):
     """Two steps per chain: the second reuses each rank's cached KV of the first."""
-    first = [StepRequest(problem=p, params=SamplingParams(max_tokens=6), chain_id=f"c{i}")
-             for i, p in enumerate(PROBLEMS[:3])]
+    first = [
+        StepRequest(problem=p, params=SamplingParams(max_tokens=6), chain_id=f"c{i}")
+        for i, p in enumerate(PROBLEMS[:3])
+    ]
     for engine_out in (asyncio.run(group.generate_steps(first)), reference.generate_steps(first)):
         assert all(o.num_tokens > 0 for o in engine_out)
-    second = [StepRequest(problem=r.problem, steps=("First, think.",), params=r.params, chain_id=r.chain_id)
-              for r in first]
+    second = [
+        StepRequest(problem=r.problem, steps=("First, think.",), params=r.params, chain_id=r.chain_id) for r in first
+    ]
     reused_before, ref_before = group.stats()["reused_tokens"], reference.reused_tokens
     outs = asyncio.run(group.generate_steps(second))
     want = reference.generate_steps(second)
@@ -111,8 +121,12 @@ def test_tp2_logits_match_unsplit_model(group, reference):
     got = asyncio.run(group.logits(prompts))
     tok, model = reference.tokenizer, reference.model
     with torch.inference_mode():
-        want = torch.stack([model(input_ids=torch.tensor([tok(p, add_special_tokens=False)["input_ids"]]))
-                            .logits[0, -1].float() for p in prompts])
+        want = torch.stack(
+            [
+                model(input_ids=torch.tensor([tok(p, add_special_tokens=False)["input_ids"]])).logits[0, -1].float()
+                for p in prompts
+            ]
+        )
     assert got.shape == want.shape
     assert ((got - want).norm() / want.norm()).item() < 1e-5
 
@@ -163,10 +177,12 @@ def test_fast_engine_tp2_matches_unsplit_fast_engine(ray_local, random_cfg):
     data["models"]["target"]["engine"] = "fast"
     cfg = ArbitrageConfig.model_validate(data)
     model, tok = load_tp_causal_lm(cfg.models.target, tp_size=1)
-    first = [StepRequest(problem=p, params=SamplingParams(max_tokens=8), chain_id=f"f{i}")
-             for i, p in enumerate(PROBLEMS)]
-    second = [StepRequest(problem=r.problem, steps=("First, think.",), params=r.params, chain_id=r.chain_id)
-              for r in first]
+    first = [
+        StepRequest(problem=p, params=SamplingParams(max_tokens=8), chain_id=f"f{i}") for i, p in enumerate(PROBLEMS)
+    ]
+    second = [
+        StepRequest(problem=r.problem, steps=("First, think.",), params=r.params, chain_id=r.chain_id) for r in first
+    ]
     g = TargetGroup.create(cfg, ready_timeout_s=60)
     try:
         with FastStepEngine(model, tok, max_context=cfg.models.target.max_context) as ref:
@@ -201,8 +217,13 @@ def test_tied_head_maps_to_embedding():
 
 
 def test_bundles_pin_custom_resources_on_bundle_zero():
-    cfg = make_config({"kind": "random", "name": "tiny-llama"}, num_cpus=1, num_gpus=1, tensor_parallel=4,
-                      resources={"tp_gpu_node": 0.01})
+    cfg = make_config(
+        {"kind": "random", "name": "tiny-llama"},
+        num_cpus=1,
+        num_gpus=1,
+        tensor_parallel=4,
+        resources={"tp_gpu_node": 0.01},
+    )
     b = _bundles(cfg.runtime.target)
     assert b[0] == {"CPU": 1, "GPU": 1, "tp_gpu_node": 0.01} and b[1:] == [{"CPU": 1, "GPU": 1}] * 3
     assert local_cuda_index([5], "4,5,6") == 1 and local_cuda_index([2], None) == 2
@@ -232,8 +253,14 @@ COUNT_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("tp,rank", [(4, 1)])
 def test_70b_shard_plan_splits_about_n_ways_without_allocating(tp, rank):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", COUNT_SCRIPT, str(tp), str(rank)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-c", COUNT_SCRIPT, str(tp), str(rank)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["on_meta"] and r["q"] == [8192 // tp, 8192]

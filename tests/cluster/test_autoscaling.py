@@ -50,20 +50,41 @@ def _fake_config(port: int, ip: str) -> dict:
         if name == real["head_node_type"]:
             continue
         # object_store_memory: a small store per fake node (the provider pops it off the resources)
-        types[name] = {"resources": {**t["resources"], "object_store_memory": 100 * 2**20},
-                       "labels": t.get("labels", {}), "node_config": {},
-                       "min_workers": 0, "max_workers": t["max_workers"]}
+        types[name] = {
+            "resources": {**t["resources"], "object_store_memory": 100 * 2**20},
+            "labels": t.get("labels", {}),
+            "node_config": {},
+            "min_workers": 0,
+            "max_workers": t["max_workers"],
+        }
     head = {"resources": {"CPU": 2}, "node_config": {}, "max_workers": 0}
     return {
-        "cluster_name": "arbitrage-fake", "max_workers": real["max_workers"],
-        "upscaling_speed": real["upscaling_speed"], "idle_timeout_minutes": IDLE_TIMEOUT_MIN,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True, "gcs_address": f"{ip}:{port}"},
-        "available_node_types": {**types, "ray.head.default": head}, "head_node_type": "ray.head.default",
-        "docker": {}, "auth": {"ssh_user": "ubuntu"}, "file_mounts": {}, "cluster_synced_files": [],
-        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
-        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
-        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "cluster_name": "arbitrage-fake",
+        "max_workers": real["max_workers"],
+        "upscaling_speed": real["upscaling_speed"],
+        "idle_timeout_minutes": IDLE_TIMEOUT_MIN,
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": f"{ip}:{port}",
+        },
+        "available_node_types": {**types, "ray.head.default": head},
+        "head_node_type": "ray.head.default",
+        "docker": {},
+        "auth": {"ssh_user": "ubuntu"},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
     }
 
 
@@ -92,14 +113,35 @@ def fake_cluster(without_session_ray):
     tmp = Path(tempfile.mkdtemp(prefix="arb-as-", dir="/tmp"))
     cfg_path = tmp / "autoscaling.json"
     cfg_path.write_text(json.dumps(_fake_config(port, ip)))
-    env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1",
-               RAY_prestart_worker_first_driver="0", RAY_num_prestart_python_workers="0",
-               RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    env = dict(
+        os.environ,
+        RAY_FAKE_CLUSTER="1",
+        AUTOSCALER_UPDATE_INTERVAL_S="1",
+        RAY_prestart_worker_first_driver="0",
+        RAY_num_prestart_python_workers="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+    )
     ray_bin = str(Path(sys.executable).with_name("ray"))
     head = subprocess.Popen(
-        [ray_bin, "start", "--head", f"--port={port}", f"--autoscaling-config={cfg_path}", "--num-cpus=2",
-         "--include-dashboard=false", f"--temp-dir={tmp / 'ray'}", "--block", "--disable-usage-stats"],
-        env=env, start_new_session=True, stdout=(tmp / "head.log").open("w"), stderr=subprocess.STDOUT)
+        [
+            ray_bin,
+            "start",
+            "--head",
+            f"--port={port}",
+            f"--autoscaling-config={cfg_path}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            f"--temp-dir={tmp / 'ray'}",
+            "--block",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=(tmp / "head.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         _use_auth(token)
         deadline = time.monotonic() + 300
@@ -109,8 +151,10 @@ def fake_cluster(without_session_ray):
                 break
             except Exception as e:  # noqa: BLE001 - the head is still starting
                 if head.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"fake head did not start ({type(e).__name__}: {e}); "
-                                       f"log: {(tmp / 'head.log').read_text()[-1500:]}") from e
+                    raise RuntimeError(
+                        f"fake head did not start ({type(e).__name__}: {e}); "
+                        f"log: {(tmp / 'head.log').read_text()[-1500:]}"
+                    ) from e
                 time.sleep(2)
         yield ray
     finally:
@@ -200,5 +244,7 @@ def test_tp_group_launches_a_tp_gpu_node_and_idle_nodes_go_away(fake_cluster):
     down = _wait_for(ray, {"head": 1, "small_gpu": 0, "tp_gpu": 0}, 120, seen)
     idle_s = time.monotonic() - t_idle
     assert idle_s >= IDLE_TIMEOUT_MIN * 60 * 0.8, f"removed after {idle_s:.0f}s, before the idle timeout"
-    print(f"tp_gpu node up after {up:.0f}s; gone {down:.0f}s after its group was removed "
-          f"(idle timeout {IDLE_TIMEOUT_MIN * 60:.0f}s)")
+    print(
+        f"tp_gpu node up after {up:.0f}s; gone {down:.0f}s after its group was removed "
+        f"(idle timeout {IDLE_TIMEOUT_MIN * 60:.0f}s)"
+    )

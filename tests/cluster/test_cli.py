@@ -19,8 +19,10 @@ def _cli(*args, timeout=300):
 @pytest.fixture
 def problems_file(tmp_path):
     p = tmp_path / "probs.jsonl"
-    p.write_text("\n".join(json.dumps({"id": f"t{i}", "problem": f"What is {i}+1?", "answer": str(i + 1)})
-                           for i in range(3)) + "\n")
+    p.write_text(
+        "\n".join(json.dumps({"id": f"t{i}", "problem": f"What is {i}+1?", "answer": str(i + 1)}) for i in range(3))
+        + "\n"
+    )
     return p
 
 
@@ -29,7 +31,7 @@ def _table_rows(stdout: str) -> dict[str, str]:
     lines = stdout.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith("group "))
     rows = {}
-    for ln in lines[start + 2:]:
+    for ln in lines[start + 2 :]:
         if not ln or ln.startswith("accept ="):
             break
         rows[ln.split()[0]] = ln
@@ -38,8 +40,20 @@ def _table_rows(stdout: str) -> dict[str, str]:
 
 def test_run_in_process_writes_into_missing_folders_and_prints_the_table(tmp_path, problems_file):
     out = tmp_path / "new" / "nested" / "traces.jsonl"
-    r = _cli("run", "--config", "tiny", "--in-process", "--policy", "router", "--threshold", "0.5",
-             "--dataset", str(problems_file), "--out", str(out))
+    r = _cli(
+        "run",
+        "--config",
+        "tiny",
+        "--in-process",
+        "--policy",
+        "router",
+        "--threshold",
+        "0.5",
+        "--dataset",
+        str(problems_file),
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     assert "[3/3]" in r.stdout and "Traceback" not in r.stderr
     rows = _table_rows(r.stdout)
@@ -53,8 +67,21 @@ def test_run_in_process_writes_into_missing_folders_and_prints_the_table(tmp_pat
 
 def test_eval_then_report_into_missing_folders_and_resume_says_nothing_to_do(tmp_path, problems_file):
     out = tmp_path / "runs" / "deep" / "sweep"
-    args = ["eval", "--config", "tiny", "--in-process", "--dataset", str(problems_file), "--limit", "2",
-            "--groups", "draft_only,router@0.5,target_only", "--no-step-cache", "--out", str(out)]
+    args = [
+        "eval",
+        "--config",
+        "tiny",
+        "--in-process",
+        "--dataset",
+        str(problems_file),
+        "--limit",
+        "2",
+        "--groups",
+        "draft_only,router@0.5,target_only",
+        "--no-step-cache",
+        "--out",
+        str(out),
+    ]
     r = _cli(*args)
     assert r.returncode == 0, r.stderr
     rows = _table_rows(r.stdout)
@@ -79,8 +106,20 @@ def test_eval_then_report_into_missing_folders_and_resume_says_nothing_to_do(tmp
 
 def test_a_resumed_in_process_sweep_keeps_the_step_cache_of_the_run_before(tmp_path, problems_file):
     out = tmp_path / "sweep"
-    args = ["eval", "--config", "tiny", "--in-process", "--dataset", str(problems_file), "--limit", "2",
-            "--groups", "draft_only,rsd@0.5", "--out", str(out)]
+    args = [
+        "eval",
+        "--config",
+        "tiny",
+        "--in-process",
+        "--dataset",
+        str(problems_file),
+        "--limit",
+        "2",
+        "--groups",
+        "draft_only,rsd@0.5",
+        "--out",
+        str(out),
+    ]
     r = _cli(*args)
     assert r.returncode == 0, r.stderr
     assert "step cache: 0 answers from earlier runs" in r.stderr
@@ -99,8 +138,18 @@ def test_a_resumed_in_process_sweep_keeps_the_step_cache_of_the_run_before(tmp_p
 
 def test_collect_in_process_writes_into_missing_folders(tmp_path, problems_file):
     out = tmp_path / "data" / "new" / "collect.jsonl"
-    args = ["collect", "--config", "tiny", "--in-process", "--dataset", str(problems_file), "--limit", "1",
-            "--out", str(out)]
+    args = [
+        "collect",
+        "--config",
+        "tiny",
+        "--in-process",
+        "--dataset",
+        str(problems_file),
+        "--limit",
+        "1",
+        "--out",
+        str(out),
+    ]
     r = _cli(*args)
     assert r.returncode == 0, r.stderr
     assert out.is_file() and out.read_text().strip()
@@ -129,22 +178,48 @@ def test_config_show_schema_version_and_help():
     version = _cli("--version")
     assert version.returncode == 0 and version.stdout.startswith("arbitrage ")
 
-    for cmd, needles in {"eval": ["--config", "--dataset", "--split", "--limit", "default: the config's"],
-                         "setup-models": ["--config", "preset name"],
-                         "run": ["default: the config's policy.name", "default: the config's policy.threshold"],
-                         "report": ["RUN_DIR"], "demo": ["--limit", "--threshold"]}.items():
+    for cmd, needles in {
+        "eval": ["--config", "--dataset", "--split", "--limit", "default: the config's"],
+        "setup-models": ["--config", "preset name"],
+        "run": ["default: the config's policy.name", "default: the config's policy.threshold"],
+        "report": ["RUN_DIR"],
+        "demo": ["--limit", "--threshold"],
+    }.items():
         h = _cli(cmd, "--help")
         text = " ".join(h.stdout.split())  # help wraps lines
         assert h.returncode == 0 and all(n in text for n in needles), (cmd, h.stdout)
 
 
 def test_run_on_ray_is_quiet_and_shows_phases(tmp_path, problems_file):
-    r = _cli("run", "--config", "tiny", "--policy", "router", "--dataset", str(problems_file), "--limit", "2",
-             "--out", str(tmp_path / "a" / "b.jsonl"))
+    r = _cli(
+        "run",
+        "--config",
+        "tiny",
+        "--policy",
+        "router",
+        "--dataset",
+        str(problems_file),
+        "--limit",
+        "2",
+        "--out",
+        str(tmp_path / "a" / "b.jsonl"),
+    )
     assert r.returncode == 0, r.stderr
     for phase in ("starting Ray", "loading draft: random weights (tiny-llama)", "models ready in", "router@0.5:"):
         assert phase in r.stderr, r.stderr
-    noise = ("core_worker", "logging.cc", "constructor arguments", "Token authentication", "Loading weights",
-             "LOAD REPORT", "Setting accelerator", "(ModelActor", "(Coordinator", "INFO", "WARNING", "Traceback")
+    noise = (
+        "core_worker",
+        "logging.cc",
+        "constructor arguments",
+        "Token authentication",
+        "Loading weights",
+        "LOAD REPORT",
+        "Setting accelerator",
+        "(ModelActor",
+        "(Coordinator",
+        "INFO",
+        "WARNING",
+        "Traceback",
+    )
     assert not [n for n in noise if n in r.stderr + r.stdout], r.stderr
     assert "router@0.5" in _table_rows(r.stdout)

@@ -32,18 +32,19 @@ def _config(tmp_path, text: str) -> Path:
     return p
 
 
-TINY_DRAFT_ONLY = ("models:\n"
-                   "  draft: {source: {kind: random, name: tiny-llama}, device: %s}\n"
-                   "  target: {source: {kind: %s, name: %s}}\n"
-                   "policy: {name: draft_only}\n")
+TINY_DRAFT_ONLY = (
+    "models:\n"
+    "  draft: {source: {kind: random, name: tiny-llama}, device: %s}\n"
+    "  target: {source: {kind: %s, name: %s}}\n"
+    "policy: {name: draft_only}\n"
+)
 
 
 def test_bad_inputs_exit_2_with_one_line(tmp_path):
     bad_yaml = _config(tmp_path, "models: [unclosed")
     one_line_exit_2(_cli("run", "--config", str(bad_yaml), "--log-level", "warning"), "malformed YAML")
     one_line_exit_2(_cli("run", "--config", "tiny", "--policy", "nope", "--log-level", "warning"), "policy.name")
-    one_line_exit_2(_cli("run", "--config", "tiny", "--threshold", "1.5", "--log-level", "warning"),
-                    "policy.threshold")
+    one_line_exit_2(_cli("run", "--config", "tiny", "--threshold", "1.5", "--log-level", "warning"), "policy.threshold")
     one_line_exit_2(_cli("run", "--config", str(tmp_path / "missing.yaml"), "--log-level", "warning"), "not found")
     one_line_exit_2(_cli("run", "--config", "tiny", "--log-level", "loud"), "--log-level")
 
@@ -55,8 +56,9 @@ def test_config_path_that_is_a_folder(tmp_path):
 def test_config_that_is_not_utf8(tmp_path):
     p = tmp_path / "latin1.yaml"
     p.write_bytes("name: caf\xe9\n".encode("latin-1"))
-    one_line_exit_2(_cli("eval", "--config", str(p), "--out", str(tmp_path / "o"), "--log-level", "warning"),
-                    str(p), "UTF-8")
+    one_line_exit_2(
+        _cli("eval", "--config", str(p), "--out", str(tmp_path / "o"), "--log-level", "warning"), str(p), "UTF-8"
+    )
 
 
 def test_device_that_is_not_a_device(tmp_path):
@@ -81,29 +83,37 @@ def test_serve_with_a_missing_model_file_fails_fast(tmp_path):
 
 
 def test_missing_model_folder_in_process(tmp_path):
-    cfg = _config(tmp_path, TINY_DRAFT_ONLY.replace("kind: random, name: tiny-llama}, device: %s",
-                                                    "kind: local, name: /nonexistent/model}, device: %s")
-                  % ("cpu", "random", "tiny-llama"))
-    one_line_exit_2(_cli("run", "--config", str(cfg), "--in-process", "--log-level", "warning"),
-                    "/nonexistent/model")
+    cfg = _config(
+        tmp_path,
+        TINY_DRAFT_ONLY.replace(
+            "kind: random, name: tiny-llama}, device: %s", "kind: local, name: /nonexistent/model}, device: %s"
+        )
+        % ("cpu", "random", "tiny-llama"),
+    )
+    one_line_exit_2(_cli("run", "--config", str(cfg), "--in-process", "--log-level", "warning"), "/nonexistent/model")
 
 
 def test_dataset_errors_name_file_and_line_within_the_limit(tmp_path):
     good = json.dumps({"problem": "What is 1+1?", "answer": "2"})
     broken = tmp_path / "broken.jsonl"
     broken.write_text(f"{good}\n{{not json\n")
-    one_line_exit_2(_cli("run", "--config", "tiny", "--dataset", str(broken), "--log-level", "warning"),
-                    f"{broken}:2: malformed JSON")
+    one_line_exit_2(
+        _cli("run", "--config", "tiny", "--dataset", str(broken), "--log-level", "warning"),
+        f"{broken}:2: malformed JSON",
+    )
     not_utf8 = tmp_path / "bytes.jsonl"
     not_utf8.write_bytes(good.encode() + b"\n" + b'{"problem": "\xff"}\n')
-    one_line_exit_2(_cli("run", "--config", "tiny", "--dataset", str(not_utf8), "--log-level", "warning"),
-                    f"{not_utf8}:2: not UTF-8")
+    one_line_exit_2(
+        _cli("run", "--config", "tiny", "--dataset", str(not_utf8), "--log-level", "warning"),
+        f"{not_utf8}:2: not UTF-8",
+    )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     one_line_exit_2(_cli("run", "--config", "tiny", "--dataset", str(empty), "--log-level", "warning"), "empty")
     # a malformed line after the first --limit lines is never read
-    r = _cli("run", "--config", "tiny", "--in-process", "--policy", "draft_only", "--dataset", str(broken),
-             "--limit", "1")
+    r = _cli(
+        "run", "--config", "tiny", "--in-process", "--policy", "draft_only", "--dataset", str(broken), "--limit", "1"
+    )
     assert r.returncode == 0 and "[1/1]" in r.stdout, r.stderr
 
 

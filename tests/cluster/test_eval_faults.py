@@ -23,20 +23,45 @@ from tests.conftest import one_chain_sweep_inputs
 
 CLI = [sys.executable, "-m", "cluster.cli"]
 CELLS = 3 * 3  # 3 problems x (draft_only, router@0.3, router@0.7)
-COMPARED = ("final_text", "stop_reason", "answer", "correct", "draft_calls", "target_calls", "prm_calls",
-            "router_calls", "draft_tokens", "target_tokens")
+COMPARED = (
+    "final_text",
+    "stop_reason",
+    "answer",
+    "correct",
+    "draft_calls",
+    "target_calls",
+    "prm_calls",
+    "router_calls",
+    "draft_tokens",
+    "target_tokens",
+)
 
 
 @pytest.fixture
 def sweep(tmp_path):
     """A small sweep on the tiny preset, one chain at a time (so a kill lands between rows)."""
     cfg, probs = one_chain_sweep_inputs(
-        tmp_path, "tiny_sweep", dict(max_steps=4, max_step_tokens=8, max_total_tokens=32),
-        [{"id": f"e{i}", "problem": f"What is {i} plus 9?", "answer": str(i + 9)} for i in range(3)])
+        tmp_path,
+        "tiny_sweep",
+        dict(max_steps=4, max_step_tokens=8, max_total_tokens=32),
+        [{"id": f"e{i}", "problem": f"What is {i} plus 9?", "answer": str(i + 9)} for i in range(3)],
+    )
 
     def command(out, *extra):
-        return CLI + ["eval", "--config", str(cfg), "--dataset", str(probs), "--policies", "draft_only,router",
-                      "--thresholds", "0.3,0.7", "--out", str(out), *extra]
+        return CLI + [
+            "eval",
+            "--config",
+            str(cfg),
+            "--dataset",
+            str(probs),
+            "--policies",
+            "draft_only,router",
+            "--thresholds",
+            "0.3,0.7",
+            "--out",
+            str(out),
+            *extra,
+        ]
 
     return command
 
@@ -83,7 +108,7 @@ def _run(cmd: list[str]) -> None:
 
         from cluster.cli import app
 
-        result = CliRunner().invoke(app, cmd[len(CLI):])
+        result = CliRunner().invoke(app, cmd[len(CLI) :])
         assert result.exit_code == 0, (result.output[-2000:], result.exception)
     else:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)

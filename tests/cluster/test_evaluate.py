@@ -20,13 +20,29 @@ CLI = [sys.executable, "-m", "cluster.cli"]
 def slow_tiny(tmp_path):
     """The tiny preset, one chain at a time, so a run can be killed between rows."""
     return one_chain_sweep_inputs(
-        tmp_path, "slow_tiny", dict(max_steps=6, max_step_tokens=16, max_total_tokens=96),
-        [{"id": f"q{i}", "problem": f"What is {i} times 7?", "answer": str(7 * i)} for i in range(6)])
+        tmp_path,
+        "slow_tiny",
+        dict(max_steps=6, max_step_tokens=16, max_total_tokens=96),
+        [{"id": f"q{i}", "problem": f"What is {i} times 7?", "answer": str(7 * i)} for i in range(6)],
+    )
 
 
 def _eval(cfg, probs, out, *extra):
-    return CLI + ["eval", "--config", str(cfg), "--dataset", str(probs), "--policies", "draft_only,router,rsd",
-                  "--thresholds", "0.3,0.7", "--out", str(out), "--in-process", *extra]
+    return CLI + [
+        "eval",
+        "--config",
+        str(cfg),
+        "--dataset",
+        str(probs),
+        "--policies",
+        "draft_only,router,rsd",
+        "--thresholds",
+        "0.3,0.7",
+        "--out",
+        str(out),
+        "--in-process",
+        *extra,
+    ]
 
 
 def _keys(out):
@@ -68,8 +84,11 @@ def test_one_row_per_cell_then_resume_is_a_no_op(slow_tiny, tmp_path):
     r = subprocess.run(_eval(cfg, probs, out), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     keys = _keys(out)
-    expected = {row_key(f"q{i}", p, t) for i in range(6) for p, t in
-                [("draft_only", 0.0), ("router", 0.3), ("router", 0.7), ("rsd", 0.3), ("rsd", 0.7)]}
+    expected = {
+        row_key(f"q{i}", p, t)
+        for i in range(6)
+        for p, t in [("draft_only", 0.0), ("router", 0.3), ("router", 0.7), ("rsd", 0.3), ("rsd", 0.7)]
+    }
     assert sorted(keys) == sorted(expected)
     assert (out / "report.md").exists() and (out / "accuracy_vs_acceptance.png").stat().st_size > 1000
     # the step cache is on by default: rsd and router reuse draft_only's first steps
@@ -109,8 +128,11 @@ def test_truncated_and_corrupt_lines_are_dropped_and_redone(tmp_path):
 
 
 def test_bad_arguments_exit_2(tmp_path):
-    r = subprocess.run(CLI + ["eval", "--config", "tiny", "--policies", "rsd,bogus", "--out", str(tmp_path / "x")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        CLI + ["eval", "--config", "tiny", "--policies", "rsd,bogus", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "unknown policy 'bogus'" in r.stderr
     r = subprocess.run(CLI + ["report", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert r.returncode == 2 and "no results" in r.stderr

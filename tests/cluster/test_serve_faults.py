@@ -35,8 +35,12 @@ PROBLEMS = [f"A box holds {i + 3} eggs. How many eggs are in {i + 2} boxes?" for
 
 
 def _body(i: int) -> dict:
-    return {"model": "arbitrage", "messages": [{"role": "user", "content": PROBLEMS[i % len(PROBLEMS)]}],
-            "max_tokens": 36, "arbitrage": {"policy": "router", "threshold": 0.0}}  # every step escalates
+    return {
+        "model": "arbitrage",
+        "messages": [{"role": "user", "content": PROBLEMS[i % len(PROBLEMS)]}],
+        "max_tokens": 36,
+        "arbitrage": {"policy": "router", "threshold": 0.0},
+    }  # every step escalates
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +64,11 @@ def _replica(deployment: str):
     """The (only) running replica actor of one deployment of the test app."""
     import ray
 
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"SERVE_REPLICA::{APP}#{deployment}#")]
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::{APP}#{deployment}#")
+    ]
     assert len(names) == 1, names
     return ray.get_actor(names[0], namespace="serve"), names[0]
 
@@ -151,17 +158,26 @@ def test_replicas_killed_under_load_give_200_or_503_and_never_hang(app):
     assert not any(t.is_alive() for t in threads), "a client hung"
 
     codes = Counter(str(code) for _, code, _, _ in results)
-    print("serve faults:", dict(codes), "answers before each kill:", kills,
-          "slowest:", round(max(s for _, _, s, _ in results), 2), "s; re-sent steps:", retries["count"])
+    print(
+        "serve faults:",
+        dict(codes),
+        "answers before each kill:",
+        kills,
+        "slowest:",
+        round(max(s for _, _, s, _ in results), 2),
+        "s; re-sent steps:",
+        retries["count"],
+    )
     assert retries["count"] > 0 and retries["failed_calls"] == 0  # the target kill hit steps in flight
     assert all(seconds < CLIENT_TIMEOUT_S for _, _, seconds, _ in results)
     for i, code, _, content in results:
         if code == 200:
             assert content == reference[i]  # a re-sent step or a re-run chain gives the same answer
-    model_and_chain_faults = results[:kills["ingress"]]
+    model_and_chain_faults = results[: kills["ingress"]]
     assert {code for _, code, _, _ in model_and_chain_faults} <= {200, 503}, Counter(
-        str(c) for _, c, _, _ in model_and_chain_faults)
-    leaks = ("Traceback", "File \"", ".py", "ActorID", "actor_id", "pid=", "ip=", "RayTaskError", "RayActorError")
+        str(c) for _, c, _, _ in model_and_chain_faults
+    )
+    leaks = ("Traceback", 'File "', ".py", "ActorID", "actor_id", "pid=", "ip=", "RayTaskError", "RayActorError")
     for _, code, _, content in results:
         if code != 200:
             assert not [w for w in leaks if w in content], content[:500]
@@ -171,12 +187,13 @@ def test_replicas_killed_under_load_give_200_or_503_and_never_hang(app):
     # (serve/_private/http_util.py: get_http_response_status maps RayActorError to a plain 500);
     # the proxy guard answers them as 503 replica_unavailable with Retry-After. At most the
     # requests in flight get it, at once; nothing hangs and the replacement serves.
-    lost = [r for r in results[kills["ingress"]:] if r[1] != 200]
-    assert all(code == 503 and json.loads(content)["error"]["code"] in ("replica_unavailable", "unavailable",
-                                                                         "backpressure")
-               for _, code, _, content in lost), lost[:3]
+    lost = [r for r in results[kills["ingress"] :] if r[1] != 200]
+    assert all(
+        code == 503 and json.loads(content)["error"]["code"] in ("replica_unavailable", "unavailable", "backpressure")
+        for _, code, _, content in lost
+    ), lost[:3]
     assert len(lost) <= CLIENTS
-    assert [r for r in results[kills["ingress"]:] if r[1] == 200], "no success after the ingress was replaced"
+    assert [r for r in results[kills["ingress"] :] if r[1] == 200], "no success after the ingress was replaced"
     with httpx.Client(base_url=app, timeout=CLIENT_TIMEOUT_S) as http:
         r = http.post("/v1/chat/completions", json=_body(0))
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == reference[0]

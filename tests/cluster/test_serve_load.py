@@ -23,14 +23,30 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_64_clients_for_60_s_get_only_200_or_503(tmp_path):
     out = tmp_path / "load.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--config", "configs/tiny.yaml",
-           "--levels", "64", "--duration", "60", "--max-requests", "100000", "--timeout", "120", "--bad-every", "8",
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "serve_load.py"),
+        "--config",
+        "configs/tiny.yaml",
+        "--levels",
+        "64",
+        "--duration",
+        "60",
+        "--max-requests",
+        "100000",
+        "--timeout",
+        "120",
+        "--bad-every",
+        "8",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (level,) = json.loads(out.read_text())["levels"]
-    print("load:", {k: level[k] for k in ("clients", "requests", "ok", "rps", "latency_p50_s", "latency_p99_s",
-                                          "errors")})
+    print(
+        "load:", {k: level[k] for k in ("clients", "requests", "ok", "rps", "latency_p50_s", "latency_p99_s", "errors")}
+    )
     assert level["clients"] == 64 and level["elapsed_s"] >= 55
     assert set(level["errors"]) <= {"503"}, level["errors"]
     assert level["ok"] > 0 and level["latency_p50_s"] <= level["latency_p99_s"] < 120

@@ -26,7 +26,7 @@ APP = "arbitrage-prod"
 TIMEOUT_S = 3.0  # serve.header_timeout_s and serve.body_timeout_s of the test app
 MAX_HEADER = 16384
 PROBLEM = "Tom has 3 apples and buys 4 more. How many apples does he have?"
-LEAKS = ("Traceback", "File \"", ".py", "/work", "ActorID", "actor_id", "pid=", "ip=", "NoneType", "RayTaskError")
+LEAKS = ("Traceback", 'File "', ".py", "/work", "ActorID", "actor_id", "pid=", "ip=", "NoneType", "RayTaskError")
 
 
 def _free_port() -> int:
@@ -47,9 +47,17 @@ def app(ray_local):
     from configs.schema import load_config
 
     port = _free_port()
-    cfg = load_config(TINY, **{"serve.port": port, "serve.max_queued_requests": 64, "serve.max_replicas": 1,
-                               "serve.header_timeout_s": TIMEOUT_S, "serve.body_timeout_s": TIMEOUT_S,
-                               "serve.max_header_bytes": MAX_HEADER})
+    cfg = load_config(
+        TINY,
+        **{
+            "serve.port": port,
+            "serve.max_queued_requests": 64,
+            "serve.max_replicas": 1,
+            "serve.header_timeout_s": TIMEOUT_S,
+            "serve.body_timeout_s": TIMEOUT_S,
+            "serve.max_header_bytes": MAX_HEADER,
+        },
+    )
     serve.shutdown()  # a fresh controller, so the proxy gets this config's limits
     run_openai_app(cfg, name=APP)
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
@@ -84,8 +92,11 @@ def _total(samples: dict, name: str, **labels) -> float:
 def test_metrics_count_known_requests(app):
     """Scrape, send known requests, scrape again: every counter moved by what the responses report."""
     before = _scrape(app)
-    bodies = [_chat(max_tokens=36), _chat(max_tokens=36, arbitrage={"threshold": 0.0}),
-              _chat("2 + 5 = ?", max_tokens=24, arbitrage={"policy": "draft_only"})]
+    bodies = [
+        _chat(max_tokens=36),
+        _chat(max_tokens=36, arbitrage={"threshold": 0.0}),
+        _chat("2 + 5 = ?", max_tokens=24, arbitrage={"policy": "draft_only"}),
+    ]
     metas, usages = [], []
     for b in bodies:
         r = app.http.post("/v1/chat/completions", json=b)
@@ -123,14 +134,21 @@ def test_metrics_count_known_requests(app):
     # The model replicas push their batch histograms every second: the items batched per role
     # must equal the calls the chains made (the judge PRM is served as 'score' by the target).
     calls = {r: sum(m[f"{r}_calls"] for m in metas) for r in ("draft", "target", "prm", "router")}
-    batched = {("draft", "generate_step"): calls["draft"], ("target", "generate_step"): calls["target"],
-               ("prm", "score"): calls["prm"], ("router", "predict"): calls["router"]}
+    batched = {
+        ("draft", "generate_step"): calls["draft"],
+        ("target", "generate_step"): calls["target"],
+        ("prm", "score"): calls["prm"],
+        ("router", "predict"): calls["router"],
+    }
     deadline = time.monotonic() + 20
     while True:
         after = _scrape(app)
         moved = {k: _total(after, k[0], **dict(k[1])) - _total(before, k[0], **dict(k[1])) for k in expected}
-        items = {k: _total(after, "arbitrage_batch_size_sum", role=k[0], method=k[1])
-                 - _total(before, "arbitrage_batch_size_sum", role=k[0], method=k[1]) for k in batched}
+        items = {
+            k: _total(after, "arbitrage_batch_size_sum", role=k[0], method=k[1])
+            - _total(before, "arbitrage_batch_size_sum", role=k[0], method=k[1])
+            for k in batched
+        }
         if (moved == expected and items == batched) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -139,8 +157,12 @@ def test_metrics_count_known_requests(app):
     assert items == batched and calls["target"] > 0 and calls["router"] > 0
     assert _total(after, "arbitrage_requests_in_flight") == 0
     assert _total(after, "arbitrage_request_slots") == 64
-    for name in ("arbitrage_chains_waiting", "arbitrage_batch_queue_depth", "arbitrage_step_retries_total",
-                 "arbitrage_batch_isolations_total"):
+    for name in (
+        "arbitrage_chains_waiting",
+        "arbitrage_batch_queue_depth",
+        "arbitrage_step_retries_total",
+        "arbitrage_batch_isolations_total",
+    ):
         assert any(n == name for n, _ in after), name
 
 
@@ -162,16 +184,27 @@ def test_one_bad_request_fails_alone(app):
     """A chain that overflows the context mid-way, and unsampleable temperatures / top_p, among 8
     clients sending good requests all the while: every request gets 200, each its undisturbed answer."""
     budget = 220
-    bad = _chat(_overflow_prompt(app.cfg, budget), max_tokens=budget,
-                arbitrage={"policy": "draft_only", "max_steps": 4096})
+    bad = _chat(
+        _overflow_prompt(app.cfg, budget), max_tokens=budget, arbitrage={"policy": "draft_only", "max_steps": 4096}
+    )
     assert app.http.post("/v1/chat/completions", json={**bad, "max_tokens": budget + 1}).status_code == 400
-    goods = [_chat(f"A box holds {i + 3} eggs. How many eggs are in {i + 2} boxes?", max_tokens=48,
-                   arbitrage={"max_steps": 4, "policy": "draft_only" if i % 2 else "router"}) for i in range(4)]
-    reference = [app.http.post("/v1/chat/completions", json=g).json()["choices"][0]["message"]["content"]
-                 for g in goods]
+    goods = [
+        _chat(
+            f"A box holds {i + 3} eggs. How many eggs are in {i + 2} boxes?",
+            max_tokens=48,
+            arbitrage={"max_steps": 4, "policy": "draft_only" if i % 2 else "router"},
+        )
+        for i in range(4)
+    ]
+    reference = [
+        app.http.post("/v1/chat/completions", json=g).json()["choices"][0]["message"]["content"] for g in goods
+    ]
     greedy = app.http.post("/v1/chat/completions", json=_chat(max_tokens=24)).json()["choices"][0]["message"]
-    weird = [_chat(max_tokens=24, temperature=1e-300), _chat(max_tokens=24, temperature=1e-45),
-             _chat(max_tokens=24, temperature=1.0, top_p=5e-324)]
+    weird = [
+        _chat(max_tokens=24, temperature=1e-300),
+        _chat(max_tokens=24, temperature=1e-45),
+        _chat(max_tokens=24, temperature=1.0, top_p=5e-324),
+    ]
 
     stop = threading.Event()
     good_answers: list = []
@@ -213,9 +246,11 @@ def test_one_bad_request_fails_alone(app):
 
     roles = serve.get_deployment_handle("coordinator", APP).stats.remote().result()["roles"]
     isolated = sum(r["methods"]["generate_step"].get("isolated", 0) for r in roles["draft"]["replicas"])
-    print(f"isolation: {len(good_answers)} good answers all 200 around two overflows "
-          f"({over.json()['usage']['completion_tokens']} of {budget} tokens, finish length) and "
-          f"{len(weird)} unsampleable requests; draft batches split: {isolated}")
+    print(
+        f"isolation: {len(good_answers)} good answers all 200 around two overflows "
+        f"({over.json()['usage']['completion_tokens']} of {budget} tokens, finish length) and "
+        f"{len(weird)} unsampleable requests; draft batches split: {isolated}"
+    )
     assert isolated >= 1  # the overflow did share a batch, and only it failed there
 
 
@@ -231,8 +266,9 @@ def test_internal_error_answers_a_request_id_and_nothing_else(app):
     asgi = build_fastapi_app(ingress)
 
     async def call(body: dict) -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi, raise_app_exceptions=False),
-                                     base_url="http://test") as c:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=asgi, raise_app_exceptions=False), base_url="http://test"
+        ) as c:
             return await c.post("/v1/chat/completions", json=body, headers={"x-request-id": "req-42"})
 
     import io
@@ -246,8 +282,12 @@ def test_internal_error_answers_a_request_id_and_nothing_else(app):
             r = asyncio.run(call(body))
             assert r.status_code == 500 and r.headers["x-request-id"] == "req-42"
             err = r.json()["error"]
-            assert err == {"message": "internal error (request id req-42)", "type": "server_error", "param": None,
-                           "code": None}
+            assert err == {
+                "message": "internal error (request id req-42)",
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
             _no_leak(r.text)
     finally:
         logging.getLogger("ray.serve").removeHandler(handler)
@@ -258,14 +298,20 @@ def test_5xx_bodies_carry_no_internals(app):
     """A replica lost under a request (the coordinator, killed): the 503s name a request id only."""
     import ray
 
-    name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["name"].startswith(f"SERVE_REPLICA::{APP}#coordinator#"))
+    name = next(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::{APP}#coordinator#")
+    )
     answers: list = []
 
     def client():
         for _ in range(6):
-            r = httpx.post(f"{app.base}/v1/chat/completions", timeout=60,
-                           json=_chat(max_tokens=48, arbitrage={"policy": "draft_only"}, stream=True))
+            r = httpx.post(
+                f"{app.base}/v1/chat/completions",
+                timeout=60,
+                json=_chat(max_tokens=48, arbitrage={"policy": "draft_only"}, stream=True),
+            )
             answers.append((r.status_code, r.text))
 
     health: list = []
@@ -286,8 +332,9 @@ def test_5xx_bodies_carry_no_internals(app):
     for t in threads[:-1]:
         t.join(120)
     deadline = time.monotonic() + 60  # health comes back once Serve has replaced the coordinator
-    while time.monotonic() < deadline and not (health and health[-1][1] == 200 and
-                                               any(code == 503 for _, code, _, _ in health)):
+    while time.monotonic() < deadline and not (
+        health and health[-1][1] == 200 and any(code == 503 for _, code, _, _ in health)
+    ):
         time.sleep(0.5)
     stop.set()
     threads[-1].join(15)
@@ -298,11 +345,12 @@ def test_5xx_bodies_carry_no_internals(app):
             assert "request id" in text
     slowest = max(s for s, _, _, _ in health)
     down = [(c, ra, t) for _, c, ra, t in health if c != 200]
-    print(f"coordinator killed: answers {sorted(c for c, _ in answers)}; /health polls {len(health)}, "
-          f"{len(down)} x 503, slowest {slowest:.3f} s")
+    print(
+        f"coordinator killed: answers {sorted(c for c, _ in answers)}; /health polls {len(health)}, "
+        f"{len(down)} x 503, slowest {slowest:.3f} s"
+    )
     assert slowest < 1.0  # /health answers from its cached state, coordinator or not
-    assert down and all(c == 503 and ra == "1" and json.loads(t)["error"]["code"] == "not_ready"
-                        for c, ra, t in down)
+    assert down and all(c == 503 and ra == "1" and json.loads(t)["error"]["code"] == "not_ready" for c, ra, t in down)
     assert health[-1][1] == 200
 
 
@@ -335,22 +383,29 @@ def test_slow_clients_get_408_and_do_not_hold_the_service(app):
     """40 half-sent bodies and 10 half-sent headers, held open; meanwhile 4 real requests are served
     as fast as usual; the stalled ones get 408 after the timeouts and their connections close."""
     body = json.dumps(_chat(max_tokens=24)).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
     t_open = time.monotonic()
     half_bodies = [_raw(app.port, head + body[: len(body) // 2]) for _ in range(40)]
     half_heads = [_raw(app.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le") for _ in range(10)]
     t0 = time.monotonic()
     with ThreadPoolExecutor(4) as pool:
-        served = list(pool.map(lambda _: httpx.post(f"{app.base}/v1/chat/completions", json=_chat(max_tokens=24),
-                                                    timeout=60), range(4)))
+        served = list(
+            pool.map(
+                lambda _: httpx.post(f"{app.base}/v1/chat/completions", json=_chat(max_tokens=24), timeout=60), range(4)
+            )
+        )
     served_s = time.monotonic() - t0
     assert [r.status_code for r in served] == [200] * 4
     with ThreadPoolExecutor(50) as pool:
         stalled = list(pool.map(_read_all, half_bodies + half_heads))
     waited = time.monotonic() - t_open
-    print(f"slow clients: 4 real requests served in {served_s:.2f} s beside 50 stalled connections; "
-          f"those got 408 after {waited:.1f} s (timeouts {TIMEOUT_S} s)")
+    print(
+        f"slow clients: 4 real requests served in {served_s:.2f} s beside 50 stalled connections; "
+        f"those got 408 after {waited:.1f} s (timeouts {TIMEOUT_S} s)"
+    )
     for raw in stalled:
         assert raw.startswith(b"HTTP/1.1 408"), raw[:200]
         assert b"connection: close" in raw.lower() and b'"type": "timeout_error"' in raw
@@ -394,11 +449,16 @@ def test_oversized_headers_and_bodies_are_refused(app):
     many = httpx.get(f"{app.base}/health", headers={f"X-H{i}": "b" * 100 for i in range(40)}, timeout=30)
     assert many.status_code == 200  # 4 KiB of headers: fine
     t0 = time.monotonic()  # a Content-Length over the limit: refused before any of it is sent
-    claimed = _read_all(_raw(app.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                                       b"Content-Length: 104857600\r\n\r\n"))
+    claimed = _read_all(
+        _raw(app.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 104857600\r\n\r\n")
+    )
     assert claimed.startswith(b"HTTP/1.1 413") and b"body_too_large" in claimed and time.monotonic() - t0 < 5
-    r = httpx.post(f"{app.base}/v1/chat/completions", content=b"x" * (app.cfg.serve.max_body_bytes + 1),
-                   headers={"Content-Type": "application/json"}, timeout=60)
+    r = httpx.post(
+        f"{app.base}/v1/chat/completions",
+        content=b"x" * (app.cfg.serve.max_body_bytes + 1),
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
     assert r.status_code == 413 and "bytes" in r.json()["error"]["message"]
     assert httpx.get(f"{app.base}/health", timeout=30).status_code == 200
 
@@ -464,8 +524,12 @@ def test_blank_api_key_is_refused_naming_the_field(key):
 
 
 def test_cli_refuses_an_empty_api_key():
-    r = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "--config", str(TINY), "--api-key", ""],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "serve", "--config", str(TINY), "--api-key", ""],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "serve.api_key" in r.stderr and "Traceback" not in r.stderr, r.stderr[-500:]
 
 
@@ -482,15 +546,26 @@ def test_model_role_autoscaling_options():
     from cluster.serve_app import role_options
     from configs.schema import load_config
 
-    cfg = load_config(TINY, **{"serve.autoscaling.draft": {"min_replicas": 1, "max_replicas": 3,
-                                                           "upscale_delay_s": 2, "downscale_delay_s": 5}})
+    cfg = load_config(
+        TINY,
+        **{
+            "serve.autoscaling.draft": {
+                "min_replicas": 1,
+                "max_replicas": 3,
+                "upscale_delay_s": 2,
+                "downscale_delay_s": 5,
+            }
+        },
+    )
     d = role_options("draft", cfg)["autoscaling_config"]
     assert (d["min_replicas"], d["max_replicas"], d["target_ongoing_requests"]) == (1, 3, 16)
     assert (d["upscale_delay_s"], d["downscale_delay_s"]) == (2, 5)
     fixed = role_options("target", cfg)["autoscaling_config"]
     assert fixed["min_replicas"] == fixed["max_replicas"] == 1
-    tp = load_config(TINY, **{"runtime.target.tensor_parallel": 2,
-                              "serve.autoscaling.target": {"min_replicas": 1, "max_replicas": 2}})
+    tp = load_config(
+        TINY,
+        **{"runtime.target.tensor_parallel": 2, "serve.autoscaling.target": {"min_replicas": 1, "max_replicas": 2}},
+    )
     t = role_options("target", tp)  # a replica is a whole group: its ranks hold the resources
     assert t["ray_actor_options"]["num_cpus"] == 0 and t["autoscaling_config"]["max_replicas"] == 2
     from configs.schema import ConfigError

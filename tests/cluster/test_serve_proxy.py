@@ -29,15 +29,24 @@ def _call(inner, method: str = "GET", content: bytes = b"") -> httpx.Response:
 
 def test_serve_backpressure_text_becomes_json_with_retry_after():
     async def serve_503(scope, receive, send):
-        await send({"type": "http.response.start", "status": 503,
-                    "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
-        await send({"type": "http.response.body",
-                    "body": b"Request dropped due to backpressure (num_queued_requests=2, max_queued_requests=2)."})
+        await send(
+            {"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"text/plain; charset=utf-8")]}
+        )
+        await send(
+            {
+                "type": "http.response.body",
+                "body": b"Request dropped due to backpressure (num_queued_requests=2, max_queued_requests=2).",
+            }
+        )
 
     r = _call(serve_503)
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
-    assert r.json()["error"] == {"message": "server busy: too many requests queued; retry (request id rid-1)",
-                                 "type": "overloaded_error", "param": None, "code": "backpressure"}
+    assert r.json()["error"] == {
+        "message": "server busy: too many requests queued; retry (request id rid-1)",
+        "type": "overloaded_error",
+        "param": None,
+        "code": "backpressure",
+    }
 
 
 def test_nothing_sent_becomes_503_replica_unavailable():

@@ -39,8 +39,9 @@ def tiny_router():
     from arbitrage.router_factory import build_router
 
     torch.manual_seed(0)
-    return build_router(RouterConfig(kind="classifier", source={"kind": "random", "name": "tiny-llama"},
-                                     device="cpu", max_length=256))
+    return build_router(
+        RouterConfig(kind="classifier", source={"kind": "random", "name": "tiny-llama"}, device="cpu", max_length=256)
+    )
 
 
 @pytest.fixture
@@ -49,13 +50,15 @@ def make_backend(draft_engine, target_engine, judge_prm, tiny_router):
         parts = dict(draft=draft_engine, target=target_engine, prm=judge_prm, router=tiny_router)
         parts.update(kw)
         return LocalBackend(**parts, max_batch_size=16, max_wait_ms=5)
+
     return make
 
 
 @pytest.fixture
 def settings():
-    return LoopSettings(max_step_tokens=8, max_steps=3, max_total_tokens=64, has_prm=True,
-                        system_prompt="Reason step by step.")
+    return LoopSettings(
+        max_step_tokens=8, max_steps=3, max_total_tokens=64, has_prm=True, system_prompt="Reason step by step."
+    )
 
 
 @pytest.fixture

@@ -120,7 +120,11 @@ def test_a_long_prompt_does_not_shorten_its_batch_mates_steps():
     alone = engine.generate_steps([short])[0]
     together = engine.generate_steps([short, long])
     assert (together[0].text, together[0].num_tokens) == (alone.text, alone.num_tokens)
-    assert alone.num_tokens > 6 and together[1].num_tokens <= 256 - 250 and together[1].stop_reason in ("length", "separator", "eos")
+    assert (
+        alone.num_tokens > 6
+        and together[1].num_tokens <= 256 - 250
+        and together[1].stop_reason in ("length", "separator", "eos")
+    )
 
 
 def test_rows_answered_by_futures_reach_their_callers_one_by_one():

@@ -15,9 +15,11 @@ from arbitrage.prm import PRMRequest, SkyworkPRM, SkyworkPRMModel, build_prm
 from arbitrage.tiny import byte_tokenizer, shape_config
 
 PROBLEM = "What is 2 + 3 * 4?"
-REQUESTS = [PRMRequest(PROBLEM, ("First, 3 * 4 = 12.",)),
-            PRMRequest(PROBLEM, ("First, 3 * 4 = 12.", "Then 2 + 12 = 14.")),
-            PRMRequest("Compute 7 - 5.", ("7 - 5 = 2.",))]
+REQUESTS = [
+    PRMRequest(PROBLEM, ("First, 3 * 4 = 12.",)),
+    PRMRequest(PROBLEM, ("First, 3 * 4 = 12.", "Then 2 + 12 = 14.")),
+    PRMRequest("Compute 7 - 5.", ("7 - 5 = 2.",)),
+]
 
 
 def _skywork_state(seed: int = 3):
@@ -46,7 +48,7 @@ def _write(folder, layout: str, seed: int = 3):
         torch.save(state, folder / "pytorch_model.bin")
     elif layout == "bin-sharded":
         keys = sorted(state)
-        halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+        halves = [keys[: len(keys) // 2], keys[len(keys) // 2 :]]
         weight_map = {}
         for i, part in enumerate(halves, start=1):
             name = f"pytorch_model-{i:05d}-of-00002.bin"
@@ -88,13 +90,20 @@ def test_skywork_bin_through_the_config(tmp_path):
 
     _write(tmp_path / "bin", "bin")
     _write(tmp_path / "st", "safetensors")
-    want = build_prm(PRMConfig(kind="skywork", source={"kind": "local", "name": str(tmp_path / "st")},
-                               device="cpu", dtype="float32")).score(REQUESTS)
-    prm = build_prm(PRMConfig(kind="skywork", source={"kind": "local", "name": str(tmp_path / "bin")},
-                              device="cpu", dtype="float32"))
+    want = build_prm(
+        PRMConfig(kind="skywork", source={"kind": "local", "name": str(tmp_path / "st")}, device="cpu", dtype="float32")
+    ).score(REQUESTS)
+    prm = build_prm(
+        PRMConfig(
+            kind="skywork", source={"kind": "local", "name": str(tmp_path / "bin")}, device="cpu", dtype="float32"
+        )
+    )
     assert isinstance(prm, SkyworkPRM) and prm.score(REQUESTS) == want
-    half = build_prm(PRMConfig(kind="skywork", source={"kind": "local", "name": str(tmp_path / "bin")},
-                               device="cpu", dtype="bfloat16"))
+    half = build_prm(
+        PRMConfig(
+            kind="skywork", source={"kind": "local", "name": str(tmp_path / "bin")}, device="cpu", dtype="bfloat16"
+        )
+    )
     assert next(half.model.model.parameters()).dtype == torch.bfloat16
     assert half.model.v_head.summary.weight.dtype == torch.float32  # the head stays float32
     assert all(abs(a - b) < 0.05 for a, b in zip(half.score(REQUESTS), want, strict=True))

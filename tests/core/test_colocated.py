@@ -18,22 +18,30 @@ from arbitrage.types import SamplingParams, StepRequest
 
 
 def _req(problem, steps=(), chain_id=None, **params):
-    return StepRequest(problem=problem, steps=tuple(steps), system="sys", chain_id=chain_id,
-                       params=SamplingParams(**params))
+    return StepRequest(
+        problem=problem, steps=tuple(steps), system="sys", chain_id=chain_id, params=SamplingParams(**params)
+    )
 
 
 def _same(a, b, tol=1e-4):
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert (x.text, x.num_tokens, x.stop_reason, x.prompt_tokens) == \
-               (y.text, y.num_tokens, y.stop_reason, y.prompt_tokens)
+        assert (x.text, x.num_tokens, x.stop_reason, x.prompt_tokens) == (
+            y.text,
+            y.num_tokens,
+            y.stop_reason,
+            y.prompt_tokens,
+        )
         assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < tol
         assert max(abs(p - q) for p, q in zip(x.entropies, y.entropies)) < tol
 
 
-REQS = [dict(problem="Short?", max_tokens=16), dict(problem="A longer problem statement " * 4, forced_tokens=9),
-        dict(problem="Sample me", max_tokens=10, temperature=1.0, top_p=0.9, seed=3),
-        dict(problem="Mid", steps=("step one",), max_tokens=12)]
+REQS = [
+    dict(problem="Short?", max_tokens=16),
+    dict(problem="A longer problem statement " * 4, forced_tokens=9),
+    dict(problem="Sample me", max_tokens=10, temperature=1.0, top_p=0.9, seed=3),
+    dict(problem="Mid", steps=("step one",), max_tokens=12),
+]
 
 
 def _reqs(**extra):
@@ -136,11 +144,16 @@ def test_gated_engines_equal_step_engine_under_concurrency(tokenizer):
     try:
         d = ColocatedEngine(dm, tokenizer, sched, gate=DRAFT_GATE, max_context=1024, max_slots=8)
         t = ColocatedEngine(tm, tokenizer, sched, gate=TARGET_GATE, max_context=1024, max_slots=8)
-        want = {"d": HFStepEngine(dm, tokenizer, kv_cache_tokens=0).generate_steps(_reqs()),
-                "t": HFStepEngine(tm, tokenizer, kv_cache_tokens=0).generate_steps(_reqs())}
+        want = {
+            "d": HFStepEngine(dm, tokenizer, kv_cache_tokens=0).generate_steps(_reqs()),
+            "t": HFStepEngine(tm, tokenizer, kv_cache_tokens=0).generate_steps(_reqs()),
+        }
         got: dict[str, list] = {}
-        threads = [threading.Thread(target=lambda n=n, e=e, i=i: got.__setitem__(f"{n}{i}", e.generate_steps(_reqs())))
-                   for i in range(3) for n, e in (("d", d), ("t", t))]
+        threads = [
+            threading.Thread(target=lambda n=n, e=e, i=i: got.__setitem__(f"{n}{i}", e.generate_steps(_reqs())))
+            for i in range(3)
+            for n, e in (("d", d), ("t", t))
+        ]
         for th in threads:
             th.start()
         for th in threads:
@@ -165,8 +178,14 @@ def test_gate_holds_rows_while_another_engine_decodes(tokenizer):
     order: list[str] = []
     try:
         d = ColocatedEngine(random_causal_lm("tiny-llama", seed=1), tokenizer, sched, max_context=1024, max_slots=4)
-        t = ColocatedEngine(random_causal_lm("tiny-llama", seed=2), tokenizer, sched,
-                            gate=Gate(share=1.0, max_hold_s=600), max_context=1024, max_slots=4)
+        t = ColocatedEngine(
+            random_causal_lm("tiny-llama", seed=2),
+            tokenizer,
+            sched,
+            gate=Gate(share=1.0, max_hold_s=600),
+            max_context=1024,
+            max_slots=4,
+        )
         fd = d.submit_steps([_long(i, 40) for i in range(3)])
         ft = t.submit_steps([_req("held", forced_tokens=4)])
         for name, fs in (("d", fd), ("t", ft)):
@@ -186,8 +205,14 @@ def test_gate_opens_at_its_bound_and_for_a_judge(tokenizer):
     order: list[str] = []
     try:
         d = ColocatedEngine(random_causal_lm("tiny-llama", seed=1), tokenizer, sched, max_context=1024, max_slots=4)
-        t = ColocatedEngine(random_causal_lm("tiny-llama", seed=2), tokenizer, sched,
-                            gate=Gate(share=2.0, max_hold_s=0.001), max_context=1024, max_slots=4)
+        t = ColocatedEngine(
+            random_causal_lm("tiny-llama", seed=2),
+            tokenizer,
+            sched,
+            gate=Gate(share=2.0, max_hold_s=0.001),
+            max_context=1024,
+            max_slots=4,
+        )
         fd = d.submit_steps([_long(i, 900) for i in range(2)])
         ft = t.submit_steps([_req("bounded", forced_tokens=2)])
         for name, fs in (("d", fd), ("t", ft)):
@@ -209,8 +234,14 @@ def test_gate_opens_after_the_idle_grace_without_another_event(tokenizer):
     sched = ColocatedScheduler()
     try:
         d = ColocatedEngine(random_causal_lm("tiny-llama", seed=1), tokenizer, sched, max_context=256, max_slots=2)
-        t = ColocatedEngine(random_causal_lm("tiny-llama", seed=2), tokenizer, sched,
-                            gate=Gate(share=2.0, idle_grace_s=0.05), max_context=256, max_slots=2)
+        t = ColocatedEngine(
+            random_causal_lm("tiny-llama", seed=2),
+            tokenizer,
+            sched,
+            gate=Gate(share=2.0, idle_grace_s=0.05),
+            max_context=256,
+            max_slots=2,
+        )
         fd = d.submit_steps([_long(0, 30)])
         assert t.generate_steps([_req("alone", forced_tokens=3)])[0].num_tokens == 3
         assert fd[0].done() and t.stats["held_turns"] > 0 and t.stats["admitted_rows"] == 1
@@ -239,12 +270,17 @@ def test_cuda_colocated_equals_step_engine(tokenizer, streams):
     try:
         d = ColocatedEngine(dm, tokenizer, sched, max_context=1024, max_slots=8)
         t = ColocatedEngine(tm, tokenizer, sched, max_context=1024, max_slots=8)
-        assert (d.stream is not None) == streams and d.graphs is not None  # streams: tiny models only (see ColocatedScheduler)
+        assert (
+            d.stream is not None
+        ) == streams and d.graphs is not None  # streams: tiny models only (see ColocatedScheduler)
         ref_d, ref_t = HFStepEngine(dm, tokenizer, kv_cache_tokens=0), HFStepEngine(tm, tokenizer, kv_cache_tokens=0)
         want = {"d": ref_d.generate_steps(_reqs()), "t": ref_t.generate_steps(_reqs())}
         got: dict[str, list] = {}
-        threads = [threading.Thread(target=lambda n=n, e=e, i=i: got.__setitem__(f"{n}{i}", e.generate_steps(_reqs())))
-                   for i in range(2) for n, e in (("d", d), ("t", t))]
+        threads = [
+            threading.Thread(target=lambda n=n, e=e, i=i: got.__setitem__(f"{n}{i}", e.generate_steps(_reqs())))
+            for i in range(2)
+            for n, e in (("d", d), ("t", t))
+        ]
         for th in threads:
             th.start()
         for th in threads:

@@ -24,8 +24,11 @@ def test_presets_validate(name):
 def test_a_default_slot_pool_smaller_than_the_chains_in_flight_warns(tmp_path):
     model = "{source: {kind: random, name: tiny-llama}, engine: llamacpp, max_context: 4096%s}"
     text = "models:\n  draft: %s\n  target: %s\nruntime: {max_concurrent_chains: 32}\npolicy: {name: draft_only}\n"
-    with pytest.warns(UserWarning, match=r"models.draft.max_slots is unset, so its pool holds 16 chains .* "
-                      r"set models.draft.max_slots to 32"):
+    with pytest.warns(
+        UserWarning,
+        match=r"models.draft.max_slots is unset, so its pool holds 16 chains .* "
+        r"set models.draft.max_slots to 32",
+    ):
         load_config(_write(tmp_path, text % (model % "", model % ", max_slots: 32")))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an explicit max_slots is the user's choice
@@ -53,16 +56,19 @@ models:
 """
 
 
-@pytest.mark.parametrize("extra, field", [
-    ("policy: {name: nope}", "policy.name"),
-    ("policy: {name: rsd, threshold: 1.5}", "policy.threshold"),
-    ("policy: {name: rsd, threshold: -0.1}", "policy.threshold"),
-    ("generation: {max_step_tokens: 0}", "generation.max_step_tokens"),
-    ("generation: {temperature: hot}", "generation.temperature"),
-    ("generation: {bogus: 1}", "generation.bogus"),
-    ("runtime: {draft: {num_gpus: -1}}", "runtime.draft.num_gpus"),
-    ("serve: {port: 70000}", "serve.port"),
-])
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        ("policy: {name: nope}", "policy.name"),
+        ("policy: {name: rsd, threshold: 1.5}", "policy.threshold"),
+        ("policy: {name: rsd, threshold: -0.1}", "policy.threshold"),
+        ("generation: {max_step_tokens: 0}", "generation.max_step_tokens"),
+        ("generation: {temperature: hot}", "generation.temperature"),
+        ("generation: {bogus: 1}", "generation.bogus"),
+        ("runtime: {draft: {num_gpus: -1}}", "runtime.draft.num_gpus"),
+        ("serve: {port: 70000}", "serve.port"),
+    ],
+)
 def test_wrong_field_is_named_in_one_line(tmp_path, extra, field):
     with pytest.raises(ConfigError) as e:
         load_config(_write(tmp_path, BASE + extra))
@@ -98,7 +104,9 @@ def test_core_import_leaves_ray_out():
     import subprocess
     import sys
 
-    code = ("import sys, arbitrage.loop, arbitrage.runner, arbitrage.engine, arbitrage.prm, "
-            "arbitrage.router, configs; print('ray' in sys.modules)")
+    code = (
+        "import sys, arbitrage.loop, arbitrage.runner, arbitrage.engine, arbitrage.prm, "
+        "arbitrage.router, configs; print('ray' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

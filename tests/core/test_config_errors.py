@@ -53,15 +53,23 @@ def test_a_wrong_value_names_its_field(field):
 
 def test_several_wrong_fields_are_all_named_on_one_line(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("models:\n  draft: {source: {kind: random, name: tiny-llama}}\n"
-                 "  target: {source: {kind: random, name: tiny-llama}, max_context: -3}\n"
-                 "policy: {name: draft_only, threshold: 7}\n"
-                 "runtime: {retry: {attempts: 0}, draft: {max_restarts: -2}, bogus: 1}\n"
-                 "serve: {port: 0}\n")
+    p.write_text(
+        "models:\n  draft: {source: {kind: random, name: tiny-llama}}\n"
+        "  target: {source: {kind: random, name: tiny-llama}, max_context: -3}\n"
+        "policy: {name: draft_only, threshold: 7}\n"
+        "runtime: {retry: {attempts: 0}, draft: {max_restarts: -2}, bogus: 1}\n"
+        "serve: {port: 0}\n"
+    )
     with pytest.raises(ConfigError) as e:
         load_config(p)
     msg = str(e.value)
     assert "\n" not in msg
-    for field in ("models.target.max_context", "policy.threshold", "runtime.retry.attempts",
-                  "runtime.draft.max_restarts", "runtime.bogus", "serve.port"):
+    for field in (
+        "models.target.max_context",
+        "policy.threshold",
+        "runtime.retry.attempts",
+        "runtime.draft.max_restarts",
+        "runtime.bogus",
+        "serve.port",
+    ):
         assert field in msg, (field, msg)

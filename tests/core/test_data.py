@@ -59,7 +59,9 @@ def test_other_datasets_map_their_fields():
     assert svamp.problem.endswith("93 groups. How big is each group of bananas?")
     asdiv = _load("asdiv", limit=1)[0]
     assert asdiv.answer == "9" and asdiv.meta["unit"] == "apples"
-    assert asdiv.problem == "Seven red apples and two green apples are in the basket. How many apples are in the basket?"
+    assert (
+        asdiv.problem == "Seven red apples and two green apples are in the basket. How many apples are in the basket?"
+    )
     hard = _load("gsm_hard", limit=8)
     assert hard[0].answer == "-9867630" and hard[7].answer == "3244047.1"
 
@@ -69,15 +71,21 @@ def test_limit_takes_the_first_n():
 
 
 def test_local_jsonl(tmp_path):
-    path = _write(tmp_path / "mine.jsonl", [
-        {"question": "What is 1+1?", "answer": 2, "source": "a"},
-        "",
-        {"problem": "Half of 1?", "solution": "It is \\boxed{\\frac{1}{2}}.", "id": "h"},
-        {"input": "x?", "answer": "Steps\n#### 1,000"},
-    ])
+    path = _write(
+        tmp_path / "mine.jsonl",
+        [
+            {"question": "What is 1+1?", "answer": 2, "source": "a"},
+            "",
+            {"problem": "Half of 1?", "solution": "It is \\boxed{\\frac{1}{2}}.", "id": "h"},
+            {"input": "x?", "answer": "Steps\n#### 1,000"},
+        ],
+    )
     probs = _load(path, split="train")  # split ignored for files
     assert [(p.id, p.problem, p.answer) for p in probs] == [
-        ("mine-1", "What is 1+1?", "2"), ("h", "Half of 1?", "\\frac{1}{2}"), ("mine-4", "x?", "1000")]
+        ("mine-1", "What is 1+1?", "2"),
+        ("h", "Half of 1?", "\\frac{1}{2}"),
+        ("mine-4", "x?", "1000"),
+    ]
     assert probs[0].meta == {"source": "a"}
     assert len(_load(path, limit=1)) == 1
 

@@ -68,8 +68,11 @@ def test_stop_reasons(tokenizer):
 
 
 def test_batched_equals_alone_greedy(target_engine):
-    reqs = [_req("Short?", max_tokens=16), _req("A much longer problem statement " * 4, max_tokens=16),
-            _req("Mid length problem", ["step one"], max_tokens=16)]
+    reqs = [
+        _req("Short?", max_tokens=16),
+        _req("A much longer problem statement " * 4, max_tokens=16),
+        _req("Mid length problem", ["step one"], max_tokens=16),
+    ]
     together = target_engine.generate_steps(reqs)
     for r, t in zip(reqs, together):
         alone = target_engine.generate_steps([r])[0]
@@ -106,9 +109,16 @@ def test_kv_reuse_equals_recomputation(tokenizer):
     cached, fresh = HFStepEngine(model, tokenizer), HFStepEngine(model, tokenizer, kv_cache_tokens=0)
     chains = {f"c{i}": [] for i in range(3)}
     for step in range(3):
-        reqs = [StepRequest(problem=f"Problem {k} " * (i + 1), steps=tuple(s), system="sys",
-                            params=SamplingParams(max_tokens=10), chain_id=k)
-                for i, (k, s) in enumerate(chains.items())]
+        reqs = [
+            StepRequest(
+                problem=f"Problem {k} " * (i + 1),
+                steps=tuple(s),
+                system="sys",
+                params=SamplingParams(max_tokens=10),
+                chain_id=k,
+            )
+            for i, (k, s) in enumerate(chains.items())
+        ]
         a, b = cached.generate_steps(reqs), fresh.generate_steps(reqs)
         for (k, s), x, y in zip(chains.items(), a, b):
             assert (x.text, x.num_tokens) == (y.text, y.num_tokens)

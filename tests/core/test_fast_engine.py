@@ -18,16 +18,21 @@ SHAPES = ["tiny-llama", "tiny-qwen2"]
 
 
 def _req(problem, steps=(), chain_id=None, **params):
-    return StepRequest(problem=problem, steps=tuple(steps), system="sys", chain_id=chain_id,
-                       params=SamplingParams(**params))
+    return StepRequest(
+        problem=problem, steps=tuple(steps), system="sys", chain_id=chain_id, params=SamplingParams(**params)
+    )
 
 
 def _same(a, b, tol=1e-4):
     """Two StepOutput lists agree: text, length, stop reason; log-probs and entropies within tol."""
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert (x.text, x.num_tokens, x.stop_reason, x.prompt_tokens) == \
-               (y.text, y.num_tokens, y.stop_reason, y.prompt_tokens)
+        assert (x.text, x.num_tokens, x.stop_reason, x.prompt_tokens) == (
+            y.text,
+            y.num_tokens,
+            y.stop_reason,
+            y.prompt_tokens,
+        )
         assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < tol
         assert max(abs(p - q) for p, q in zip(x.entropies, y.entropies)) < tol
 
@@ -57,8 +62,11 @@ def test_separator_eos_and_forced_stops_match(pair):
     ref, fast = pair
     probe = ref.generate_steps([_req("Stop here", max_tokens=12)])[0]
     sep = next(c for c in probe.text[3:] if c.isprintable() and c.strip())  # occurs after content
-    reqs = [_req("Stop here", max_tokens=12, separator=sep), _req("Forced", forced_tokens=7),
-            _req("Other", max_tokens=5)]
+    reqs = [
+        _req("Stop here", max_tokens=12, separator=sep),
+        _req("Forced", forced_tokens=7),
+        _req("Other", max_tokens=5),
+    ]
     out = fast.generate_steps(reqs)
     _same(out, ref.generate_steps(reqs))
     assert out[0].stop_reason == "separator" and out[1].num_tokens == 7
@@ -78,8 +86,11 @@ def test_separator_eos_and_forced_stops_match(pair):
 
 def test_sampling_uses_the_same_seeded_rows(pair):
     ref, fast = pair
-    reqs = [_req("Sample me", max_tokens=10, temperature=1.0, top_p=0.9, seed=3),
-            _req("other", max_tokens=10, temperature=0.7, seed=4), _req("greedy row", max_tokens=10)]
+    reqs = [
+        _req("Sample me", max_tokens=10, temperature=1.0, top_p=0.9, seed=3),
+        _req("other", max_tokens=10, temperature=0.7, seed=4),
+        _req("greedy row", max_tokens=10),
+    ]
     _same(fast.generate_steps(reqs), ref.generate_steps(reqs))
 
 
@@ -99,8 +110,9 @@ def _run_chains(engine, steps=3, replace="c1"):
     chains = {f"c{i}": [] for i in range(3)}
     outs = []
     for step in range(steps):
-        reqs = [_req(f"Problem {k} " * (i + 1), s, chain_id=k, max_tokens=10)
-                for i, (k, s) in enumerate(chains.items())]
+        reqs = [
+            _req(f"Problem {k} " * (i + 1), s, chain_id=k, max_tokens=10) for i, (k, s) in enumerate(chains.items())
+        ]
         out = engine.generate_steps(reqs)
         outs += out
         for (k, s), x in zip(chains.items(), out):
@@ -110,8 +122,10 @@ def _run_chains(engine, steps=3, replace="c1"):
 
 def test_kv_reuse_with_rollback_equals_recomputation(tokenizer):
     model = random_causal_lm("tiny-llama-wide", seed=2)
-    with FastStepEngine(model, tokenizer, max_context=1024, max_slots=4) as cached, \
-            FastStepEngine(model, tokenizer, max_context=1024, max_slots=4, kv_cache_tokens=0) as fresh:
+    with (
+        FastStepEngine(model, tokenizer, max_context=1024, max_slots=4) as cached,
+        FastStepEngine(model, tokenizer, max_context=1024, max_slots=4, kv_cache_tokens=0) as fresh,
+    ):
         want = _run_chains(HFStepEngine(model, tokenizer, kv_cache_tokens=0))
         _same(_run_chains(cached), want)
         _same(_run_chains(fresh), want)
@@ -168,8 +182,10 @@ def test_continuous_admission_from_two_threads(tokenizer):
                 time.sleep(0.0005)
             results[name] = fast.generate_steps(reqs)
 
-        threads = [threading.Thread(target=run, args=("long", long_req, False)),
-                   threading.Thread(target=run, args=("short", short_req, True))]
+        threads = [
+            threading.Thread(target=run, args=("long", long_req, False)),
+            threading.Thread(target=run, args=("short", short_req, True)),
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -208,8 +224,9 @@ def test_slot_pool_rollback_and_lru():
 def test_errors_name_the_fix(tokenizer):
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=320,
-                                                              bos_token_id=0, eos_token_id=0))
+    gpt2 = AutoModelForCausalLM.from_config(
+        GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=320, bos_token_id=0, eos_token_id=0)
+    )
     with pytest.raises(ValueError, match="StepEngine"):
         FastStepEngine(gpt2, tokenizer)
     with FastStepEngine(random_causal_lm("tiny-llama"), tokenizer, max_context=64, max_slots=1) as fast:
@@ -255,8 +272,10 @@ def test_cuda_graphs_match_step_engine(shape, tokenizer):
 def test_cuda_graphs_bf16_equal_eager(tokenizer):
     model = random_causal_lm("tiny-llama-wide", seed=7, device="cuda", dtype=torch.bfloat16)
     reqs = [_req("bf16 row", forced_tokens=24)]
-    with FastStepEngine(model, tokenizer, max_context=512, max_slots=4, compile_ops=False) as graphs, \
-            FastStepEngine(model, tokenizer, max_context=512, max_slots=4, use_cuda_graphs=False) as eager:
+    with (
+        FastStepEngine(model, tokenizer, max_context=512, max_slots=4, compile_ops=False) as graphs,
+        FastStepEngine(model, tokenizer, max_context=512, max_slots=4, use_cuda_graphs=False) as eager,
+    ):
         a, b = graphs.generate_steps(reqs), eager.generate_steps(reqs)  # the same kernels, replayed
     _same(a, b, tol=1e-3)
     assert all(lp == lp and lp <= 0 for lp in a[0].logprobs)  # finite, no NaN
@@ -274,8 +293,12 @@ def test_compiled_ops_match_eager_in_bf16(n):
     x, r, w = torch.randn(n, 64, **bf), torch.randn(n, 64, **bf), torch.rand(64, **bf) + 0.5
     q, k, v = torch.randn(n, 4, 16, **bf), torch.randn(n, 2, 16, **bf), torch.randn(n, 2, 16, **bf)
     cos, sin = torch.rand(n, 1, 16, **bf), torch.rand(n, 1, 16, **bf)
-    cases = [("norm", (x, w, 1e-6)), ("add_norm", (x, r, w, 1e-6)), ("rope_qkv", (q, k, v, cos, sin)),
-             ("swiglu", (x, r))]
+    cases = [
+        ("norm", (x, w, 1e-6)),
+        ("add_norm", (x, r, w, 1e-6)),
+        ("rope_qkv", (q, k, v, cos, sin)),
+        ("swiglu", (x, r)),
+    ]
     for name, args in cases:
         want, got = getattr(eager, name)(*args), getattr(compiled, name)(*args)
         for a, b in zip(want if isinstance(want, tuple) else [want], got if isinstance(got, tuple) else [got]):
@@ -320,10 +343,15 @@ def test_decode_kernel_equals_attention_in_float64(dtype, G, D):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_decode_kernel_engine_equals_gather_engine(tokenizer):
     model = random_causal_lm("tiny-llama-wide", seed=5, device="cuda")  # float32
-    reqs = [_req("long " * 60, forced_tokens=40), _req("short", forced_tokens=12),
-            _req("mid " * 20, ("one", "two"), max_tokens=30)]
-    with FastStepEngine(model, tokenizer, max_context=1024, max_slots=4, decode_kernel=True) as kern, \
-            FastStepEngine(model, tokenizer, max_context=1024, max_slots=4, decode_kernel=False) as gather:
+    reqs = [
+        _req("long " * 60, forced_tokens=40),
+        _req("short", forced_tokens=12),
+        _req("mid " * 20, ("one", "two"), max_tokens=30),
+    ]
+    with (
+        FastStepEngine(model, tokenizer, max_context=1024, max_slots=4, decode_kernel=True) as kern,
+        FastStepEngine(model, tokenizer, max_context=1024, max_slots=4, decode_kernel=False) as gather,
+    ):
         _same(kern.generate_steps(reqs), gather.generate_steps(reqs))
         _same(_run_chains(kern), _run_chains(gather))  # second steps decode from slot KV
         assert {w for _, w in kern.graphs.graphs} == {1024}  # one graph per bucket, not per window

@@ -9,18 +9,21 @@ import pytest
 from arbitrage.grading import extract_answer, extract_boxed, is_correct
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("so the answer is \\boxed{18}.", "18"),
-    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
-    ("\\boxed{\\left\\{ 1, 2 \\right\\}}", "\\left\\{ 1, 2 \\right\\}"),
-    ("first \\boxed{3} then \\boxed{ 4 }", "4"),
-    ("\\boxed{\\boxed{5}}", "\\boxed{5}"),
-    ("\\fbox{7}", "7"),
-    ("$\\boxed 9$", "9"),
-    ("\\boxed{1} then a truncated \\boxed{2", "1"),
-    ("no box here: 18", None),
-    ("\\boxed{", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so the answer is \\boxed{18}.", "18"),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("\\boxed{\\left\\{ 1, 2 \\right\\}}", "\\left\\{ 1, 2 \\right\\}"),
+        ("first \\boxed{3} then \\boxed{ 4 }", "4"),
+        ("\\boxed{\\boxed{5}}", "\\boxed{5}"),
+        ("\\fbox{7}", "7"),
+        ("$\\boxed 9$", "9"),
+        ("\\boxed{1} then a truncated \\boxed{2", "1"),
+        ("no box here: 18", None),
+        ("\\boxed{", None),
+    ],
+)
 def test_extract_boxed(text, expected):
     assert extract_boxed(text) == expected
 
@@ -30,21 +33,24 @@ def test_extract_answer_needs_a_box():
     assert extract_answer("Thus \\boxed{18}") == "18"
 
 
-@pytest.mark.parametrize("pred, ref", [
-    ("18", "18"),
-    ("18.0", "18"),
-    ("\\$18", "18"),
-    ("\\frac{1}{2}", "0.5"),
-    ("0.5", "\\frac{1}{2}"),
-    ("\\dfrac12", "\\frac{1}{2}"),
-    ("1,000", "1000"),
-    ("1000", "1,000"),
-    ("1,450,000", "1450000"),
-    ("(3,\\frac{\\pi}{2})", "\\left( 3, \\frac{\\pi}{2} \\right)"),
-    ("x = 5", "5"),
-    ("10\\%", "10"),
-    ("\\text{(C)}", "\\text{(C)}"),
-])
+@pytest.mark.parametrize(
+    "pred, ref",
+    [
+        ("18", "18"),
+        ("18.0", "18"),
+        ("\\$18", "18"),
+        ("\\frac{1}{2}", "0.5"),
+        ("0.5", "\\frac{1}{2}"),
+        ("\\dfrac12", "\\frac{1}{2}"),
+        ("1,000", "1000"),
+        ("1000", "1,000"),
+        ("1,450,000", "1450000"),
+        ("(3,\\frac{\\pi}{2})", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+        ("x = 5", "5"),
+        ("10\\%", "10"),
+        ("\\text{(C)}", "\\text{(C)}"),
+    ],
+)
 def test_equivalent_forms(pred, ref):
     assert is_correct(f"Some work.\n\nSo the answer is \\boxed{{{pred}}}.", ref)
 

@@ -71,9 +71,19 @@ def test_train_router_kind_hidden_from_scored_rows(tmp_path):
     for i, h in enumerate(x):
         d = float(torch.sigmoid(2 * h[0]))
         t = d + (0.2 if h[1] > 0 else -0.2)
-        rows.append({"problem_id": f"q{i // 4}", "step_index": i % 4, "problem": "p", "history": [],
-                     "draft": f"d{i}", "draft_score": d, "targets": [{"text": f"t{i}", "score": t}],
-                     "draft_features": None, "draft_hidden": h.tolist()})
+        rows.append(
+            {
+                "problem_id": f"q{i // 4}",
+                "step_index": i % 4,
+                "problem": "p",
+                "history": [],
+                "draft": f"d{i}",
+                "draft_score": d,
+                "targets": [{"text": f"t{i}", "score": t}],
+                "draft_features": None,
+                "draft_hidden": h.tolist(),
+            }
+        )
     ds = build_dataset(rows, margin=0.0, val_fraction=0.25, seed=0)
     ts = TrainSettings(kind="hidden", init_prm=str(tmp_path / "prm"), probe_steps=300, prior=1e-3)
     router, info = train(ds, tmp_path / "router", ts)

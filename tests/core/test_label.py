@@ -7,8 +7,15 @@ import json
 
 import pytest
 
-from arbitrage.label import (ROLLOUT_SEED_STRIDE, LabelSettings, label_rows, label_statistics, read_labelled,
-                             reference_check, rollouts_path)
+from arbitrage.label import (
+    ROLLOUT_SEED_STRIDE,
+    LabelSettings,
+    label_rows,
+    label_statistics,
+    read_labelled,
+    reference_check,
+    rollouts_path,
+)
 from arbitrage.loop import LoopSettings, run_chains
 from arbitrage.policies import make_policy
 from arbitrage.types import StepOutput
@@ -34,22 +41,43 @@ class ScriptedDraft:
 
 
 def _row(pid: str, i: int, draft: str, target: str, history=()):
-    return {"problem_id": pid, "step_index": i, "num_steps": 3, "problem": "2 + 2?", "reference": "4",
-            "correct": True, "history": [list(h) for h in history], "draft": draft, "draft_tokens": 5,
-            "targets": [{"text": target, "score": 0.5, "num_tokens": 5, "sampled": False}], "author": "draft"}
+    return {
+        "problem_id": pid,
+        "step_index": i,
+        "num_steps": 3,
+        "problem": "2 + 2?",
+        "reference": "4",
+        "correct": True,
+        "history": [list(h) for h in history],
+        "draft": draft,
+        "draft_tokens": 5,
+        "targets": [{"text": target, "score": 0.5, "num_tokens": 5, "sampled": False}],
+        "author": "draft",
+    }
 
 
 def _runner(backend):
     def run(items, on_result):
         s = LoopSettings(temperature=0.7, max_steps=8, max_total_tokens=200, seed=0)
-        asyncio.run(run_chains(items, backend, make_policy("draft_only"), s, max_concurrent=8,
-                               on_result=lambda r: on_result(r.to_dict())))
+        asyncio.run(
+            run_chains(
+                items,
+                backend,
+                make_policy("draft_only"),
+                s,
+                max_concurrent=8,
+                on_result=lambda r: on_result(r.to_dict()),
+            )
+        )
+
     return run
 
 
 def test_values_are_exact_on_a_scripted_model(tmp_path):
-    rows = [_row("p1", 0, "a bad step", "a good step"), _row("p1", 1, "good again", "bad again",
-                                                              history=[("draft", "a bad step")])]
+    rows = [
+        _row("p1", 0, "a bad step", "a good step"),
+        _row("p1", 1, "good again", "bad again", history=[("draft", "a bad step")]),
+    ]
     backend = ScriptedDraft()
     stats = label_rows(rows, tmp_path / "labels.jsonl", LabelSettings(k=8), _runner(backend))
     assert stats["labelled"] == 2 and stats["rollouts"] == 4 * 8 == backend.calls
@@ -59,15 +87,16 @@ def test_values_are_exact_on_a_scripted_model(tmp_path):
     assert not got[0]["tie"] and got[0]["mc_k"] == 8
     # every rollout is kept, with the steps it wrote and its grade (outcome-labelled prefixes)
     rolls = [json.loads(x) for x in rollouts_path(tmp_path / "labels.jsonl").read_text().splitlines()]
-    assert len(rolls) == 32 and {r["unit"] for r in rolls} == {"p1@0/draft", "p1@0/target", "p1@1/draft",
-                                                                  "p1@1/target"}
+    assert len(rolls) == 32 and {r["unit"] for r in rolls} == {"p1@0/draft", "p1@0/target", "p1@1/draft", "p1@1/target"}
     good = [r for r in rolls if r["unit"] == "p1@0/target"]
     assert sum(r["correct"] for r in good) == 6 and all(r["steps"][0].startswith("So the answer") for r in good)
 
 
 def test_ties_share_one_value_and_answers_are_graded_directly(tmp_path):
-    rows = [_row("p2", 0, "same good text", "same good text"),
-            _row("p2", 1, "So \\boxed{4}.", "So \\boxed{7}.", history=[("draft", "same good text")])]
+    rows = [
+        _row("p2", 0, "same good text", "same good text"),
+        _row("p2", 1, "So \\boxed{4}.", "So \\boxed{7}.", history=[("draft", "same good text")]),
+    ]
     backend = ScriptedDraft()
     label_rows(rows, tmp_path / "l.jsonl", LabelSettings(k=4), _runner(backend))
     got = {r["step_index"]: r for r in read_labelled(tmp_path / "l.jsonl").values()}
@@ -103,9 +132,15 @@ def test_bad_settings_are_refused():
 
 def test_reference_check_reads_gsm8k_annotations():
     solution = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
-    assert reference_check("In May she sold 48 / 2 = 24 clips.", solution, "72") == \
-        {"equations": 1, "arith_ok": True, "matches_ref": True}
+    assert reference_check("In May she sold 48 / 2 = 24 clips.", solution, "72") == {
+        "equations": 1,
+        "arith_ok": True,
+        "matches_ref": True,
+    }
     assert reference_check("Altogether 48 + 24 = 70 clips.", solution, "72")["arith_ok"] is False
-    assert reference_check("She sold 2 x 10 = 20 pens.", solution, "72") == \
-        {"equations": 1, "arith_ok": True, "matches_ref": False}
+    assert reference_check("She sold 2 x 10 = 20 pens.", solution, "72") == {
+        "equations": 1,
+        "arith_ok": True,
+        "matches_ref": False,
+    }
     assert reference_check("Let us think about the clips.", solution, "72")["arith_ok"] is None

@@ -36,8 +36,12 @@ def _engine(tiny, **kw) -> LlamaCppStepEngine:
 
 
 def _req(problem: str, steps=(), n=12, chain=None, **params) -> StepRequest:
-    return StepRequest(problem=problem, steps=tuple(steps), params=SamplingParams(separator=SEP, max_tokens=n, **params),
-                       chain_id=chain)
+    return StepRequest(
+        problem=problem,
+        steps=tuple(steps),
+        params=SamplingParams(separator=SEP, max_tokens=n, **params),
+        chain_id=chain,
+    )
 
 
 def test_logits_match_transformers_on_the_same_weights(tiny):
@@ -90,8 +94,9 @@ def test_a_step_in_a_batch_equals_the_step_alone(tiny):
 def test_new_chains_join_the_running_batch_and_share_prefixes(tiny):
     with _engine(tiny, max_slots=4, kv_unified=True) as eng:  # sharing needs the one buffer
         futures = eng.submit_steps([_req("shared prompt, long enough to be worth sharing", n=40)])
-        more = eng.submit_steps([_req("shared prompt, long enough to be worth sharing", n=5, seed=s, temperature=1.0)
-                                 for s in range(5)])  # more rows than slots: they wait for one
+        more = eng.submit_steps(
+            [_req("shared prompt, long enough to be worth sharing", n=5, seed=s, temperature=1.0) for s in range(5)]
+        )  # more rows than slots: they wait for one
         outs = [f.result(timeout=60) for f in futures + more]
     assert all(o.num_tokens > 0 for o in outs)
     assert eng.stats["admitted_mid_decode"] > 0
@@ -104,8 +109,9 @@ def test_stop_rules_and_sampling(tiny):
         assert forced.num_tokens == 7
         capped = eng.generate_steps([_req("count", n=3)])[0]
         assert capped.num_tokens <= 3
-        a, b = eng.generate_steps([_req("sample", n=8, temperature=1.0, seed=1),
-                                   _req("sample", n=8, temperature=1.0, seed=1)])
+        a, b = eng.generate_steps(
+            [_req("sample", n=8, temperature=1.0, seed=1), _req("sample", n=8, temperature=1.0, seed=1)]
+        )
         c = eng.generate_steps([_req("sample", n=8, temperature=1.0, seed=2)])[0]
         assert a.text == b.text  # seeded by (seed, prompt): batch-independent
         assert len(a.logprobs) == a.num_tokens and all(lp <= 0 for lp in a.logprobs)

@@ -124,10 +124,16 @@ def test_policy_registry_and_errors():
 def test_stops_max_steps_and_tokens(make_backend, settings, problems):
     from dataclasses import replace
 
-    res = _run(make_backend(), make_policy("draft_only"), replace(settings, max_steps=2, max_step_tokens=4), problems[0])
+    res = _run(
+        make_backend(), make_policy("draft_only"), replace(settings, max_steps=2, max_step_tokens=4), problems[0]
+    )
     assert res.num_steps <= 2
-    res = _run(make_backend(), make_policy("draft_only"),
-               replace(settings, max_steps=50, max_step_tokens=8, max_total_tokens=20), problems[0])
+    res = _run(
+        make_backend(),
+        make_policy("draft_only"),
+        replace(settings, max_steps=50, max_step_tokens=8, max_total_tokens=20),
+        problems[0],
+    )
     assert sum(s.num_tokens for s in res.steps) <= 20
     assert res.stop_reason in ("max_tokens", "eos", "answer")
 
@@ -152,8 +158,9 @@ def test_answer_stops_chain_and_is_graded():
             text = "Add them: 2 + 2 = 4." if self.n == 1 else "So the answer is \\boxed{4}."
             return StepOutput(text=text, num_tokens=5, logprobs=[-0.1] * 5, stop_reason="separator")
 
-    res = asyncio.run(run_chain(ChainInput("x", "2+2?", "4"), Scripted(), make_policy("draft_only"),
-                                LoopSettings(max_steps=10)))
+    res = asyncio.run(
+        run_chain(ChainInput("x", "2+2?", "4"), Scripted(), make_policy("draft_only"), LoopSettings(max_steps=10))
+    )
     assert res.stop_reason == "answer" and res.num_steps == 2
     assert res.answer == "4" and res.correct is True
     assert res.final_text == "Add them: 2 + 2 = 4.\n\nSo the answer is \\boxed{4}."
@@ -188,9 +195,15 @@ def test_timeout_and_error_are_recorded(make_backend, settings, problems):
 
 def test_roles_are_derived_from_what_policies_need():
     roles = {name: cls.required_roles() for name, cls in POLICIES.items()}
-    assert roles == {"draft_only": ("draft",), "target_only": ("target",), "rsd": ("draft", "target", "prm"),
-                     "oracle": ("draft", "target", "prm"), "router": ("draft", "target", "router"),
-                     "confidence": ("draft", "target"), "fixed_rate": ("draft", "target")}
+    assert roles == {
+        "draft_only": ("draft",),
+        "target_only": ("target",),
+        "rsd": ("draft", "target", "prm"),
+        "oracle": ("draft", "target", "prm"),
+        "router": ("draft", "target", "router"),
+        "confidence": ("draft", "target"),
+        "fixed_rate": ("draft", "target"),
+    }
     # a configured PRM scores escalations (wasted-escalation counts) for every policy that escalates
     assert POLICIES["router"].required_roles(prm_configured=True) == ("draft", "target", "prm", "router")
     assert POLICIES["confidence"].required_roles(prm_configured=True, score_escalations=False) == ("draft", "target")
@@ -202,8 +215,8 @@ def test_confidence_escalates_below_its_threshold():
 
     sure = StepOutput(text="a", num_tokens=2, logprobs=[-0.01, -0.03], stop_reason="separator")
     unsure = StepOutput(text="b", num_tokens=2, logprobs=[-1.0, -2.0], stop_reason="separator")
-    assert step_confidence(sure) == pytest.approx(2.718281828 ** -0.02)
-    assert step_confidence(unsure) == pytest.approx(2.718281828 ** -1.5)
+    assert step_confidence(sure) == pytest.approx(2.718281828**-0.02)
+    assert step_confidence(unsure) == pytest.approx(2.718281828**-1.5)
     pol = make_policy("confidence", 0.5)
     assert not pol.escalate(StepContext("p", 0, draft=sure))
     assert pol.escalate(StepContext("p", 0, draft=unsure))
@@ -218,8 +231,9 @@ def test_a_chain_continues_from_given_steps():
 
         async def draft_step(self, req):
             self.seen.append((req.steps, req.params.seed))
-            return StepOutput(text="So the answer is \\boxed{4}.", num_tokens=5, logprobs=[-0.1] * 5,
-                              stop_reason="separator")
+            return StepOutput(
+                text="So the answer is \\boxed{4}.", num_tokens=5, logprobs=[-0.1] * 5, stop_reason="separator"
+            )
 
     b = Scripted()
     item = ChainInput("x", "2+2?", "4", prefix=("Add them: 2 + 2 = 4.",), prefix_tokens=7, seed=100)
@@ -227,6 +241,7 @@ def test_a_chain_continues_from_given_steps():
     assert b.seen == [(("Add them: 2 + 2 = 4.",), 1 + 100 + 1)]
     assert res.num_steps == 1 and res.correct is True
     assert res.final_text == "Add them: 2 + 2 = 4.\n\nSo the answer is \\boxed{4}."
-    short = asyncio.run(run_chain(item, Scripted(), make_policy("draft_only"),
-                                  LoopSettings(max_steps=10, max_total_tokens=7)))
+    short = asyncio.run(
+        run_chain(item, Scripted(), make_policy("draft_only"), LoopSettings(max_steps=10, max_total_tokens=7))
+    )
     assert short.num_steps == 0 and short.stop_reason == "max_tokens"

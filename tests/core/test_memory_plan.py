@@ -28,12 +28,23 @@ def test_every_shipped_preset_passes_its_own_plan(preset):
 
 
 def test_parameter_counts_match_the_published_models():
-    counts = {name: ARCHITECTURES[name].params() / 1e9 for name in
-              ("meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.1-8B-Instruct",
-               "meta-llama/Llama-3.1-70B-Instruct", "Qwen/Qwen2.5-Math-7B-Instruct", "Qwen/Qwen2.5-Math-1.5B-Instruct")}
-    published = {"meta-llama/Llama-3.2-1B-Instruct": 1.24, "meta-llama/Llama-3.1-8B-Instruct": 8.03,
-                 "meta-llama/Llama-3.1-70B-Instruct": 70.55, "Qwen/Qwen2.5-Math-7B-Instruct": 7.62,
-                 "Qwen/Qwen2.5-Math-1.5B-Instruct": 1.54}
+    counts = {
+        name: ARCHITECTURES[name].params() / 1e9
+        for name in (
+            "meta-llama/Llama-3.2-1B-Instruct",
+            "meta-llama/Llama-3.1-8B-Instruct",
+            "meta-llama/Llama-3.1-70B-Instruct",
+            "Qwen/Qwen2.5-Math-7B-Instruct",
+            "Qwen/Qwen2.5-Math-1.5B-Instruct",
+        )
+    }
+    published = {
+        "meta-llama/Llama-3.2-1B-Instruct": 1.24,
+        "meta-llama/Llama-3.1-8B-Instruct": 8.03,
+        "meta-llama/Llama-3.1-70B-Instruct": 70.55,
+        "Qwen/Qwen2.5-Math-7B-Instruct": 7.62,
+        "Qwen/Qwen2.5-Math-1.5B-Instruct": 1.54,
+    }
     for name, want in published.items():
         assert counts[name] == pytest.approx(want, rel=0.01), name
 
@@ -44,10 +55,18 @@ def test_weights_and_kv_match_a_real_model_and_the_fast_engine(tmp_path):
     from arbitrage.models import load_causal_lm
     from arbitrage.quant import weight_bytes
 
-    cfg = load_config("tiny", **{"models.draft.device": "cuda", "models.draft.engine": "fast",
-                                 "models.draft.dtype": "bfloat16",
-                                 "models.draft.max_slots": 3, "models.draft.max_context": 256,
-                                 "models.draft.gpu_memory_gib": 2.0, "runtime.draft.num_gpus": 1})
+    cfg = load_config(
+        "tiny",
+        **{
+            "models.draft.device": "cuda",
+            "models.draft.engine": "fast",
+            "models.draft.dtype": "bfloat16",
+            "models.draft.max_slots": 3,
+            "models.draft.max_context": 256,
+            "models.draft.gpu_memory_gib": 2.0,
+            "runtime.draft.num_gpus": 1,
+        },
+    )
     rp = plan(cfg, node_types={}).roles[0]
     model, tok = load_causal_lm(cfg.models.draft.model_copy(update={"device": "cpu", "dtype": "bfloat16"}))
     assert rp.weights == weight_bytes(model)
@@ -64,9 +83,16 @@ def test_int8_weights_match_the_quantized_model():
     from arbitrage.models import load_causal_lm
     from arbitrage.quant import weight_bytes
 
-    cfg = load_config("tiny", **{"models.draft.device": "cuda", "models.draft.dtype": "bfloat16",
-                                 "models.draft.quantization": "int8", "models.draft.gpu_memory_gib": 1.0,
-                                 "runtime.draft.num_gpus": 1})
+    cfg = load_config(
+        "tiny",
+        **{
+            "models.draft.device": "cuda",
+            "models.draft.dtype": "bfloat16",
+            "models.draft.quantization": "int8",
+            "models.draft.gpu_memory_gib": 1.0,
+            "runtime.draft.num_gpus": 1,
+        },
+    )
     rp = plan(cfg, node_types={}).roles[0]
     model, _ = load_causal_lm(cfg.models.draft.model_copy(update={"device": "cpu"}))
     assert rp.weights == pytest.approx(weight_bytes(model), rel=0.02)
@@ -82,10 +108,12 @@ def test_int4_draft_is_a_third_of_bf16():
 
 def test_the_old_placements_fail_in_one_line_naming_role_and_numbers():
     """The issue's cases: an 8B draft on one L4; a 1B draft's 64 default slots on half an L4."""
-    cases = [("llama-8b-70b", {"runtime.draft.resources": {"small_gpu_node": 0.01}}, "models.draft", "22.0 GiB"),
-             ("llama-1b-8b", {"runtime.draft.num_gpus": 0.5, "models.draft.max_slots": 64}, "models.draft", "11.0 GiB"),
-             ("qwen-math-7b-q3", {"models.draft.quantization": "none"}, "models.draft", "22.0 GiB"),
-             ("llama-8b-70b", {"runtime.target.tensor_parallel": 1}, "models.target", "139.0 GiB")]
+    cases = [
+        ("llama-8b-70b", {"runtime.draft.resources": {"small_gpu_node": 0.01}}, "models.draft", "22.0 GiB"),
+        ("llama-1b-8b", {"runtime.draft.num_gpus": 0.5, "models.draft.max_slots": 64}, "models.draft", "11.0 GiB"),
+        ("qwen-math-7b-q3", {"models.draft.quantization": "none"}, "models.draft", "22.0 GiB"),
+        ("llama-8b-70b", {"runtime.target.tensor_parallel": 1}, "models.target", "139.0 GiB"),
+    ]
     for preset, overrides, role, budget in cases:
         with pytest.raises(ConfigError) as err:
             check(load_config(preset, **overrides))
@@ -99,8 +127,9 @@ def test_start_up_checks_the_plan_before_ray_starts(without_session_ray):
 
     from cluster.runtime import Runtime
 
-    cfg = load_config("tiny", **{"models.draft.device": "cuda", "models.draft.gpu_memory_gib": 0.001,
-                                 "runtime.draft.num_gpus": 1})
+    cfg = load_config(
+        "tiny", **{"models.draft.device": "cuda", "models.draft.gpu_memory_gib": 0.001, "runtime.draft.num_gpus": 1}
+    )
     with pytest.raises(ConfigError, match=r"memory plan: models.draft .* gets 0.0 GiB"):
         Runtime(cfg).start()
     assert not ray.is_initialized()
@@ -111,9 +140,15 @@ def test_cpu_roles_and_unknown_models_are_listed_not_failed():
     assert all(r.fits is None for r in p.roles) and "not checked" in format_plan(p)
     arch, why = resolve_arch(name="someone/unknown-model")
     assert arch is None and "unknown" in why
-    cfg = load_config("tiny", **{"models.draft.source": {"kind": "hub", "name": "someone/unknown-model"},
-                                 "models.draft.device": "cuda", "models.draft.gpu_memory_gib": 8,
-                                 "runtime.draft.num_gpus": 1})
+    cfg = load_config(
+        "tiny",
+        **{
+            "models.draft.source": {"kind": "hub", "name": "someone/unknown-model"},
+            "models.draft.device": "cuda",
+            "models.draft.gpu_memory_gib": 8,
+            "runtime.draft.num_gpus": 1,
+        },
+    )
     rp = plan(cfg, node_types={}).roles[0]
     assert rp.fits is None and "unknown" in rp.note
 
@@ -126,8 +161,13 @@ def test_cli_config_plan():
     ok = subprocess.run(cli + ["--config", "qwen-math-7b-q3"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "memory plan for qwen-math-7b-q3" in ok.stdout and "[int4]" in ok.stdout
-    bad = subprocess.run(cli + ["-c", "qwen-math-7b-q3", "--set", "runtime.draft.num_gpus=0.5"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    bad = subprocess.run(
+        cli + ["-c", "qwen-math-7b-q3", "--set", "runtime.draft.num_gpus=0.5"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert bad.returncode == 2
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: memory plan: models.draft") and "gets 11.0 GiB" in lines[0]

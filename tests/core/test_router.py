@@ -34,14 +34,14 @@ def router():
     cfg = shape_config("tiny-llama", num_labels=2)
     cfg.initializer_range = 0.3
     torch.manual_seed(0)
-    return ClassifierRouter(AutoModelForSequenceClassification.from_config(cfg), byte_tokenizer(),
-                            max_length=256)
+    return ClassifierRouter(AutoModelForSequenceClassification.from_config(cfg), byte_tokenizer(), max_length=256)
 
 
 def test_format_router_input_exact():
     text = format_router_input("What is 2 + 3 * 4?", HISTORY, "The answer is 14.")
-    assert text == ("What is 2 + 3 * 4?\nModel 0: 3 * 4 = 12.\n\nModel 1: 2 + 12 = 14."
-                    "\n\nModel 0: The answer is 14.\n\n")
+    assert text == (
+        "What is 2 + 3 * 4?\nModel 0: 3 * 4 = 12.\n\nModel 1: 2 + 12 = 14.\n\nModel 0: The answer is 14.\n\n"
+    )
     assert format_router_input("P", (), "c") == "P\nModel 0: c\n\n"
     with pytest.raises(ValueError):
         format_router_input("P", (("human", "x"),), "c")
@@ -52,7 +52,15 @@ def test_encode_router_input_appends_the_step_id_after_each_piece(router):
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
     sid = enc("\n\n")[-1]
     ids, positions = encode_router_input(tok, "P", HISTORY, "c")
-    want = enc("P\n") + enc("Model 0: 3 * 4 = 12.") + [sid] + enc("Model 1: 2 + 12 = 14.") + [sid] + enc("Model 0: c") + [sid]
+    want = (
+        enc("P\n")
+        + enc("Model 0: 3 * 4 = 12.")
+        + [sid]
+        + enc("Model 1: 2 + 12 = 14.")
+        + [sid]
+        + enc("Model 0: c")
+        + [sid]
+    )
     assert ids == want and router.encode(RouterRequest("P", HISTORY, "c")) == want
     assert positions == [i for i, t in enumerate(ids) if t == sid and i > len(enc("P\n")) - 1]
     assert positions[-1] == len(ids) - 1 and router.step_token_id == sid
@@ -120,15 +128,15 @@ def test_token_classifier_router_uses_last_token(tmp_path):
 
 
 def test_build_router(tmp_path, router):
-    r = build_router(RouterConfig(source={"kind": "random", "name": "tiny-llama"}, device="cpu",
-                                  max_length=128))
+    r = build_router(RouterConfig(source={"kind": "random", "name": "tiny-llama"}, device="cpu", max_length=128))
     assert isinstance(r, ClassifierRouter) and r.max_length == 128
     assert all(0.0 <= p <= 1.0 for p in r.predict(_requests()))
     router.save_pretrained(tmp_path)
     from_path = build_router(RouterConfig(path=str(tmp_path), device="cpu", max_length=256))
     assert from_path.predict(_requests()) == router.predict(_requests())
-    from_local = build_router(RouterConfig(source={"kind": "local", "name": str(tmp_path)}, device="cpu",
-                                           max_length=256))
+    from_local = build_router(
+        RouterConfig(source={"kind": "local", "name": str(tmp_path)}, device="cpu", max_length=256)
+    )
     assert from_local.predict(_requests()) == router.predict(_requests())
     with pytest.raises(FileNotFoundError):  # a probe router folder without its files
         build_router(RouterConfig(kind="probe", path=str(tmp_path)))

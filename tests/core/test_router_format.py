@@ -46,9 +46,33 @@ def test_skywork_ids_and_reward_positions_on_qwen25(qwen_tok):
     prm = SkyworkPRM(model, qwen_tok)  # default step token: the authors' "\n\n"
     ids, positions = prm.encode(PRMRequest(PROBLEM, ("2 + 3 = 5.", "The answer is 5.")))
     bos = qwen_tok.convert_tokens_to_ids(qwen_tok.bos_token)
-    assert ids == [bos, 3838, 374, 220, 17, 488, 220, 18, 5267,  # <bos> "What is 2 + 3?\n"
-                   17, 488, 220, 18, 284, 220, 20, 13, 271,  # "2 + 3 = 5." 271
-                   785, 4226, 374, 220, 20, 13, 271]  # "The answer is 5." 271
+    assert ids == [
+        bos,
+        3838,
+        374,
+        220,
+        17,
+        488,
+        220,
+        18,
+        5267,  # <bos> "What is 2 + 3?\n"
+        17,
+        488,
+        220,
+        18,
+        284,
+        220,
+        20,
+        13,
+        271,  # "2 + 3 = 5." 271
+        785,
+        4226,
+        374,
+        220,
+        20,
+        13,
+        271,
+    ]  # "The answer is 5." 271
     assert positions == [17, 24] and [ids[p] for p in positions] == [271, 271]
     # the authors' call: prepare_input(problem, response, tokenizer, step_token="\n\n") over the joined response
     response = "2 + 3 = 5.\n\nThe answer is 5."
@@ -65,10 +89,50 @@ def test_skywork_ids_and_reward_positions_on_qwen25(qwen_tok):
 
 def test_router_ids_on_qwen25(qwen_tok):
     ids, positions = encode_router_input(qwen_tok, PROBLEM, HISTORY, "The answer is 5.")
-    assert ids == [3838, 374, 220, 17, 488, 220, 18, 5267,  # "What is 2 + 3?\n"
-                   1712, 220, 15, 25, 220, 17, 488, 220, 18, 284, 220, 20, 13, 271,  # "Model 0: 2 + 3 = 5." 271
-                   1712, 220, 16, 25, 2055, 220, 20, 13, 271,  # "Model 1: So 5." 271
-                   1712, 220, 15, 25, 576, 4226, 374, 220, 20, 13, 271]  # "Model 0: The answer is 5." 271
+    assert ids == [
+        3838,
+        374,
+        220,
+        17,
+        488,
+        220,
+        18,
+        5267,  # "What is 2 + 3?\n"
+        1712,
+        220,
+        15,
+        25,
+        220,
+        17,
+        488,
+        220,
+        18,
+        284,
+        220,
+        20,
+        13,
+        271,  # "Model 0: 2 + 3 = 5." 271
+        1712,
+        220,
+        16,
+        25,
+        2055,
+        220,
+        20,
+        13,
+        271,  # "Model 1: So 5." 271
+        1712,
+        220,
+        15,
+        25,
+        576,
+        4226,
+        374,
+        220,
+        20,
+        13,
+        271,
+    ]  # "Model 0: The answer is 5." 271
     assert positions == [21, 30, 41] and positions[-1] == len(ids) - 1
     # prepare_input_router(problem, annotated_response, tokenizer, "\n\n") with the authors' annotation
     annotated = "Model 0: 2 + 3 = 5.\n\nModel 1: So 5.\n\n" + "Model 0: " + "The answer is 5."
@@ -90,8 +154,11 @@ def _token_router(qwen_tok, seed=0):
 
 def test_qwen2_token_classification_router_reads_the_last_step_token(qwen_tok, tmp_path):
     router = _token_router(qwen_tok)
-    reqs = [RouterRequest(PROBLEM, HISTORY, "The answer is 5."), RouterRequest(PROBLEM, (), "2 + 3 = 5."),
-            RouterRequest("Compute 7 - 5.", (("target", "7 - 5 = 2."),), "The answer is 2.")]
+    reqs = [
+        RouterRequest(PROBLEM, HISTORY, "The answer is 5."),
+        RouterRequest(PROBLEM, (), "2 + 3 = 5."),
+        RouterRequest("Compute 7 - 5.", (("target", "7 - 5 = 2."),), "The answer is 2."),
+    ]
     probs = router.predict(reqs)
     for req, p in zip(reqs, probs):
         ids, positions = encode_router_input(qwen_tok, req.problem, req.history, req.candidate)
@@ -150,8 +217,12 @@ def test_missing_preset_router_gives_the_commands(tmp_path):
         build_router(cfg.models.router)
     msg = str(err.value)
     assert "\n" not in msg and "routers/llama-1b-8b not found" in msg
-    assert "arbitrage collect --config" in msg and "arbitrage train-router --data data/llama-1b-8b.jsonl " \
-           "--out routers/llama-1b-8b --backbone HuggingFaceH4/Qwen2.5-Math-1.5B-Instruct-PRM-0.2" in msg
+    assert (
+        "arbitrage collect --config" in msg
+        and "arbitrage train-router --data data/llama-1b-8b.jsonl "
+        "--out routers/llama-1b-8b --backbone HuggingFaceH4/Qwen2.5-Math-1.5B-Instruct-PRM-0.2"
+        in msg
+    )
 
 
 def test_a_router_trained_on_the_old_format_is_refused(tmp_path):

@@ -16,8 +16,10 @@ from arbitrage.collect import collect_in_process, load_collected, oracle_config
 from arbitrage.router_data import build_dataset, load_rows, split_problems
 from arbitrage.router_train import TrainSettings, evaluate_folder, format_table, roc_auc, spearman, train
 
-PROBLEMS = [{"id": f"p{i}", "problem": f"Tom has {i} apples and buys {i + 2} more. How many?",
-             "answer": str(2 * i + 2)} for i in range(8)]
+PROBLEMS = [
+    {"id": f"p{i}", "problem": f"Tom has {i} apples and buys {i + 2} more. How many?", "answer": str(2 * i + 2)}
+    for i in range(8)
+]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,8 @@ def test_balanced_and_split_by_problem(dataset):
     val_p = {e.problem_id for e in dataset.validation}
     assert val_p and not train_p & val_p and not set(dataset.train_problems) & set(dataset.validation_problems)
     assert split_problems([f"q{i}" for i in range(20)], 0.25, seed=3) == split_problems(
-        [f"q{i}" for i in reversed(range(20))], 0.25, seed=3)
+        [f"q{i}" for i in reversed(range(20))], 0.25, seed=3
+    )
     e = dataset.validation[0]
     assert e.text.endswith(f"Model 0: {e.request.candidate}\n\n") and e.request.features is not None
 
@@ -136,8 +139,14 @@ def test_probe_routes_chains_through_the_loop(dataset, backend, tmp_path):
 
     probe, _ = ProbeRouter.fit([e.request for e in dataset.train], [e.label for e in dataset.train], steps=20)
     local = LocalBackend(draft=backend.draft, target=backend.target, router=probe)
-    res = asyncio.run(run_chain(ChainInput("x", "What is 2 + 2?"), local, make_policy("router", 0.5),
-                                LoopSettings(max_step_tokens=6, max_steps=3)))
+    res = asyncio.run(
+        run_chain(
+            ChainInput("x", "What is 2 + 2?"),
+            local,
+            make_policy("router", 0.5),
+            LoopSettings(max_step_tokens=6, max_steps=3),
+        )
+    )
     assert res.router_calls == len(res.steps) >= 1 and probe.head_calls >= 1 and probe.forward_calls == 0
     assert all(s.router_prob is not None for s in res.steps)
 
@@ -162,16 +171,26 @@ def test_cli_errors_are_one_line(tmp_path):
 
     res = CliRunner().invoke(app, ["eval-router", "--data", str(tmp_path / "none.jsonl"), "--router", str(tmp_path)])
     assert res.exit_code == 2 and "router.json" in res.output
-    res = CliRunner().invoke(app, ["train-router", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "r")])
+    res = CliRunner().invoke(
+        app, ["train-router", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "r")]
+    )
     assert res.exit_code == 2 and "arbitrage collect" in res.output
 
 
 def test_identical_target_step_is_a_tie():
     from arbitrage.router_data import advantage, example_from_row
 
-    row = {"problem_id": "p", "step_index": 0, "problem": "q", "history": [], "draft": "x = 2",
-           "draft_score": 0.70, "draft_features": None, "advantage": 0.012,
-           "targets": [{"text": "x = 2", "score": 0.712}, {"text": "x = 3", "score": 0.90}]}
+    row = {
+        "problem_id": "p",
+        "step_index": 0,
+        "problem": "q",
+        "history": [],
+        "draft": "x = 2",
+        "draft_score": 0.70,
+        "draft_features": None,
+        "advantage": 0.012,
+        "targets": [{"text": "x = 2", "score": 0.712}, {"text": "x = 3", "score": 0.90}],
+    }
     assert advantage(row) == pytest.approx((0.70 + 0.90) / 2 - 0.70)
     row["targets"] = row["targets"][:1]
     ex = example_from_row(row)
@@ -185,13 +204,23 @@ def test_label_quality_flags_a_prm_that_scores_both_steps_alike():
     def examples(gaps):
         return [RouterExample(f"p{i}", 0, None, a, int(a > 0), 0.1 + 0.02 * i) for i, a in enumerate(gaps)]
 
-    report = {"split": "all", "steps": 40, "problems": 40, "positive_rate": 0.5, "margin": 0.0, "kind": "probe",
-              "rankings": {"router": {"spearman": 0.1, "spearman_p": 0.5, "auc": 0.55},
-                           "draft_prm": {"spearman": 0.1, "spearman_p": 0.5, "auc": 0.55}}}
+    report = {
+        "split": "all",
+        "steps": 40,
+        "problems": 40,
+        "positive_rate": 0.5,
+        "margin": 0.0,
+        "kind": "probe",
+        "rankings": {
+            "router": {"spearman": 0.1, "spearman_p": 0.5, "auc": 0.55},
+            "draft_prm": {"spearman": 0.1, "spearman_p": 0.5, "auc": 0.55},
+        },
+    }
     alike = label_quality(examples([0.001 * (-1) ** i for i in range(40)]))  # A: noise around equal scores
     assert alike["spearman_draft_target"] > 0.99 and alike["abs_advantage_median"] == pytest.approx(0.001)
-    assert alike["ties"] == 0 and alike["draft_score_sd"] == pytest.approx(statistics.pstdev(
-        [0.1 + 0.02 * i for i in range(40)]))
+    assert alike["ties"] == 0 and alike["draft_score_sd"] == pytest.approx(
+        statistics.pstdev([0.1 + 0.02 * i for i in range(40)])
+    )
     assert "mostly PRM noise" in format_table({**report, "labels": alike})
     g = torch.Generator().manual_seed(0)
     apart = label_quality(examples((torch.rand(40, generator=g) - 0.5).tolist()))  # the PRM separates steps

@@ -20,8 +20,9 @@ import yaml
 from configs.schema import PRESET_DIR, ServeConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = sorted(p for d in ("arbitrage", "actors", "cluster", "configs", "benchmarks", "routers")
-                 for p in (ROOT / d).rglob("*.py"))
+SOURCES = sorted(
+    p for d in ("arbitrage", "actors", "cluster", "configs", "benchmarks", "routers") for p in (ROOT / d).rglob("*.py")
+)
 PICKLE_MODULES = {"pickle", "dill", "joblib", "cloudpickle", "cPickle"}
 
 
@@ -54,7 +55,9 @@ def unsafe_calls(source: str) -> list[str]:
 def test_the_scan_catches_what_it_must():
     assert unsafe_calls("import torch\ntorch.load('x.bin')") == ["line 2: torch.load without weights_only=True"]
     assert unsafe_calls("torch.load(f, weights_only=True)") == []
-    assert len(unsafe_calls("import pickle\npickle.loads(b)\nAutoModel.from_pretrained(p, trust_remote_code=True)")) == 2
+    assert (
+        len(unsafe_calls("import pickle\npickle.loads(b)\nAutoModel.from_pretrained(p, trust_remote_code=True)")) == 2
+    )
     assert unsafe_calls('"""torch.load(x)"""\n# pickle.load(f)') == []
 
 

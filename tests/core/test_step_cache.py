@@ -15,8 +15,10 @@ from arbitrage.step_cache import StepCache, step_key
 from arbitrage.types import SamplingParams, StepOutput, StepRequest
 from cluster.evaluate import cache_line, cache_totals
 
-PROBLEMS = [{"id": f"p{i}", "problem": f"Tom has {i} apples and buys {i + 3} more. How many?",
-             "answer": str(2 * i + 3)} for i in range(2)]
+PROBLEMS = [
+    {"id": f"p{i}", "problem": f"Tom has {i} apples and buys {i + 3} more. How many?", "answer": str(2 * i + 3)}
+    for i in range(2)
+]
 GROUPS = [("draft_only", 0.0), ("rsd", 0.3), ("rsd", 0.7), ("router", 0.5)]
 VOLATILE = ("wall_s", "cache")  # timing, and the cache's own record
 
@@ -77,7 +79,8 @@ def test_cached_sweep_rows_equal_uncached_rows(cfg):
     assert "model calls answered from cache" in cache_line(cached)
     # benchmarks/cache_replay.py counts, from the traces alone, exactly the hits the live cache had
     spec = importlib.util.spec_from_file_location(
-        "cache_replay", Path(__file__).resolve().parents[2] / "benchmarks" / "cache_replay.py")
+        "cache_replay", Path(__file__).resolve().parents[2] / "benchmarks" / "cache_replay.py"
+    )
     cache_replay = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cache_replay)
     from cluster.evaluate import Group
@@ -124,8 +127,15 @@ def test_step_cache_lru_and_counters():
 def test_a_persisted_cache_reloads_its_answers_and_sets_aside_another_models_file(tmp_path):
     path = tmp_path / "run" / "step_cache.jsonl"
     req = StepRequest(problem="q", steps=("s1",), params=SamplingParams(max_tokens=8, separator="\n\n"))
-    step = StepOutput(text="t", num_tokens=2, logprobs=[-0.5, -0.25], stop_reason="separator",
-                      entropies=[0.1, 0.2], prompt_tokens=7, hidden=[0.1, -2.5e-8, 3.0])
+    step = StepOutput(
+        text="t",
+        num_tokens=2,
+        logprobs=[-0.5, -0.25],
+        stop_reason="separator",
+        entropies=[0.1, 0.2],
+        prompt_tokens=7,
+        hidden=[0.1, -2.5e-8, 3.0],
+    )
 
     async def fill(cache):
         await cache.get_or_call(step_key("draft", req), lambda: _answer(step))

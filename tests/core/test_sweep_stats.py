@@ -2,15 +2,27 @@
 
 import pytest
 
-from arbitrage.sweep_stats import (accuracy_interval, bootstrap_mean, cells_from_rows, common_problems,
-                                   matched_difference, paired_difference, research_summary)
+from arbitrage.sweep_stats import (
+    accuracy_interval,
+    bootstrap_mean,
+    cells_from_rows,
+    common_problems,
+    matched_difference,
+    paired_difference,
+    research_summary,
+)
 
 
 def _row(pid, policy, tau, correct, steps):
     """A results.jsonl row: steps are (author, num_tokens, draft_tokens, target_tokens)."""
-    return {"problem_id": pid, "policy": policy, "threshold": tau, "correct": correct,
-            "target_tokens": sum(s[3] for s in steps),
-            "steps": [{"author": a, "num_tokens": n, "draft_tokens": d, "target_tokens": t} for a, n, d, t in steps]}
+    return {
+        "problem_id": pid,
+        "policy": policy,
+        "threshold": tau,
+        "correct": correct,
+        "target_tokens": sum(s[3] for s in steps),
+        "steps": [{"author": a, "num_tokens": n, "draft_tokens": d, "target_tokens": t} for a, n, d, t in steps],
+    }
 
 
 def _label(p, t):
@@ -100,9 +112,14 @@ def test_research_section_leaves_out_unfinished_cells_and_titles_its_plot(tmp_pa
     rows = [_row(p, "draft_only", 0, p < "5", [("draft", 10, 10, 0)]) for p in probs]
     rows += [_row(p, "router", 0.5, p < "6", [("target", 20, 10, 20)]) for p in probs]
     rows += [_row(p, "rsd", 0.1, True, [("target", 20, 10, 20)]) for p in probs[:4]]  # 4 of 20: unfinished
-    (tmp_path / "config.json").write_text(json.dumps({
-        "data": {"dataset": "gsm8k", "split": "test"},
-        "models": {"draft": {"source": {"name": "small"}}, "target": {"source": {"name": "large"}}}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "data": {"dataset": "gsm8k", "split": "test"},
+                "models": {"draft": {"source": {"name": "small"}}, "target": {"source": {"name": "large"}}},
+            }
+        )
+    )
     title = run_title(tmp_path)
     assert title == "gsm8k test, small -> large"
     md, plot_path = research_section(rows, tmp_path, title=title)

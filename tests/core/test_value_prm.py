@@ -29,12 +29,24 @@ def _rows(n_problems: int = 6) -> list[dict]:
         history = []
         for i in range(3):
             draft, target = f"step {i} of problem {p}: add {p} and {i}", f"target step {i}: {p} + {i} = {p + i}"
-            rows.append({"problem_id": f"q{p}", "step_index": i, "num_steps": 3, "problem": f"What is {p} + {i}?",
-                         "reference": str(p + i), "correct": p % 2 == 0, "history": [list(h) for h in history],
-                         "draft": draft, "draft_tokens": 9, "draft_score": 0.5,
-                         "targets": [{"text": target if i != 1 else draft, "score": 0.5, "num_tokens": 9}],
-                         "author": "draft" if i != 2 else "target",
-                         "v_draft": 0.25 * (p % 4), "v_target": 1.0 if i != 1 else 0.25 * (p % 4)})
+            rows.append(
+                {
+                    "problem_id": f"q{p}",
+                    "step_index": i,
+                    "num_steps": 3,
+                    "problem": f"What is {p} + {i}?",
+                    "reference": str(p + i),
+                    "correct": p % 2 == 0,
+                    "history": [list(h) for h in history],
+                    "draft": draft,
+                    "draft_tokens": 9,
+                    "draft_score": 0.5,
+                    "targets": [{"text": target if i != 1 else draft, "score": 0.5, "num_tokens": 9}],
+                    "author": "draft" if i != 2 else "target",
+                    "v_draft": 0.25 * (p % 4),
+                    "v_target": 1.0 if i != 1 else 0.25 * (p % 4),
+                }
+            )
             history.append(("draft", draft))
     return rows
 
@@ -43,8 +55,16 @@ def _engine(gguf):
     from arbitrage.models import load_engine
     from configs.schema import ModelConfig
 
-    cfg = ModelConfig(source={"kind": "gguf", "name": str(gguf)}, engine="llamacpp",
-                      device="cpu", max_context=512, max_slots=8, threads=2, cpu_lock=False, hidden_states=True)
+    cfg = ModelConfig(
+        source={"kind": "gguf", "name": str(gguf)},
+        engine="llamacpp",
+        device="cpu",
+        max_context=512,
+        max_slots=8,
+        threads=2,
+        cpu_lock=False,
+        hidden_states=True,
+    )
     return load_engine(cfg), cfg
 
 
@@ -95,8 +115,14 @@ def test_train_prm_then_load_it_as_a_prm(gguf, tmp_path):
         r = rows[4]
         req = PRMRequest(r["problem"], tuple(t for _, t in r["history"]) + (r["draft"],), chain_id="c")
         score = prm.score([req])[0]
-        assert score == pytest.approx(next(s["draft_score"] for s in scored if s["step_index"] == r["step_index"]
-                                           and s["problem_id"] == r["problem_id"]), abs=1e-4)
+        assert score == pytest.approx(
+            next(
+                s["draft_score"]
+                for s in scored
+                if s["step_index"] == r["step_index"] and s["problem_id"] == r["problem_id"]
+            ),
+            abs=1e-4,
+        )
         # the vector a draft engine returns with a step is used as is: no forward pass
         calls = prm.forward_calls
         h = prm.engine.hidden_states([[1, 2, 3]], [None])[0].tolist()
@@ -129,5 +155,6 @@ def test_value_prm_needs_a_head(tmp_path):
     with pytest.raises(ValueError, match="models.prm.head"):
         build_prm(PRMConfig(kind="value", source={"kind": "gguf", "name": "x.gguf"}, engine="llamacpp"))
     with pytest.raises(FileNotFoundError, match="train-prm"):
-        build_prm(PRMConfig(kind="value", head=str(tmp_path), source={"kind": "gguf", "name": "x.gguf"},
-                            engine="llamacpp"))
+        build_prm(
+            PRMConfig(kind="value", head=str(tmp_path), source={"kind": "gguf", "name": "x.gguf"}, engine="llamacpp")
+        )
