@@ -27,7 +27,7 @@ import inspect
 import sys
 import time
 from collections import Counter
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeGuard, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -64,9 +64,9 @@ class DynamicBatcher(Generic[T, R]):
 
     async def submit(self, item: T) -> R:
         """Queue one request and wait for its result."""
-        self._ensure_started()
+        queue = self._ensure_started()
         fut = asyncio.get_running_loop().create_future()
-        await self._queue.put((item, fut))
+        await queue.put((item, fut))
         return await fut
 
     def queued(self) -> int:
@@ -76,17 +76,19 @@ class DynamicBatcher(Generic[T, R]):
     def stats(self) -> dict[str, Any]:
         return {"batch_sizes": dict(sorted(self.batch_sizes.items())), "busy_s": self.busy_s, "isolated": self.isolated}
 
-    def _ensure_started(self) -> None:
-        if self._task is None or self._task.done():
+    def _ensure_started(self) -> asyncio.Queue[tuple[T, asyncio.Future]]:
+        """The queue the running batch task reads (a new queue and task if none is running)."""
+        if self._queue is None or self._task is None or self._task.done():
             self._queue = asyncio.Queue()
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = asyncio.get_running_loop().create_task(self._run(self._queue))
+        return self._queue
 
-    async def _collect(self) -> list[tuple[T, asyncio.Future]]:
-        batch = [await self._queue.get()]
+    async def _collect(self, queue: asyncio.Queue[tuple[T, asyncio.Future]]) -> list[tuple[T, asyncio.Future]]:
+        batch = [await queue.get()]
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch_size:
             try:
-                batch.append(self._queue.get_nowait())
+                batch.append(queue.get_nowait())
                 continue
             except asyncio.QueueEmpty:
                 pass
@@ -94,15 +96,15 @@ class DynamicBatcher(Generic[T, R]):
             if left <= 0:
                 break
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), left))
+                batch.append(await asyncio.wait_for(queue.get(), left))
             except asyncio.TimeoutError:
                 break
         return batch
 
-    async def _run(self) -> None:
+    async def _run(self, queue: asyncio.Queue[tuple[T, asyncio.Future]]) -> None:
         slots = asyncio.Semaphore(self.max_inflight)
         while True:
-            batch = await self._collect()
+            batch = await self._collect(queue)
             batch = [(item, fut) for item, fut in batch if not fut.cancelled()]
             if not batch:
                 continue
@@ -153,7 +155,8 @@ class DynamicBatcher(Generic[T, R]):
         return await asyncio.to_thread(self.batch_fn, items)
 
 
-def _is_row_future(res: Any) -> bool:
+def _is_row_future(res: Any) -> "TypeGuard[concurrent.futures.Future | asyncio.Future]":
+    """A continuous engine's per-row future, handed back in place of the row's result."""
     return isinstance(res, concurrent.futures.Future) or asyncio.isfuture(res)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -196,7 +196,7 @@ class _Past:
     """A chain's cached KV: `length` prompt tokens, per layer (keys, values) [1, H, length, Dh]."""
 
     length: int = 0
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # empty when length is 0
 
 
 class PrefixCache:

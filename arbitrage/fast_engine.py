@@ -367,8 +367,8 @@ class _FastLM:
         h = h.view(B, S, -1)
         h = h[:, -1] if last is None else h[torch.arange(B, device=h.device), last]  # [B, E]
         if self.tp is not None and self.tp.lm_head_cols is not None:  # row-parallel head
-            a, b = self.tp.lm_head_cols
-            return self.tp.all_reduce(F.linear(h[:, a:b], self.lm_head)).float()  # [B, V]
+            lo, hi = self.tp.lm_head_cols
+            return self.tp.all_reduce(F.linear(h[:, lo:hi], self.lm_head)).float()  # [B, V]
         return F.linear(h, self.lm_head).float()  # [B, V]
 
     def _uses_kernel(self, S: int) -> bool:
@@ -426,7 +426,7 @@ class _FastLM:
 # ---- CUDA graphs of the decode step -----------------------------------------------------
 @dataclass
 class _Graph:
-    graph: object  # torch.cuda.CUDAGraph
+    graph: "torch.cuda.CUDAGraph"
     inp: torch.Tensor  # [3, Bb] static input: token, position, slot
     logits: torch.Tensor  # [Bb, V] static output
     stats: torch.Tensor  # [3, Bb] static output

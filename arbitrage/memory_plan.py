@@ -135,6 +135,8 @@ def arch_from_config(c: dict) -> Arch:
     mt = c.get("model_type", "llama")
     family = "bert" if mt in ("bert", "roberta", "distilbert") else ("qwen2" if mt == "qwen2" else "llama")
     heads = c.get("num_attention_heads") or c.get("n_heads")
+    if not heads:
+        raise ValueError("config.json has no num_attention_heads: cannot plan this model's memory")
     return Arch(
         family,
         c["hidden_size"],
@@ -447,7 +449,7 @@ def failure_message(r: RolePlan) -> str:
     return (
         f"memory plan: models.{r.role} ({r.model}) needs {r.total / GIB:.1f} GiB "
         f"(weights {r.weights / GIB:.1f} + KV {r.kv / GIB:.1f} + activations {r.activations / GIB:.1f} "
-        f"+ headroom {r.headroom / GIB:.1f}) but gets {r.budget / GIB:.1f} GiB ({r.where}); lower max_slots, "
+        f"+ headroom {r.headroom / GIB:.1f}) but gets {(r.budget or 0) / GIB:.1f} GiB ({r.where}); lower max_slots, "
         f"max_context or batching.max_batch_size, quantize it, or give it more GPU"
     )
 

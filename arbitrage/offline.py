@@ -112,7 +112,7 @@ def package_files(name: str) -> list[Path]:
     paths, missing = [], []
     for dist, rel in spec.files:
         try:
-            path = Path(md.distribution(dist).locate_file(rel))
+            path = Path(str(md.distribution(dist).locate_file(rel)))
         except md.PackageNotFoundError:
             missing.append(dist)
             continue
@@ -252,10 +252,10 @@ def convert_gguf(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLik
                         shutil.copyfileobj(part, f, length=16 << 20)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it as always set
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.to(torch.bfloat16)
+        model.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' stub of `to` takes a model
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del model

@@ -28,6 +28,13 @@ class StepContext:
     router_prob: float | None = None
 
 
+def _given(value, field: str):
+    """`value`, which the loop must have filled in (the policy declared it with a `needs_*` flag)."""
+    if value is None:
+        raise ValueError(f"the step context has no {field}: the policy's needs_* flags must declare it")
+    return value
+
+
 class DecisionPolicy(abc.ABC):
     """Decides, per step, whether the target regenerates the draft's step."""
 
@@ -101,7 +108,7 @@ class RSD(DecisionPolicy):
     needs_prm_draft = True
 
     def escalate(self, ctx: StepContext) -> bool:
-        return ctx.prm_draft < self.threshold
+        return _given(ctx.prm_draft, "prm_draft") < self.threshold
 
 
 class Oracle(DecisionPolicy):
@@ -113,7 +120,7 @@ class Oracle(DecisionPolicy):
     needs_prm_target = True
 
     def escalate(self, ctx: StepContext) -> bool:
-        return ctx.prm_target - ctx.prm_draft > self.threshold
+        return _given(ctx.prm_target, "prm_target") - _given(ctx.prm_draft, "prm_draft") > self.threshold
 
 
 class RouterPolicy(DecisionPolicy):
@@ -123,7 +130,7 @@ class RouterPolicy(DecisionPolicy):
     needs_router = True
 
     def escalate(self, ctx: StepContext) -> bool:
-        return ctx.router_prob > self.threshold
+        return _given(ctx.router_prob, "router_prob") > self.threshold
 
 
 def step_confidence(out: StepOutput) -> float:
@@ -142,7 +149,7 @@ class Confidence(DecisionPolicy):
     name = "confidence"
 
     def escalate(self, ctx: StepContext) -> bool:
-        return step_confidence(ctx.draft) < self.threshold
+        return step_confidence(_given(ctx.draft, "draft")) < self.threshold
 
 
 class FixedRate(DecisionPolicy):

@@ -213,6 +213,7 @@ class SkyworkPRMModel(_HeadModel):
 
     head_name = "v_head"
     architecture = "Qwen2ForPrmModel"
+    v_head: nn.Module
 
     def _make_head(self, hidden: int) -> nn.Module:
         return _ValueHead(hidden)
@@ -227,6 +228,7 @@ class QwenPRMModel(_HeadModel):
 
     head_name = "score"
     architecture = "Qwen2ForProcessRewardModel"
+    score: nn.Module
 
     def _make_head(self, hidden: int) -> nn.Module:
         return nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
@@ -366,7 +368,7 @@ JUDGE_ANSWER_PREFIX = "Rating: "
 class JudgePRM(PRM):
     """An LLM judge: the expected 0-9 rating of the newest step, over the digit tokens, / 9."""
 
-    def __init__(self, model: nn.Module, tokenizer, max_length: int = 4096, use_chat_template: bool = True):
+    def __init__(self, model: nn.Module | None, tokenizer, max_length: int = 4096, use_chat_template: bool = True):
         """
         Args:
             model: a causal LM (may be shared with a `StepEngine`).
@@ -428,6 +430,8 @@ class JudgePRM(PRM):
             self.forward_calls += 1
             last = self.engine.next_token_logits(seqs, keys)  # [B, V]
             return last[:, torch.tensor(self.digit_ids, device=last.device)]
+        if self.model is None:
+            raise ValueError("a judge PRM needs a model or an engine (JudgePRM.from_engine)")
         ids, mask, pos = left_pad(seqs, self.pad_id, _device_of(self.model))
         with torch.inference_mode():
             self.forward_calls += 1

@@ -94,8 +94,8 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
-    inner = getattr(t, "__tensor_flatten__", None)
-    if inner is not None and type(t) not in (torch.Tensor, nn.Parameter):
-        names, _ = t.__tensor_flatten__()
+    flatten = getattr(t, "__tensor_flatten__", None)  # a tensor subclass (e.g. quantized) names its parts
+    if flatten is not None and type(t) not in (torch.Tensor, nn.Parameter):
+        names, _ = flatten()
         return sum(_tensor_bytes(getattr(t, n)) for n in names)
     return t.numel() * t.element_size()

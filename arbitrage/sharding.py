@@ -140,7 +140,7 @@ def _patch_deepspeed_for_cpu() -> None:
     def inference_all_reduce(self, tensor, op, group=None):
         return torch.distributed.all_reduce(tensor, op=self._reduce_op(op), group=group)
 
-    ds_torch.build_shm_op = lambda: None
+    setattr(ds_torch, "build_shm_op", lambda: None)  # a module global DeepSpeed's stubs do not declare
     ds_torch.TorchBackend.inference_all_reduce = inference_all_reduce
 
 
@@ -164,7 +164,7 @@ def _param_slice(key: str, param, module) -> ShardSlice:
             f"{meta.get('sub_param_sizes')}) is not a contiguous split; only models with separate "
             "q/k/v and gate/up projections (Llama, Qwen2, Mistral) are supported"
         )
-    full = tuple(meta.get("original_shape") or meta.get("logical_shape"))
+    full = tuple(meta.get("original_shape") or meta["logical_shape"])
     start = sum(sizes[: module.tp_index])
     s = ShardSlice(key, full, dim, start, start + sizes[module.tp_index])
     assert s.shape == tuple(param.shape), f"{key}: plan {s.shape} != shard {tuple(param.shape)}"

@@ -162,8 +162,8 @@ def byte_tokenizer(vocab_size: int = 320):
     # The ByteLevel alphabet is a set of 256 chars; order them by the byte they stand for.
     chars = sorted(byte_to_char, key=_byte_of_char)
     vocab = {c: i for i, c in enumerate(chars)}
-    for tok in SPECIAL_TOKENS:
-        vocab[tok] = len(vocab)
+    for special in SPECIAL_TOKENS:
+        vocab[special] = len(vocab)
     i = 0
     while len(vocab) < vocab_size:
         vocab[f"<x{i}>"] = len(vocab)
