@@ -82,7 +82,8 @@ def rows_from_chain(result: dict, extra: list[list[dict]] | None = None, meta: d
         The chain's rows, in step order.
     """
     steps = result["steps"]
-    rows, history = [], []
+    rows: list[dict] = []
+    history: list[tuple[str, str]] = []  # (author, text) of the steps before step i
     for i, st in enumerate(steps):
         if st.get("prm_draft") is None or st.get("prm_target") is None:
             raise ValueError(f"{result['problem_id']} step {i} lacks PRM scores; collect with the oracle policy")

@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from arbitrage.engine_base import StepEngine
 from arbitrage.engine_common import token_stats
 from arbitrage.fast_engine import (
     PREFILL_BLOCK,
@@ -140,7 +141,8 @@ class ColocatedScheduler:
     def others_idle_since(self, engine: "ColocatedEngine") -> float | None:
         """Since when every engine but `engine` has held no rows and had none queued (None: busy)."""
         since = [e._idle_since for e in self.engines if e is not engine]
-        return None if any(t is None for t in since) else max(since, default=0.0)
+        idle = [t for t in since if t is not None]
+        return None if len(idle) < len(since) else max(idle, default=0.0)
 
     def _update_peak(self, now: float) -> None:
         decay = 0.5 ** ((now - self._peak_t) / PEAK_HALF_LIFE_S)
@@ -399,12 +401,16 @@ class ColocatedEngine(FastStepEngine):
 
     def _graph(self, B: int, window: int):
         graphs = self.graphs
+        if graphs is None:
+            raise ValueError("a graph decode step needs the engine's CUDA graphs (use_graphs on a CUDA device)")
         Bb = next(b for b in graphs.buckets if b >= B)
         if self.lm.decode_kernel:  # the kernel reads each row's own length: one graph per bucket
             window = self.max_context
         return graphs.graphs.get((Bb, window)) or graphs._capture(Bb, window), Bb
 
     def _finish(self) -> None:
+        if self._inflight is None:
+            raise ValueError("no decode step in flight to finish (_launch issues one)")
         jobs, stats, logits, event = self._inflight
         self._inflight = None
         if event is not None:
@@ -443,7 +449,7 @@ def load_colocated_engines(
     from arbitrage.models import load_causal_lm, load_engine
 
     gates = {**ROLE_GATES, **(gates or {})}
-    out = {}
+    out: dict[str, StepEngine] = {}
     for role, cfg in models.items():
         if cfg.engine == "fast":
             model, tokenizer = load_causal_lm(cfg)

@@ -186,6 +186,7 @@ class Job:
     budget: int = 0  # most tokens this row may generate
     slot: int = -1
     next_tok: int = -1  # sampled, not yet fed
+    queued_at: float = 0.0  # perf_counter() when submitted (set by ColocatedEngine, whose gate reads it)
 
 
 class SlotPool:

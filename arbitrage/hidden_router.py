@@ -59,6 +59,8 @@ class HiddenRouter(Router):
         """The PRM's head with its logit negated: P(escalate) = 1 - V(draft step)."""
         head = copy.deepcopy(prm_head)
         last = head.net if isinstance(head.net, nn.Linear) else head.net[-1]
+        if not isinstance(last, nn.Linear):
+            raise ValueError(f"the PRM head ends in a {type(last).__name__}, not the nn.Linear that writes its logit")
         with torch.no_grad():
             last.weight.neg_()
             last.bias.neg_()

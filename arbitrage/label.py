@@ -87,7 +87,8 @@ def units_for(row: dict, ls: LabelSettings, separator: str = "\n\n") -> list[tup
 
     prefix = tuple(text for _, text in row["history"])
     prefix_tokens = int(row.get("prefix_tokens") or 0)
-    out, seen = [], {}
+    out: list[tuple[str, _Unit]] = []
+    seen: dict[str, _Unit] = {}  # step text -> its unit (a tie shares one)
     for side, text in _steps_of(row).items():
         if text in seen:
             out.append((side, seen[text]))
@@ -102,7 +103,8 @@ def units_for(row: dict, ls: LabelSettings, separator: str = "\n\n") -> list[tup
         )
         unit = _Unit(key, base)
         if "\\boxed" in text:
-            unit.direct = bool(is_correct(separator.join(prefix + (text,)), row.get("reference")))
+            reference = row.get("reference")  # none: not correct, as the loop grades a rollout without one
+            unit.direct = reference is not None and bool(is_correct(separator.join(prefix + (text,)), reference))
         seen[text] = unit
         out.append((side, unit))
     return out
@@ -181,8 +183,9 @@ def reference_check(step: str, solution: str, answer: str | None = None) -> dict
          "matches_ref": some result equals a reference intermediate or the answer (None when n = 0)}
     """
     refs = {x for x in (_number(m) for m in _ANNOTATION.findall(solution)) if x is not None}
-    if answer is not None and _number(str(answer)) is not None:
-        refs.add(_number(str(answer)))
+    final = _number(str(answer)) if answer is not None else None
+    if final is not None:
+        refs.add(final)
     n, ok, match = 0, True, False
     for lhs, rhs in _EQUATION.findall(step):
         want, got = _evaluate(lhs), _number(rhs)

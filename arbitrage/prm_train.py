@@ -19,6 +19,7 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -70,7 +71,12 @@ def hidden_features(
             feats[i] = h.float()
         if progress is not None:
             progress(len(idx))
-    return torch.stack(feats)
+    got = [h for h in feats if h is not None]
+    if len(got) < len(feats):
+        raise ValueError(
+            f"the backbone engine returned no hidden state for {len(feats) - len(got)} of {len(feats)} steps"
+        )
+    return torch.stack(got)
 
 
 def chain_auc(rows: list[dict], score_of) -> float | None:
@@ -90,7 +96,7 @@ def chain_auc(rows: list[dict], score_of) -> float | None:
     return roc_auc(lows, ys)
 
 
-def step_metrics(scores: list[float], values: list[float]) -> dict:
+def step_metrics(scores: Sequence[float], values: Sequence[float]) -> dict:
     rho, _ = spearman(scores, values)
     return {"n": len(scores), "auc_v_ge_half": roc_auc(scores, [int(v >= 0.5) for v in values]), "spearman_v": rho}
 
@@ -130,6 +136,8 @@ def train_prm(
         _, fit = train_value_head(x[fit_m], v[fit_m], ts, x[dev_m], v[dev_m])
         if best is None or fit["val_loss"] < best[1]["val_loss"]:
             best = (ts, fit)
+    if best is None:
+        raise ValueError("train_prm needs at least one head width to try (widths is empty)")
     # refit on all training problems for the chosen width and epoch count
     ts = HeadTraining(width=best[0].width, epochs=best[1]["best_epoch"] + 1, seed=seed)
     tr = fit_m | dev_m

@@ -30,12 +30,12 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from arbitrage.hidden_router import DEFAULT_PRIOR
+from arbitrage.hidden_router import DEFAULT_PRIOR, HiddenRouter
 from arbitrage.router import ROUTER_INPUT_FORMAT, ClassifierRouter, Router, RouterRequest
 from arbitrage.router_data import RouterDataset, RouterExample
 
@@ -208,10 +208,9 @@ def train_classifier(
     return router, {"backbone": ts.backbone, **info, "lr": lr, "train_loss": losses, "epochs": history}
 
 
-def fit_hidden(train: list[RouterExample], ts: TrainSettings):
+def fit_hidden(train: list[RouterExample], ts: TrainSettings) -> tuple[HiddenRouter, dict]:
     """A hidden-state router (`arbitrage.hidden_router`) on examples whose requests carry the
     draft's hidden state (rows scored by `arbitrage train-prm` hold it as `draft_hidden`)."""
-    from arbitrage.hidden_router import HiddenRouter
     from arbitrage.value_prm import ValueHead
 
     missing = sum(1 for e in train if not e.request.hidden)
@@ -258,6 +257,7 @@ def train(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    router: Router
     if ts.kind == "probe":
         from arbitrage.probe import ProbeRouter
 
@@ -278,7 +278,7 @@ def train(
     else:
         router, extra = train_classifier(ds, ts, log)
     val = evaluate(router, ds.validation) if ds.validation else None
-    if ts.kind == "classifier":
+    if isinstance(router, ClassifierRouter):  # the classifier kind: saved after evaluation, in the save dtype
         router.model.to(SAVE_DTYPES[ts.save_dtype])
         router.save_pretrained(out)
         router.model.to(torch.float32)  # as `from_pretrained` loads it back
@@ -349,7 +349,7 @@ def ranking_metrics(scores: list[float], examples: list[RouterExample], bootstra
     one problem are not independent), as `auc_ci` and `spearman_ci`.
     """
     rho, p = spearman(scores, [e.advantage for e in examples])
-    out = {
+    out: dict[str, Any] = {
         "spearman": rho,
         "spearman_p": p,
         "auc": roc_auc(scores, [e.label for e in examples]),
@@ -396,8 +396,9 @@ def compare_rankings(
     """
     rankings = {"router": router_scores, "draft_prm": [-e.draft_score for e in examples]}
     conf = [draft_confidence(e) for e in examples]
-    if all(c is not None for c in conf):
-        rankings["draft_confidence"] = [-c for c in conf]
+    known = [c for c in conf if c is not None]
+    if len(known) == len(conf):
+        rankings["draft_confidence"] = [-c for c in known]
     keep = [i for i, e in enumerate(examples) if not e.tie]
     out = {}
     for name, sc in rankings.items():
@@ -561,6 +562,7 @@ def cross_validate(
         held = [e for e in examples if fold_of[e.problem_id] == k]
         train_set = balance([e for e in examples if fold_of[e.problem_id] != k], seed)
         t0 = time.perf_counter()
+        router: Router
         if ts.kind == "probe":
             from arbitrage.probe import ProbeRouter
 

@@ -36,6 +36,10 @@ HEAD_META = "value_head.json"
 class ValueHead(nn.Module):
     """Standardise, then a one-hidden-layer MLP (or linear when `width` is 0) to one logit."""
 
+    mean: torch.Tensor  # [dim] buffers: the standardisation
+    std: torch.Tensor
+    net: nn.Linear | nn.Sequential
+
     def __init__(self, dim: int, width: int = 0):
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
@@ -115,7 +119,11 @@ class ValuePRM(PRM):
             self.forward_calls += 1
             for i, h in zip(todo, self.engine.hidden_states(ids, keys)):
                 out[i] = h.float()
-        return torch.stack(out)
+        feats = [h for h in out if h is not None]
+        if len(feats) < len(out):
+            missing = len(out) - len(feats)
+            raise ValueError(f"the PRM's engine returned no hidden state for {missing} of {len(todo)} steps")
+        return torch.stack(feats)
 
     def score(self, requests: list[PRMRequest]) -> list[float]:
         if not requests:
@@ -139,10 +147,11 @@ def build_value_prm(cfg, prompt=None) -> ValuePRM:
         )
     head, meta = ValueHead.load(cfg.head)
     engine = load_engine(cfg.model_copy(update={"hidden_states": True}))
-    if getattr(engine, "n_embd", head.mean.numel()) != head.mean.numel():
+    n_embd = getattr(engine, "n_embd", head.mean.numel())  # llama.cpp engines know their hidden size
+    if n_embd != head.mean.numel():
         raise ValueError(
             f"models.prm.head: the head reads {head.mean.numel()}-dim states, the backbone "
-            f"has {engine.n_embd}; train it on this backbone"
+            f"has {n_embd}; train it on this backbone"
         )
     system = prompt.system_prompt if prompt is not None else None
     chat = prompt.use_chat_template if prompt is not None else True
@@ -185,7 +194,7 @@ def train_value_head(
     head.std.copy_(x.std(0).clamp_min(1e-4))
     opt = torch.optim.AdamW(head.parameters(), lr=ts.lr, weight_decay=ts.weight_decay)
     bce = nn.BCEWithLogitsLoss()
-    best = (math.inf, -1, None)
+    best: tuple[float, int, dict[str, torch.Tensor] | None] = (math.inf, -1, None)  # (val loss, epoch, weights)
     train_loss = math.nan
     for epoch in range(ts.epochs):
         head.train()
