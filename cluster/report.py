@@ -354,6 +354,16 @@ def research_section(
     return "\n".join(lines) + "\n", _plot_tokens(res, out_dir)
 
 
+# Policies that escalate when their score is above the threshold; the others escalate below it.
+ESCALATE_ABOVE = ("router", "oracle")
+
+
+def _with_ends(cells: list[dict], ends: dict[str, dict], policy: str) -> list[dict]:
+    """A policy's cells in threshold order, with draft_only and target_only at the ends they stand for."""
+    lo, hi = ("target_only", "draft_only") if policy in ESCALATE_ABOVE else ("draft_only", "target_only")
+    return [ends[e] for e in (lo,) if e in ends] + cells + [ends[e] for e in (hi,) if e in ends]
+
+
 def _plot_tokens(res: dict, out_dir: Path) -> Path:
     import matplotlib
 
@@ -364,8 +374,19 @@ def _plot_tokens(res: dict, out_dir: Path) -> Path:
     by_policy: dict[str, list[dict]] = defaultdict(list)
     for c in res["cells"]:
         by_policy[c["policy"]].append(c)
+    ends = {c["policy"]: c for c in res["cells"] if c["policy"] in THRESHOLD_FREE}
     for i, (policy, cs) in enumerate(sorted(by_policy.items())):
         cs = sorted(cs, key=lambda c: c["threshold"])  # joined in threshold order
+        if policy not in THRESHOLD_FREE and ends:  # dashed on to the curve's ends
+            line = _with_ends(cs, ends, policy)
+            ax.plot(
+                [c["target_tokens_per_problem"] for c in line],
+                [c["accuracy"] for c in line],
+                "--",
+                color=f"C{i}",
+                alpha=0.4,
+                linewidth=1,
+            )
         xs = [c["target_tokens_per_problem"] for c in cs]
         ys = [c["accuracy"] for c in cs]
         err = [[y - c["ci"][0] for y, c in zip(ys, cs)], [c["ci"][1] - y for y, c in zip(ys, cs)]]

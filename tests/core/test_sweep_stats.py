@@ -143,3 +143,19 @@ def test_target_only_is_the_high_end_of_every_policy_curve():
     (m,) = res["matched"]
     assert m["between"] == ["router@0.9", "target_only"] and m["weight"] == pytest.approx(2 / 3)
     assert m["accuracy"] == pytest.approx(1 / 3 * 0.5 + 2 / 3 * 1.0)
+
+
+def test_plot_lines_reach_the_ends_each_policy_threshold_stands_for():
+    from cluster.report import _with_ends
+
+    ends = {"draft_only": {"cell": "draft_only"}, "target_only": {"cell": "target_only"}}
+    cs = [{"cell": "a"}, {"cell": "b"}]  # in ascending threshold order
+    # router escalates above tau: its lowest threshold is nearest target_only
+    assert [c["cell"] for c in _with_ends(cs, ends, "router")] == ["target_only", "a", "b", "draft_only"]
+    # rsd and confidence escalate below tau: their lowest threshold is nearest draft_only
+    assert [c["cell"] for c in _with_ends(cs, ends, "rsd")] == ["draft_only", "a", "b", "target_only"]
+    assert [c["cell"] for c in _with_ends(cs, {"draft_only": ends["draft_only"]}, "confidence")] == [
+        "draft_only",
+        "a",
+        "b",
+    ]
