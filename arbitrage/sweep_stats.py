@@ -10,9 +10,10 @@ compute*, so comparisons here are
   target tokens T by mixing its two neighbouring cells per problem with weights that make
   the mixture's mean target tokens exactly T (a policy that draws its threshold per problem
   from those two realises it: `matched_difference`). `draft_only` and `target_only` are the
-  ends of every policy's curve: a threshold at which no step escalates gives exactly
-  draft_only's chains, one at which every step does target_only's (greedy steps on the same
-  prefixes), whatever the policy.
+  ends of every policy's curve: a threshold at which no step escalates gives draft_only's
+  chains, one at which every step does target_only's (greedy steps on the same prefixes),
+  whatever the policy. Exactly so when the cells' steps come from one step cache; steps
+  recomputed in another batch can differ at near-ties (docs/BENCHMARKS.md s.12.4).
 
 Intervals are percentile bootstraps over problems (95% by default): accuracy of a cell
 (`accuracy_interval`) and the paired difference of two (`paired_difference`).
