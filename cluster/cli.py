@@ -275,7 +275,7 @@ def sweep(cfg, problems: list, groups: list, out: Path, in_process: bool) -> Non
     A sweep with nothing missing starts nothing; a partial one says how much is done.
     """
     from arbitrage.roles import roles_for
-    from cluster.evaluate import Group, load_results, row_key, run_sweep
+    from cluster.evaluate import Group, load_results, row_key
     from cluster.report import write_report
 
     if out.exists() and not out.is_dir():
@@ -298,35 +298,49 @@ def sweep(cfg, problems: list, groups: list, out: Path, in_process: bool) -> Non
         def label(p: str, t: float) -> str:
             return f"{Group(p, t).label} ({[(g.policy, g.threshold) for g in groups].index((p, t)) + 1}/{len(groups)})"
 
-        if in_process:  # one backend for every group: models load once, the step cache spans the sweep
-            backend = local_backend(cfg, roles, models)
-            if cfg.generation.step_cache and cfg.generation.temperature == 0.0:  # and the runs before it
-                from arbitrage.step_cache import fingerprint
+        try:
+            _run_missing(cfg, problems, groups, out, in_process, roles, models, label)
+        except KeyboardInterrupt:  # typer would exit 130 without a word; say what is kept
+            n = len(load_results(out / "results.jsonl"))
+            console.error_line(
+                f"interrupted: {n} of {total} chains are kept in {out / 'results.jsonl'}; the same command resumes"
+            )
+            raise SystemExit(130) from None
+    table, _ = write_report(out)
+    typer.echo(table)
+    typer.echo(f"results: {out / 'results.jsonl'}; report: {out / 'report.md'}")
 
-                cache_file = out / "step_cache.jsonl"
-                n = backend.step_cache().persist(cache_file, fingerprint(cfg))
-                console.phase(f"step cache: {n} answers from earlier runs of this sweep ({cache_file})")
+
+def _run_missing(cfg, problems: list, groups: list, out: Path, in_process: bool, roles, models, label) -> None:
+    """`sweep`'s run of the chains `out` lacks, in this process or on the runtime."""
+    from cluster.evaluate import run_sweep
+
+    if in_process:  # one backend for every group: models load once, the step cache spans the sweep
+        backend = local_backend(cfg, roles, models)
+        if cfg.generation.step_cache and cfg.generation.temperature == 0.0:  # and the runs before it
+            from arbitrage.step_cache import fingerprint
+
+            cache_file = out / "step_cache.jsonl"
+            n = backend.step_cache().persist(cache_file, fingerprint(cfg))
+            console.phase(f"step cache: {n} answers from earlier runs of this sweep ({cache_file})")
+        run_sweep(
+            cfg,
+            problems,
+            groups,
+            out,
+            lambda items, p, t, cb: execute(cfg, items, p, t, cb, label(p, t), backend=backend),
+            progress=False,
+        )
+    else:
+        with runtime(cfg, models) as rt:
             run_sweep(
                 cfg,
                 problems,
                 groups,
                 out,
-                lambda items, p, t, cb: execute(cfg, items, p, t, cb, label(p, t), backend=backend),
+                lambda items, p, t, cb: execute(cfg, items, p, t, cb, label(p, t), rt=rt),
                 progress=False,
             )
-        else:
-            with runtime(cfg, models) as rt:
-                run_sweep(
-                    cfg,
-                    problems,
-                    groups,
-                    out,
-                    lambda items, p, t, cb: execute(cfg, items, p, t, cb, label(p, t), rt=rt),
-                    progress=False,
-                )
-    table, _ = write_report(out)
-    typer.echo(table)
-    typer.echo(f"results: {out / 'results.jsonl'}; report: {out / 'report.md'}")
 
 
 @app.command("eval")

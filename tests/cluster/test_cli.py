@@ -223,3 +223,49 @@ def test_run_on_ray_is_quiet_and_shows_phases(tmp_path, problems_file):
     )
     assert not [n for n in noise if n in r.stderr + r.stdout], r.stderr
     assert "router@0.5" in _table_rows(r.stdout)
+
+
+def test_ctrl_c_says_what_is_kept_and_exits_130(tmp_path):
+    import signal
+    import time
+
+    probs = tmp_path / "many.jsonl"
+    probs.write_text(
+        "".join(
+            json.dumps({"id": f"m{i}", "problem": f"What is {i}+2?", "answer": str(i + 2)}) + "\n" for i in range(2000)
+        )
+    )
+    out = tmp_path / "sweep"
+    p = subprocess.Popen(
+        CLI
+        + [
+            "eval",
+            "--config",
+            "tiny",
+            "--in-process",
+            "--dataset",
+            str(probs),
+            "--groups",
+            "draft_only",
+            "--no-step-cache",
+            "--limit",
+            "2000",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # as in a terminal
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + 240
+    while not (results.exists() and results.stat().st_size) and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    rows = [json.loads(line) for line in results.read_text().splitlines()]  # every kept row is whole
+    assert 0 < len(rows) < 2000
+    assert f"interrupted: {len(rows)} of 2000 chains are kept" in err and "the same command resumes" in err
+    assert "Traceback" not in err
