@@ -313,8 +313,11 @@ def sweep(cfg, problems: list, groups: list, out: Path, in_process: bool) -> Non
 
 def _run_missing(cfg, problems: list, groups: list, out: Path, in_process: bool, roles, models, label) -> None:
     """`sweep`'s run of the chains `out` lacks, in this process or on the runtime."""
+    import contextlib
+
     from cluster.evaluate import run_sweep
 
+    backend = None
     if in_process:  # one backend for every group: models load once, the step cache spans the sweep
         backend = local_backend(cfg, roles, models)
         if cfg.generation.step_cache and cfg.generation.temperature == 0.0:  # and the runs before it
@@ -323,24 +326,15 @@ def _run_missing(cfg, problems: list, groups: list, out: Path, in_process: bool,
             cache_file = out / "step_cache.jsonl"
             n = backend.step_cache().persist(cache_file, fingerprint(cfg))
             console.phase(f"step cache: {n} answers from earlier runs of this sweep ({cache_file})")
+    with contextlib.nullcontext() if in_process else runtime(cfg, models) as rt:
         run_sweep(
             cfg,
             problems,
             groups,
             out,
-            lambda items, p, t, cb: execute(cfg, items, p, t, cb, label(p, t), backend=backend),
+            lambda items, p, t, cb: execute(cfg, items, p, t, cb, label(p, t), rt=rt, backend=backend),
             progress=False,
         )
-    else:
-        with runtime(cfg, models) as rt:
-            run_sweep(
-                cfg,
-                problems,
-                groups,
-                out,
-                lambda items, p, t, cb: execute(cfg, items, p, t, cb, label(p, t), rt=rt),
-                progress=False,
-            )
 
 
 @app.command("eval")
