@@ -33,6 +33,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, WorkerCrashedError
 
+from arbitrage.service import check_service_stats
 from arbitrage.backend import ModelBackend
 from arbitrage.roles import ROLE_METHOD, check_role
 from configs.schema import RetryConfig
@@ -91,7 +92,7 @@ def merge_role_stats(role: str, per_actor: list[dict]) -> dict[str, Any]:
     hist: Counter[int] = Counter()
     busy, forward = 0.0, 0
     for s in per_actor:
-        m = s.get("methods", {}).get(method) or s  # a TargetGroup may report flat stats
+        m = check_service_stats(s)["methods"].get(method, {})
         hist.update({int(k): int(v) for k, v in m.get("batch_sizes", {}).items()})
         busy += float(m.get("busy_s", 0.0))
         forward += int(s.get("forward_calls", 0))

@@ -19,6 +19,7 @@ most one GPU (the layout is for roles that share one GPU); `runtime.target.max_r
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from typing import Any
@@ -99,11 +100,7 @@ class ColocatedActor:
 
     def gates(self) -> dict[str, dict[str, float]]:
         """Admission gate of each colocated engine, by role."""
-        return {
-            r: dict(share=e.gate.share, max_hold_s=e.gate.max_hold_s, idle_grace_s=e.gate.idle_grace_s)
-            for r, e in self.engines.items()
-            if hasattr(e, "gate")
-        }
+        return {r: dataclasses.asdict(e.gate) for r, e in self.engines.items() if hasattr(e, "gate")}
 
     def set_gates(self, gates: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
         """Replace the admission gates of colocated engines by role ({"target": {"share": 0.3,

@@ -24,6 +24,7 @@ from typing import Any
 
 import ray
 
+from arbitrage.service import service_stats
 from arbitrage.roles import check_role
 from configs.schema import ActorConfig, ArbitrageConfig
 
@@ -147,17 +148,14 @@ class ModelActor:
         }
 
     def stats(self) -> dict[str, Any]:
-        """Per-method batch-size histograms and busy time, and the model's forward calls."""
-        methods = {name: b.stats() for name, b in self._batchers.items()}
-        forward = sum(getattr(o, "forward_calls", 0) for o in (self.engine, self.prm, self.router) if o)
-        return {
-            "role": self.role,
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "methods": methods,
-            "busy_s": sum(m["busy_s"] for m in methods.values()),
-            "forward_calls": forward,
-            "engine": dict(getattr(self.engine, "stats", None) or {}),
-        }
+        """Per-method batch-size histograms and busy time, the model's forward calls (arbitrage.service)."""
+        return service_stats(
+            self.role,
+            {name: b.stats() for name, b in self._batchers.items()},
+            forward_calls=sum(getattr(o, "forward_calls", 0) for o in (self.engine, self.prm, self.router) if o),
+            engine=getattr(self.engine, "stats", None),
+            node_id=ray.get_runtime_context().get_node_id(),
+        )
 
 
 def actor_options(role: str, cfg: ArbitrageConfig, name: str | None = None) -> dict[str, Any]:

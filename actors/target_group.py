@@ -29,12 +29,12 @@ starts and loads all ranks again (once per failure, however many calls saw it: `
 raises `TargetGroupBroken` (`retryable`) so the caller -- `actors.backend.RayBackend` -- sends
 the step again to the new group. One process owns a group's restarts: `TargetGroupHost`, a
 restartable Ray actor (`make_target_group_actor`) that the Runtime hands to its coordinators
-(the Serve replica `cluster.serve_app.TargetGroupServer` holds one in-process); its watchdog
+(the Serve replica `cluster.serve_models.TargetGroupServer` holds one in-process); its watchdog
 also restarts a group whose rank died while idle. If that owner dies, its ranks and
 placement group die with it (Ray fate-sharing) and its restart builds a new group.
 
-Imports: torch only at module level; Ray, DeepSpeed, transformers and the config schema are
-imported where used.
+Imports: torch and the light `arbitrage.service` only at module level; Ray, DeepSpeed,
+transformers and the config schema are imported where used.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from arbitrage.service import PartialService, service_stats
 
 if TYPE_CHECKING:
     from arbitrage.types import StepOutput, StepRequest
@@ -261,17 +263,13 @@ class TPRankActor:
         return {**self.info, "loaded": self.engine is not None, "broken": self._broken}
 
     async def stats(self) -> dict[str, Any]:
-        """Batch-size histogram and busy time (rank 0), plus this rank's info."""
+        """The service stats of this rank (rank 0: the group's batches), plus this rank's info."""
         e = self.engine
-        out = {
-            "rank": self.info,
-            "forward_calls": e.forward_calls if e else 0,
-            "prefill_tokens": e.prefill_tokens if e else 0,
-            "reused_tokens": e.reused_tokens if e else 0,
-        }
-        if self._batcher is not None:
-            out.update(self._batcher.stats())
-        return out
+        engine = {"prefill_tokens": e.prefill_tokens, "reused_tokens": e.reused_tokens} if e else {}
+        methods = {"generate_step": self._batcher.stats()} if self._batcher is not None else {}
+        return service_stats(
+            "target", methods, forward_calls=e.forward_calls if e else 0, engine=engine, rank=dict(self.info)
+        )
 
 
 def _errors_of(futures: list) -> list[Exception]:
@@ -285,12 +283,14 @@ def _errors_of(futures: list) -> list[Exception]:
     return errors
 
 
-class TargetGroup:
+class TargetGroup(PartialService):
     """Handle to a tensor-parallel target: N rank actors in one placement group, restarted whole.
 
     Not meant to be copied between processes: the process that holds it owns the restarts
     (see the module docstring, "Failure").
     """
+
+    role = "target"
 
     def __init__(self, model_cfg: ModelConfig, actor_cfg: ActorConfig, ready_timeout_s: float = 600.0):
         self.model_cfg = model_cfg
@@ -419,13 +419,12 @@ class TargetGroup:
         }
 
     def stats(self) -> dict[str, Any]:
-        """Rank 0's batch-size histogram and busy time, and what each rank holds."""
+        """Rank 0's service stats (the group's batches), what each rank holds, the epoch."""
         import ray
 
         out = ray.get(self.ranks[0].stats.remote(), timeout=30)
-        out["ranks"] = self.rank_info
-        out["epoch"] = self.epoch
-        return out
+        out.pop("rank", None)
+        return {**out, "ranks": self.rank_info, "epoch": self.epoch}
 
     def shutdown(self) -> None:
         """Kill the ranks and remove the placement group (idempotent)."""
@@ -454,7 +453,7 @@ def _release(ranks: list, pg) -> None:
 WATCHDOG_INTERVAL_S = 5.0  # how often TargetGroupHost pings the ranks
 
 
-class TargetGroupHost:
+class TargetGroupHost(PartialService):
     """A `TargetGroup` inside its own (restartable) Ray actor: the one owner of its restarts.
 
     Coordinators share this actor's handle like a ModelActor's; a call costs one extra hop
@@ -464,6 +463,8 @@ class TargetGroupHost:
     stuck in a collective with a dead peer (NCCL may wait for its timeout) is freed: the
     restart kills its rank 0, the call fails and is re-sent.
     """
+
+    role = "target"
 
     def __init__(self, cfg: ArbitrageConfig | dict, ready_timeout_s: float = 600.0):
         from actors.model_actor import as_config

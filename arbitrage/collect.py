@@ -238,7 +238,55 @@ def pending_items(problems: Iterable, done: dict[str, list[dict]]) -> list[Chain
     return [it for it in map(as_input, problems) if it.id not in done]
 
 
-# ---- in-process collection ------------------------------------------------------------
+# ---- one collection run, whatever runs its chains ----------------------------------------
+
+
+class Collection:
+    """One resumable collection run: the problems left, the sink, and how a finished chain
+    becomes rows. Both drivers -- `collect_in_process` and `cluster.router_cli.collect_on_runtime`
+    -- run `todo` as oracle chains inside `with collection:` and hand each result to `finish`."""
+
+    def __init__(
+        self,
+        cfg,
+        problems: list,
+        out: Path,
+        k: int = 1,
+        temperature: float = 0.7,
+        on_problem: Callable[[dict, list[dict]], None] | None = None,
+    ):
+        """Args: cfg: the collection config (`oracle_config`); problems, out, k, temperature,
+        on_problem: as for `collect_in_process`."""
+        if k < 1:
+            raise ValueError(f"--k must be >= 1, got {k}")
+        done = load_collected(out)
+        self.todo = pending_items(problems, done)
+        self.stats = CollectStats(problems_done_before=len(done))
+        self.settings = LoopSettings.from_config(cfg)
+        self.out, self.k, self.temperature, self.on_problem = Path(out), k, temperature, on_problem
+        self._meta = collect_meta(cfg, k, temperature)
+        self._by_id = {it.id: it for it in self.todo}
+        self._sink: RowSink | None = None
+        self._t0 = 0.0
+
+    def __enter__(self) -> "Collection":
+        self._sink, self._t0 = RowSink(self.out), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._sink is not None:
+            self._sink.close()
+        self.stats.elapsed_s = time.perf_counter() - self._t0
+
+    async def finish(self, backend: ModelBackend, result: dict) -> None:
+        """A finished chain (`ChainResult.to_dict()`): its extra target samples, rows, record."""
+        assert self._sink is not None, "use the Collection as a context manager"
+        rows = None
+        if result["stop_reason"] not in FAILED_STOPS:
+            item, n = self._by_id[result["problem_id"]], self.k - 1
+            extra = await sample_targets(backend, self.settings, item, result["steps"], n, self.temperature)
+            rows = rows_from_chain(result, extra, self._meta)
+        record(self.stats, self._sink, result, rows, self.on_problem)
 
 
 def collect_in_process(
@@ -267,45 +315,28 @@ def collect_in_process(
     from arbitrage.loop import run_chains
     from arbitrage.policies import make_policy
 
-    if k < 1:
-        raise ValueError(f"--k must be >= 1, got {k}")
     cfg = oracle_config(cfg)
-    done = load_collected(out)
-    todo = pending_items(problems, done)
-    stats = CollectStats(problems_done_before=len(done))
-    if not todo:
-        return stats
+    job = Collection(cfg, problems, out, k, temperature, on_problem)
+    if not job.todo:
+        return job.stats
     backend = backend or LocalBackend.from_config(cfg, roles=("draft", "target", "prm"))
-    settings = LoopSettings.from_config(cfg)
-    meta = collect_meta(cfg, k, temperature)
-    by_id = {it.id: it for it in todo}
-    sink = RowSink(out)
 
     async def on_result(res) -> None:
-        r = res.to_dict()
-        rows = None
-        if r["stop_reason"] not in FAILED_STOPS:
-            extra = await sample_targets(backend, settings, by_id[r["problem_id"]], r["steps"], k - 1, temperature)
-            rows = rows_from_chain(r, extra, meta)
-        record(stats, sink, r, rows, on_problem)
+        await job.finish(backend, res.to_dict())
 
-    t0 = time.perf_counter()
-    try:
+    with job:
         asyncio.run(
             run_chains(
-                todo,
+                job.todo,
                 backend,
                 make_policy("oracle", 0.0, seed=cfg.generation.seed),
-                settings,
+                job.settings,
                 max_concurrent=cfg.runtime.max_concurrent_chains,
                 timeout_s=cfg.runtime.chain_timeout_s,
                 on_result=on_result,
             )
         )
-    finally:
-        sink.close()
-        stats.elapsed_s = time.perf_counter() - t0
-    return stats
+    return job.stats
 
 
 def record(

@@ -76,12 +76,20 @@ class Gate:
     idle_grace_s: nothing is running on this engine and every other engine has been idle
         for this long (the GPU would idle). The grace lets a wave of chains that just
         finished a draft step come back before a small target batch takes the GPU.
+    balance: a cost rule (0: off). While other engines run rows, admit once the held rows'
+        summed wait (row-seconds) reaches `balance` x the delay admitting them would impose on
+        the others: their running rows x the held rows' mean step budget (tokens) x this
+        engine's decode step time (the floor of the steps it measured). When many chains
+        wait for this engine, fewer run on the others, so it admits sooner: the rule adapts to
+        the waves of escalations instead of a fixed share.
     Always: a waiting request asks for next-token logits only (a judge PRM: no decode steps).
+    share = balance = 0 admits at once.
     """
 
     share: float = 0.0
     max_hold_s: float = 0.0
     idle_grace_s: float = 0.0
+    balance: float = 0.0
 
 
 DRAFT_GATE = Gate(share=0.125, max_hold_s=0.01)
@@ -138,6 +146,10 @@ class ColocatedScheduler:
         """Rows every engine holds: running, being prefilled, or waiting for admission."""
         return sum(e._held() for e in self.engines)
 
+    def running_rows(self, besides: "ColocatedEngine") -> int:
+        """Rows the engines other than `besides` are decoding or prefilling (not those waiting)."""
+        return sum(len(e._running) + sum(len(p[0]) for p in e._pending) for e in self.engines if e is not besides)
+
     def others_idle_since(self, engine: "ColocatedEngine") -> float | None:
         """Since when every engine but `engine` has held no rows and had none queued (None: busy)."""
         since = [e._idle_since for e in self.engines if e is not engine]
@@ -191,6 +203,8 @@ class ColocatedEngine(FastStepEngine):
         self._pinned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # bucket -> pinned (inputs, stats)
         self._idle_since: float | None = 0.0  # since when it holds no rows (None: it holds some)
         self._wake_at: float | None = None  # when a closed gate may open without a new event
+        self._launched_at = 0.0
+        self.step_floor_s: float | None = None  # the shortest decode step seen (launch to result), drifting up 1%
         super().__init__(model, tokenizer, **kwargs)  # its own thread exits at once (see _loop)
         self._thread.join()
         self.stats.update(COUNTERS)
@@ -276,15 +290,23 @@ class ColocatedEngine(FastStepEngine):
 
     def _gate_open(self) -> bool:
         g, now = self.gate, time.perf_counter()
-        if g.share <= 0 or any(j.row is None for j in self._waiting):
+        if (g.share <= 0 and g.balance <= 0) or any(j.row is None for j in self._waiting):
             return True  # eager, or a judge's next-token logits (a prefill, no decode steps)
-        if len(self._waiting) >= g.share * max(self.scheduler.peak_rows, self.scheduler.held_rows()):
+        if g.share > 0 and len(self._waiting) >= g.share * max(self.scheduler.peak_rows, self.scheduler.held_rows()):
             return True
         wake = []
         if g.max_hold_s > 0:
             if now - self._waiting[0].queued_at >= g.max_hold_s:
                 return True
             wake.append(self._waiting[0].queued_at + g.max_hold_s)
+        others = self.scheduler.running_rows(besides=self)
+        if g.balance > 0 and others > 0 and self.step_floor_s is not None:
+            waited = sum(now - j.queued_at for j in self._waiting)
+            budget = sum(j.budget for j in self._waiting) / len(self._waiting)
+            owed = g.balance * others * budget * self.step_floor_s
+            if waited >= owed:
+                return True
+            wake.append(now + (owed - waited) / len(self._waiting))
         since = self.scheduler.others_idle_since(self)
         if not self._running and not self._pending and since is not None:  # else the GPU would idle
             if now - since >= g.idle_grace_s:
@@ -295,20 +317,10 @@ class ColocatedEngine(FastStepEngine):
 
     def _admit_async(self) -> None:
         """Give waiting jobs slots (FIFO, while slots last) and issue their prefills (not awaited)."""
-        admitted, now = [], time.perf_counter()
-        while self._waiting:
-            job = self._waiting[0]
-            got = self.slots.acquire(job.key, job.ids)
-            if got is None:
-                break  # every slot is busy: wait for a row to retire
-            self._waiting.popleft()
-            job.slot, reused, job.key = got
-            self.prefill_tokens += len(job.ids) - reused
-            self.reused_tokens += reused
-            self.stats["hold_s"] += now - job.queued_at
-            admitted.append((job, reused))
+        admitted, now = self._take_slots(), time.perf_counter()
         if not admitted:
             return
+        self.stats["hold_s"] += sum(now - job.queued_at for job, _ in admitted)
         self.stats["admissions"] += 1
         self.stats["admitted_rows"] += len(admitted)
         if self._running:
@@ -364,6 +376,7 @@ class ColocatedEngine(FastStepEngine):
 
     def _launch(self) -> None:
         """Issue one decode step for every running row; its results are read by `_finish`."""
+        self._launched_at = time.perf_counter()
         jobs = list(self._running)
         toks = [j.next_tok for j in jobs]
         slots = [j.slot for j in jobs]
@@ -417,6 +430,8 @@ class ColocatedEngine(FastStepEngine):
             t = time.perf_counter()
             event.synchronize()
             self.stats["gpu_wait_s"] += time.perf_counter() - t
+        dt, floor = time.perf_counter() - self._launched_at, self.step_floor_s
+        self.step_floor_s = dt if floor is None else min(dt, floor * 1.01)
         self._consume(jobs, stats, logits)
 
     def _shutdown(self) -> None:

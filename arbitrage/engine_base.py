@@ -15,11 +15,11 @@ import asyncio
 import queue
 from collections import deque
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from arbitrage.engine_common import Job, new_row, render_prompt, unique_keys
+from arbitrage.engine_common import Job, SlotPool, new_row, render_prompt, unique_keys
 from arbitrage.types import ContextOverflow, SamplingParams, StepOutput, StepRequest
 
 
@@ -99,6 +99,9 @@ class QueuedStepEngine(StepEngine):
 
     continuous = True
     reuse: bool
+    slots: SlotPool
+    prefill_tokens: int
+    reused_tokens: int
 
     def _init_queue(self) -> None:
         self._queue: queue.Queue = queue.Queue()  # lists of Job; None closes
@@ -149,6 +152,28 @@ class QueuedStepEngine(StepEngine):
         if self._closed:
             raise RuntimeError(f"{type(self).__name__} is closed")
         self._queue.put(jobs)
+
+    def _take_slots(self, on_admit: Callable[[Job, int], int] | None = None) -> list[tuple[Job, int]]:
+        """Admission, the part every queued engine shares: waiting jobs in FIFO order get a
+        slot (`self.slots`, a SlotPool) while slots last; returns (job, reused tokens) each.
+
+        `on_admit(job, reused)` may extend the reused prefix (llama.cpp shares another
+        sequence's cells) and returns the tokens reused; prefill / reuse counters follow it.
+        """
+        admitted = []
+        while self._waiting:
+            job = self._waiting[0]
+            got = self.slots.acquire(job.key, job.ids)
+            if got is None:
+                break  # every slot is busy: wait for a row to retire
+            self._waiting.popleft()
+            job.slot, reused, job.key = got
+            if on_admit is not None:
+                reused = on_admit(job, reused)
+            self.prefill_tokens += len(job.ids) - reused
+            self.reused_tokens += reused
+            admitted.append((job, reused))
+        return admitted
 
     def _pull(self, block: bool) -> bool:
         """Move queued jobs to the waiting list (blocking only when idle); False once closed."""

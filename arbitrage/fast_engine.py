@@ -588,17 +588,7 @@ class FastStepEngine(QueuedStepEngine):
 
     def _admit(self) -> None:
         """Give waiting jobs slots (FIFO, while slots last) and prefill them into the batch."""
-        admitted = []
-        while self._waiting:
-            job = self._waiting[0]
-            got = self.slots.acquire(job.key, job.ids)
-            if got is None:
-                break  # every slot is busy: wait for a row to retire
-            self._waiting.popleft()
-            job.slot, reused, job.key = got
-            self.prefill_tokens += len(job.ids) - reused
-            self.reused_tokens += reused
-            admitted.append((job, reused))
+        admitted = self._take_slots()
         if not admitted:
             return
         if self._running:

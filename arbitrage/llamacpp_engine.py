@@ -274,25 +274,19 @@ class LlamaCppStepEngine(QueuedStepEngine):
 
     def _admit(self) -> None:
         """Give waiting jobs sequences (FIFO) and cut each sequence back to its reused prefix."""
-        admitted = 0
-        while self._waiting:
-            job = self._waiting[0]
-            got = self.slots.acquire(job.key, job.ids)
-            if got is None:
-                break
-            self._waiting.popleft()
-            job.slot, reused, job.key = got
-            self.ll.llama_memory_seq_rm(self._mem, job.slot, reused, -1)
-            self.slots.ids[job.slot] = list(job.ids[:reused])
-            reused = self._share_prefix(job, reused)
-            self._fed[id(job)] = reused
-            self.prefill_tokens += len(job.ids) - reused
-            self.reused_tokens += reused
-            self._running.append(job)
-            admitted += 1
+        admitted = len(self._take_slots(self._seat))
         if admitted and len(self._running) > admitted:
             self.stats["admitted_mid_decode"] += admitted
         self.stats["max_running"] = max(self.stats["max_running"], len(self._running))
+
+    def _seat(self, job: Job, reused: int) -> int:
+        """Cut the job's sequence back to its reused prefix, share a longer one, start it running."""
+        self.ll.llama_memory_seq_rm(self._mem, job.slot, reused, -1)
+        self.slots.ids[job.slot] = list(job.ids[:reused])
+        reused = self._share_prefix(job, reused)
+        self._fed[id(job)] = reused
+        self._running.append(job)
+        return reused
 
     def _share_prefix(self, job: Job, reused: int) -> int:
         """Start a sequence from the longest prompt prefix any other sequence holds.

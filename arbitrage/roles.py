@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterable
 
 ROLES = ("draft", "target", "prm", "router")
-# role -> the service method that serves it (actors.protocol.ModelService)
+# role -> the service method that serves it (arbitrage.service.ModelService)
 ROLE_METHOD = {"draft": "generate_step", "target": "generate_step", "prm": "score", "router": "predict"}
 CACHED_ROLES = ("draft", "target", "prm")  # roles whose greedy outputs the step cache keeps
 

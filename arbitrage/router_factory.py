@@ -15,6 +15,7 @@ import torch
 
 from arbitrage.prm import resolve_device_dtype
 from arbitrage.router import MODEL_FREE_ROUTERS, ClassifierRouter, Router, RouterRequest
+from arbitrage.service import PartialService, method_stats, service_stats
 
 
 def build_router(cfg) -> Router:
@@ -94,7 +95,7 @@ def _saved_kind(path: str | Path) -> str | None:
     return None
 
 
-class InProcessRouter:
+class InProcessRouter(PartialService):
     """A model-free router (kind `probe` or `hidden`) served inside the caller's process: no actor, no RPC.
 
     It has a router actor's interface (async `predict`, `health`, `stats`), so the runtime
@@ -103,6 +104,8 @@ class InProcessRouter:
     microseconds, where a router actor costs a round trip per step. It pickles as its config
     and builds the router on first use, in the process that uses it.
     """
+
+    role = "router"
 
     def __init__(self, cfg):
         if cfg.kind not in MODEL_FREE_ROUTERS:
@@ -134,9 +137,5 @@ class InProcessRouter:
 
     def stats(self) -> dict:
         """This copy's calls (each coordinator holds its own copy)."""
-        return {
-            "role": "router",
-            "in_process": True,
-            "forward_calls": 0,
-            "methods": {"predict": {"batch_sizes": {1: self.calls} if self.calls else {}, "busy_s": self.busy_s}},
-        }
+        predict = method_stats({1: self.calls} if self.calls else {}, self.busy_s)
+        return service_stats("router", {"predict": predict}, in_process=True)

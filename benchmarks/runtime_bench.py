@@ -16,8 +16,9 @@ same with a CUDA stream per engine (ARBITRAGE_COLOCATED_STREAMS=1; experimental:
 the H200). The JSON is written
 after each layout, so a cut-off run keeps the layouts that finished.
 
-`--coloc-gates name=TS:TH:TG:DS:DH,...` (colocated layouts) also runs the coordinator under other
-admission gates (target share, max hold s, idle grace s; draft share, max hold s; see
+`--coloc-gates name=TS:TH:TG:DS:DH[:TB],...` (colocated layouts) also runs the coordinator under other
+admission gates (target share, max hold s, idle grace s; draft share, max hold s; target balance,
+the cost rule; see
 arbitrage/colocated.py `Gate`), set on the live actor after the default gates' rows:
 coordinator only, same chain counts, `gate_sweep` in the JSON.
 
@@ -204,9 +205,9 @@ def gate_sweep(rt, a) -> dict[str, list[dict]]:
     default = ray.get(coloc_actor(rt).gates.remote())
     for spec in [x for x in a.coloc_gates.split(",") if x]:
         name, vals = spec.split("=")
-        ts, th, tg, ds, dh = (float(v) for v in vals.split(":"))
+        ts, th, tg, ds, dh, *tb = (float(v) for v in vals.split(":"))
         gates = {
-            "target": {"share": ts, "max_hold_s": th, "idle_grace_s": tg},
+            "target": {"share": ts, "max_hold_s": th, "idle_grace_s": tg, "balance": tb[0] if tb else 0.0},
             "draft": {"share": ds, "max_hold_s": dh},
         }
         ray.get(coloc_actor(rt).set_gates.remote(gates))

@@ -142,56 +142,21 @@ def collect_on_runtime(
     import asyncio
 
     from actors.backend import RayBackend
-    from arbitrage.collect import (
-        CollectStats,
-        RowSink,
-        collect_meta,
-        load_collected,
-        pending_items,
-        record,
-        rows_from_chain,
-        sample_targets,
-    )
-    from arbitrage.loop import LoopSettings
-    from arbitrage.types import FAILED_STOPS
+    from arbitrage.collect import Collection
     from cluster.progress import poll_coordinators
     from cluster.runtime import Runtime
 
-    done = load_collected(out)
-    todo = pending_items(problems, done)
-    stats = CollectStats(problems_done_before=len(done))
-    if not todo:
-        return stats
-    settings, meta = LoopSettings.from_config(cfg), collect_meta(cfg, k, temperature)
-    by_id = {it.id: it for it in todo}
-    sink = RowSink(out)
-    t0 = time.perf_counter()
-    owned = rt is None
-    try:
-        with (
-            Runtime(cfg) if owned else nullcontext(rt) as rt,
-            poll_coordinators(progress, rt.coordinators) if progress is not None else nullcontext(),
-        ):
-            backend = RayBackend(rt.handles)
-
-            def on_result(r: dict) -> None:
-                rows = None
-                if r["stop_reason"] not in FAILED_STOPS:
-                    extra = (
-                        asyncio.run(
-                            sample_targets(backend, settings, by_id[r["problem_id"]], r["steps"], k - 1, temperature)
-                        )
-                        if k > 1
-                        else None
-                    )
-                    rows = rows_from_chain(r, extra, meta)
-                record(stats, sink, r, rows, on_problem)
-
-            rt.run(todo, "oracle", 0.0, on_result=on_result)
-    finally:
-        sink.close()
-        stats.elapsed_s = time.perf_counter() - t0
-    return stats
+    job = Collection(cfg, problems, out, k, temperature, on_problem)
+    if not job.todo:
+        return job.stats
+    with (
+        job,
+        Runtime(cfg) if rt is None else nullcontext(rt) as rt,
+        poll_coordinators(progress, rt.coordinators) if progress is not None else nullcontext(),
+    ):
+        backend = RayBackend(rt.handles)
+        rt.run(job.todo, "oracle", 0.0, on_result=lambda r: asyncio.run(job.finish(backend, r)))
+    return job.stats
 
 
 def train_router(

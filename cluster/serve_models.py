@@ -2,7 +2,7 @@
 
 `ServedModel` is `actors.model_actor.ModelActor` (dynamic batching inside each replica);
 `TargetGroupServer` is one whole tensor-parallel target group per replica, so the target
-deployment scales by whole groups. Both answer the `actors.protocol.ModelService` methods.
+deployment scales by whole groups. Both answer the `arbitrage.service.ModelService` methods.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import asyncio
 import logging
 
 from actors.model_actor import ModelActor
+from arbitrage.service import PartialService
 from cluster.serve_metrics import MetricSet, Pusher
 
 logger = logging.getLogger("ray.serve")
@@ -56,19 +57,21 @@ class ServedModel(ModelActor):
         return batch_metrics(self.role, methods, queues)
 
 
-class TargetGroupServer:
+class TargetGroupServer(PartialService):
     """A tensor-parallel target (`actors.target_group.TargetGroupHost`) behind one Serve replica.
 
     One replica is one whole group, so autoscaling the target deployment adds or removes whole
     groups. The host restarts the whole group when a rank dies (and a watchdog does so while idle).
     """
 
+    role = "target"
+
     def __init__(self, cfg: dict, metrics=None):
         from actors.target_group import TargetGroupHost  # lazy: DeepSpeed / torch.distributed
 
         self.host = TargetGroupHost(cfg)
         self._stats: dict = {}
-        self._pusher = Pusher(metrics, lambda: batch_metrics("target", {"generate_step": self._stats}))
+        self._pusher = Pusher(metrics, lambda: batch_metrics("target", self._stats.get("methods", {})))
 
     async def generate_step(self, req):
         """Decode one step on every rank (StepRequest -> StepOutput)."""

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from actors.backend import RayBackend
+from actors.backend import RayBackend, merge_role_stats
+from arbitrage.service import ModelService, check_service_stats, method_stats, service_stats
 from arbitrage.types import StepRequest
 
 
@@ -22,10 +23,9 @@ class FakeReplica:
         return self.name
 
     def stats(self) -> dict:
-        return {
-            "methods": {"generate_step": {"batch_sizes": {1: len(self.seen)}, "busy_s": 0.5}},
-            "forward_calls": 2 * len(self.seen),
-        }
+        return service_stats(
+            "target", {"generate_step": method_stats({1: len(self.seen)}, 0.5)}, forward_calls=2 * len(self.seen)
+        )
 
 
 def test_chains_stick_to_one_replica_others_round_robin():
@@ -51,3 +51,34 @@ def test_missing_role_and_unknown_role_are_clear():
         asyncio.run(backend.target_step(StepRequest(problem="p")))
     with pytest.raises(ValueError, match="unknown role 'verifier'"):
         RayBackend({"verifier": [FakeReplica("v")]})
+
+
+def test_every_service_kind_implements_the_contract():
+    from actors.colocated_actor import RoleView
+    from actors.model_actor import ModelActor
+    from actors.target_group import TargetGroup, TargetGroupHost
+    from arbitrage.router_factory import InProcessRouter
+    from cluster.serve_models import ServedModel, TargetGroupServer
+
+    for cls in (ModelActor, ServedModel, TargetGroup, TargetGroupHost, TargetGroupServer, RoleView, InProcessRouter):
+        assert issubclass(cls, ModelService), cls.__name__
+    assert not issubclass(FakeReplica, ModelService)  # it lacks score, predict and health
+
+
+def test_stats_follow_one_schema_and_a_flat_report_is_refused():
+    s = service_stats("draft", {"generate_step": method_stats({4: 2}, 1.0)}, forward_calls=3, engine={"x": 1}, pid=7)
+    assert check_service_stats(s) == {
+        "role": "draft",
+        "methods": {"generate_step": {"batch_sizes": {4: 2}, "busy_s": 1.0, "isolated": 0}},
+        "busy_s": 1.0,
+        "forward_calls": 3,
+        "engine": {"x": 1},
+        "pid": 7,
+    }
+    with pytest.raises(ValueError, match=r"shadow the schema's"):
+        service_stats("draft", {}, busy_s=2.0)
+    with pytest.raises(ValueError, match=r"method 'score' lack \['busy_s'\]"):
+        service_stats("prm", {"score": {"batch_sizes": {}}})
+    flat = {"batch_sizes": {1: 3}, "busy_s": 0.5, "forward_calls": 3}  # what a TP group used to send
+    with pytest.raises(ValueError, match=r"service stats lack \['role', 'methods', 'engine'\]"):
+        merge_role_stats("target", [flat])

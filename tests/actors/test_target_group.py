@@ -91,10 +91,10 @@ def test_chain_kv_reuse_across_steps_matches_unsplit_model(group, reference):
     second = [
         StepRequest(problem=r.problem, steps=("First, think.",), params=r.params, chain_id=r.chain_id) for r in first
     ]
-    reused_before, ref_before = group.stats()["reused_tokens"], reference.reused_tokens
+    reused_before, ref_before = group.stats()["engine"]["reused_tokens"], reference.reused_tokens
     outs = asyncio.run(group.generate_steps(second))
     want = reference.generate_steps(second)
-    reused = group.stats()["reused_tokens"] - reused_before
+    reused = group.stats()["engine"]["reused_tokens"] - reused_before
     assert reused > 0 and reused == reference.reused_tokens - ref_before
     assert [(o.text, o.num_tokens) for o in outs] == [(w.text, w.num_tokens) for w in want]
 
@@ -106,7 +106,7 @@ def test_concurrent_steps_share_a_batch(group, reference):
     outs = asyncio.run(fire())
     want = reference.generate_steps(requests())
     assert [o.text for o in outs] == [w.text for w in want]
-    assert any(size > 1 for size in group.stats()["batch_sizes"]), group.stats()
+    assert any(size > 1 for size in group.stats()["methods"]["generate_step"]["batch_sizes"]), group.stats()
 
 
 def test_sampled_steps_agree_across_ranks_and_with_unsplit(group, reference):
@@ -189,7 +189,7 @@ def test_fast_engine_tp2_matches_unsplit_fast_engine(ray_local, random_cfg):
             for batch in (first, second):
                 outs, want = asyncio.run(g.generate_steps(batch)), ref.generate_steps(batch)
                 assert [(o.text, o.num_tokens) for o in outs] == [(w.text, w.num_tokens) for w in want]
-            assert g.stats()["reused_tokens"] == ref.reused_tokens > 0
+            assert g.stats()["engine"]["reused_tokens"] == ref.reused_tokens > 0
     finally:
         g.shutdown()
 

@@ -6,12 +6,14 @@ async copies, async prefill) is `-m gpu`."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 
 import pytest
 import torch
 
-from arbitrage.colocated import DRAFT_GATE, TARGET_GATE, ColocatedEngine, ColocatedScheduler, Gate
+from arbitrage.colocated import DRAFT_GATE, EAGER, TARGET_GATE, ColocatedEngine, ColocatedScheduler, Gate
 from arbitrage.engine import HFStepEngine
 from arbitrage.tiny import random_causal_lm
 from arbitrage.types import SamplingParams, StepRequest
@@ -58,6 +60,43 @@ def _chains(engine, steps=3, replace="c1"):
         for c, o in zip(hist, got):
             hist[c].append("replaced step" if c == replace and k == 0 else o.text)
     return outs
+
+
+@contextlib.contextmanager
+def _pair(tokenizer, draft_gate=EAGER, target_gate=EAGER, target_shape="tiny-llama", slots=4, context=1024, **sched):
+    """(draft, target, draft model, target model) on one scheduler, closed on exit; seeds 1 and 2."""
+    device = "cuda" if sched.get("streams") is not None else "cpu"
+    dm = random_causal_lm("tiny-llama", seed=1, device=device)
+    tm = random_causal_lm(target_shape, seed=2, device=device)
+    scheduler = ColocatedScheduler(**sched)
+    try:
+        kw = dict(max_context=context, max_slots=slots)
+        d = ColocatedEngine(dm, tokenizer, scheduler, gate=draft_gate, **kw)
+        t = ColocatedEngine(tm, tokenizer, scheduler, gate=target_gate, **kw)
+        yield d, t, dm, tm
+    finally:
+        scheduler.close()
+
+
+def _concurrent_equal(tokenizer, d, t, dm, tm, rounds: int) -> None:
+    """`rounds` callers per engine at once get exactly the HF StepEngine's outputs."""
+    want = {
+        "d": HFStepEngine(dm, tokenizer, kv_cache_tokens=0).generate_steps(_reqs()),
+        "t": HFStepEngine(tm, tokenizer, kv_cache_tokens=0).generate_steps(_reqs()),
+    }
+    got: dict[str, list] = {}
+    threads = [
+        threading.Thread(target=lambda n=n, e=e, i=i: got.__setitem__(f"{n}{i}", e.generate_steps(_reqs())))
+        for i in range(rounds)
+        for n, e in (("d", d), ("t", t))
+    ]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    assert len(got) == 2 * rounds
+    for key, outs in got.items():
+        _same(outs, want[key[0]])
 
 
 @pytest.fixture(scope="module")
@@ -139,32 +178,10 @@ def test_tensor_parallel_engine_is_refused(tokenizer):
 def test_gated_engines_equal_step_engine_under_concurrency(tokenizer):
     """The default role gates (draft batches admissions, target waits for a share) change when
     rows run, never what they produce; every row is admitted in the end."""
-    dm, tm = random_causal_lm("tiny-llama", seed=1), random_causal_lm("tiny-llama-wide", seed=2)
-    sched = ColocatedScheduler()
-    try:
-        d = ColocatedEngine(dm, tokenizer, sched, gate=DRAFT_GATE, max_context=1024, max_slots=8)
-        t = ColocatedEngine(tm, tokenizer, sched, gate=TARGET_GATE, max_context=1024, max_slots=8)
-        want = {
-            "d": HFStepEngine(dm, tokenizer, kv_cache_tokens=0).generate_steps(_reqs()),
-            "t": HFStepEngine(tm, tokenizer, kv_cache_tokens=0).generate_steps(_reqs()),
-        }
-        got: dict[str, list] = {}
-        threads = [
-            threading.Thread(target=lambda n=n, e=e, i=i: got.__setitem__(f"{n}{i}", e.generate_steps(_reqs())))
-            for i in range(3)
-            for n, e in (("d", d), ("t", t))
-        ]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(timeout=120)
-        assert len(got) == 6
-        for key, outs in got.items():
-            _same(outs, want[key[0]])
+    with _pair(tokenizer, DRAFT_GATE, TARGET_GATE, target_shape="tiny-llama-wide", slots=8) as (d, t, dm, tm):
+        _concurrent_equal(tokenizer, d, t, dm, tm, rounds=3)
         assert t.stats["admitted_rows"] == 12 and d.stats["admitted_rows"] == 12
         assert t.stats["decode_rows"] >= t.stats["decode_steps"] > 0
-    finally:
-        sched.close()
 
 
 def _long(i, tokens=600):
@@ -174,18 +191,8 @@ def _long(i, tokens=600):
 def test_gate_holds_rows_while_another_engine_decodes(tokenizer):
     """A target row that is not yet a share of the rows held waits while the draft decodes, and
     is admitted once the draft is idle (its step ends after every draft row's)."""
-    sched = ColocatedScheduler()
     order: list[str] = []
-    try:
-        d = ColocatedEngine(random_causal_lm("tiny-llama", seed=1), tokenizer, sched, max_context=1024, max_slots=4)
-        t = ColocatedEngine(
-            random_causal_lm("tiny-llama", seed=2),
-            tokenizer,
-            sched,
-            gate=Gate(share=1.0, max_hold_s=600),
-            max_context=1024,
-            max_slots=4,
-        )
+    with _pair(tokenizer, target_gate=Gate(share=1.0, max_hold_s=600)) as (d, t, _, _):
         fd = d.submit_steps([_long(i, 40) for i in range(3)])
         ft = t.submit_steps([_req("held", forced_tokens=4)])
         for name, fs in (("d", fd), ("t", ft)):
@@ -194,25 +201,13 @@ def test_gate_holds_rows_while_another_engine_decodes(tokenizer):
         assert [f.result(timeout=120).num_tokens for f in fd + ft] == [40, 40, 40, 4]
         assert order == ["d", "d", "d", "t"]
         assert t.stats["held_turns"] > 0 and t.stats["admitted_mid_decode"] == 0
-    finally:
-        sched.close()
 
 
 def test_gate_opens_at_its_bound_and_for_a_judge(tokenizer):
     """max_hold_s wakes the scheduler and admits a held row while the other engine still decodes;
     next-token logits (a judge) pass a closed gate at once."""
-    sched = ColocatedScheduler()
     order: list[str] = []
-    try:
-        d = ColocatedEngine(random_causal_lm("tiny-llama", seed=1), tokenizer, sched, max_context=1024, max_slots=4)
-        t = ColocatedEngine(
-            random_causal_lm("tiny-llama", seed=2),
-            tokenizer,
-            sched,
-            gate=Gate(share=2.0, max_hold_s=0.001),
-            max_context=1024,
-            max_slots=4,
-        )
+    with _pair(tokenizer, target_gate=Gate(share=2.0, max_hold_s=0.001)) as (d, t, _, _):
         fd = d.submit_steps([_long(i, 900) for i in range(2)])
         ft = t.submit_steps([_req("bounded", forced_tokens=2)])
         for name, fs in (("d", fd), ("t", ft)):
@@ -224,29 +219,35 @@ def test_gate_opens_at_its_bound_and_for_a_judge(tokenizer):
         assert logits.shape[0] == 1 and not all(f.done() for f in fd)
         assert [f.result(timeout=300).num_tokens for f in fd] == [900, 900]
         assert order[0] == "t"
-    finally:
-        sched.close()
 
 
 def test_gate_opens_after_the_idle_grace_without_another_event(tokenizer):
     """A row no share admits waits while the other engine decodes and then out the grace once it
     is idle; the scheduler wakes for it by itself (no later submit)."""
-    sched = ColocatedScheduler()
-    try:
-        d = ColocatedEngine(random_causal_lm("tiny-llama", seed=1), tokenizer, sched, max_context=256, max_slots=2)
-        t = ColocatedEngine(
-            random_causal_lm("tiny-llama", seed=2),
-            tokenizer,
-            sched,
-            gate=Gate(share=2.0, idle_grace_s=0.05),
-            max_context=256,
-            max_slots=2,
-        )
+    with _pair(tokenizer, target_gate=Gate(share=2.0, idle_grace_s=0.05), slots=2, context=256) as (d, t, _, _):
         fd = d.submit_steps([_long(0, 30)])
         assert t.generate_steps([_req("alone", forced_tokens=3)])[0].num_tokens == 3
         assert fd[0].done() and t.stats["held_turns"] > 0 and t.stats["admitted_rows"] == 1
-    finally:
-        sched.close()
+
+
+@pytest.mark.parametrize("balance, target_first", [(1e-9, True), (1e9, False)])
+def test_cost_rule_admits_when_the_wait_outweighs_the_delay(tokenizer, balance, target_first):
+    """The balance gate weighs the held rows' wait against the delay to the draft's running rows:
+    a tiny balance admits while the draft decodes, a huge one holds the row until the draft is
+    done (then the GPU would idle, and the row is admitted)."""
+    order: list[str] = []
+    with _pair(tokenizer, target_gate=Gate(share=0.0, balance=balance)) as (d, t, _, _):
+        assert t.generate_steps([_req("alone", forced_tokens=2)])[0].num_tokens == 2  # measures a step
+        assert t.step_floor_s is not None and t.step_floor_s > 0
+        fd = d.submit_steps([_long(i, 300) for i in range(2)])
+        while not d.stats["decode_steps"]:  # the draft rows are running
+            time.sleep(0.001)
+        ft = t.submit_steps([_req("weighed", forced_tokens=2)])
+        for name, fs in (("d", fd), ("t", ft)):
+            for f in fs:
+                f.add_done_callback(lambda _, name=name: order.append(name))
+        assert [f.result(timeout=300).num_tokens for f in fd + ft] == [300, 300, 2]
+        assert (order[0] == "t") == target_first, order
 
 
 def test_layout_is_a_config_field(tiny_config):
@@ -264,33 +265,11 @@ def test_layout_is_a_config_field(tiny_config):
 @pytest.mark.parametrize("streams", [True, False])
 def test_cuda_colocated_equals_step_engine(tokenizer, streams):
     """CUDA graphs, one stream per engine (or one shared), pinned async stats: same outputs as HF."""
-    dm = random_causal_lm("tiny-llama", seed=1, device="cuda")
-    tm = random_causal_lm("tiny-qwen2", seed=2, device="cuda")
-    sched = ColocatedScheduler(streams=streams)
-    try:
-        d = ColocatedEngine(dm, tokenizer, sched, max_context=1024, max_slots=8)
-        t = ColocatedEngine(tm, tokenizer, sched, max_context=1024, max_slots=8)
-        assert (
-            d.stream is not None
-        ) == streams and d.graphs is not None  # streams: tiny models only (see ColocatedScheduler)
+    with _pair(tokenizer, target_shape="tiny-qwen2", slots=8, streams=streams) as (d, t, dm, tm):
+        assert (d.stream is not None) == streams and d.graphs is not None  # streams: tiny models only
+        _concurrent_equal(tokenizer, d, t, dm, tm, rounds=2)
         ref_d, ref_t = HFStepEngine(dm, tokenizer, kv_cache_tokens=0), HFStepEngine(tm, tokenizer, kv_cache_tokens=0)
-        want = {"d": ref_d.generate_steps(_reqs()), "t": ref_t.generate_steps(_reqs())}
-        got: dict[str, list] = {}
-        threads = [
-            threading.Thread(target=lambda n=n, e=e, i=i: got.__setitem__(f"{n}{i}", e.generate_steps(_reqs())))
-            for i in range(2)
-            for n, e in (("d", d), ("t", t))
-        ]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(timeout=300)
-        assert len(got) == 4
-        for key, outs in got.items():
-            _same(outs, want[key[0]])
         _same(_chains(d), _chains(ref_d))
         _same(_chains(t), _chains(ref_t))
         ids = [[5, 6, 7, 8]]
         assert torch.allclose(t.next_token_logits(ids, [None]), ref_t.next_token_logits(ids, [None]), atol=1e-3)
-    finally:
-        sched.close()

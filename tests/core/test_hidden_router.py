@@ -9,6 +9,7 @@ import torch
 from arbitrage.hidden_router import HiddenRouter
 from arbitrage.router import RouterRequest
 from arbitrage.router_factory import InProcessRouter, build_router
+from arbitrage.service import check_service_stats
 from arbitrage.router_data import build_dataset
 from arbitrage.router_train import TrainSettings, train
 from arbitrage.value_prm import HeadTraining, ValueHead, train_value_head
@@ -53,6 +54,10 @@ def test_fit_learns_labels_the_prm_does_not_know_and_round_trips(tmp_path):
     # model-free: served inside the coordinator, like the probe
     in_proc = InProcessRouter(RouterConfig(kind="hidden", path=str(tmp_path / "r")))
     assert asyncio.run(in_proc.predict(_req(x[0]))) == pytest.approx(float(p[0]), abs=1e-6)
+    stats = check_service_stats(in_proc.stats())  # the one stats schema (arbitrage.service)
+    assert stats["role"] == "router" and stats["methods"]["predict"]["batch_sizes"] == {1: 1}
+    with pytest.raises(RuntimeError, match="router service does not serve 'generate_step'"):
+        asyncio.run(in_proc.generate_step(None))
 
 
 def test_missing_hidden_state_is_a_clear_error(tmp_path):
