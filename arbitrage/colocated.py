@@ -25,10 +25,11 @@ the next kernel of some engine while the CPU works.
 Gates: when an engine admits waiting rows. An 8B target's decode step costs about the same
 at 1 row as at 30 (it streams its weights either way), and on one GPU every target step is
 a step the draft does not take. So the target should decode few, large batches: its gate
-holds waiting rows until they are a `share` of the rows the engines hold, or the oldest has
-waited `max_hold_s`, or nothing else has been on the GPU for `idle_grace_s` (so one chain
-never waits long; the grace keeps the target out of the gap between two waves of draft
-requests, when the draft is empty for a few ms). Measured in docs/BENCHMARKS.md s.10. The draft's
+holds waiting rows until their summed wait outweighs the delay a target step would impose on
+the draft's running rows (`balance`, a cost rule), or they are all the rows held (`share`),
+or the oldest has waited `max_hold_s`, or nothing else has been on the GPU for
+`idle_grace_s` (so one chain never waits long; the grace keeps the target out of the gap
+between two waves of draft requests, when the draft is empty for a few ms). Measured in docs/BENCHMARKS.md s.10. The draft's
 gate batches admissions lightly (each admission is an eager prefill: host launch time).
 Rows that joined run to the end of their step; later arrivals wait for the gate again.
 `DRAFT_GATE` / `TARGET_GATE` are the defaults (`load_colocated_engines`); `share=0` admits
@@ -93,7 +94,7 @@ class Gate:
 
 
 DRAFT_GATE = Gate(share=0.125, max_hold_s=0.01)
-TARGET_GATE = Gate(share=0.3, max_hold_s=0.3, idle_grace_s=0.01)
+TARGET_GATE = Gate(share=1.0, max_hold_s=0.6, idle_grace_s=0.01, balance=1.0)
 EAGER = Gate()
 PEAK_HALF_LIFE_S = 1.0
 
