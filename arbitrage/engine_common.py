@@ -152,6 +152,20 @@ def update_stop(r: Row, tok: int, eos: set[int], tokenizer) -> None:
         r.done = len(r.ids) >= min(p.max_tokens, r.limit)
 
 
+def advance(
+    job: "Job", logits: torch.Tensor, greedy: int, greedy_lp: float, entropy: float, eos: set[int], tokenizer
+) -> bool:
+    """One decoded token of a step job: record it on its row, update the stop rules (separator,
+    EOS, the job's budget), keep it as the next token to feed; True once the step is done."""
+    r = job.row
+    assert r is not None, "a prompt-only job has no row to advance"
+    tok = record_token(r, logits, greedy, greedy_lp, entropy)
+    update_stop(r, tok, eos, tokenizer)
+    r.done = r.done or len(r.ids) >= job.budget
+    job.next_tok = tok
+    return r.done
+
+
 def step_output(r: Row, prompt_tokens: int, tokenizer) -> StepOutput:
     """The finished row as a StepOutput."""
     if r.params.forced_tokens is not None:

@@ -74,7 +74,7 @@ import torch.nn.functional as F
 
 from arbitrage import decode_attention
 from arbitrage.engine_base import QueuedStepEngine
-from arbitrage.engine_common import Job, SlotPool, eos_ids, pad_id, record_token, step_output, token_stats, update_stop
+from arbitrage.engine_common import Job, SlotPool, advance, eos_ids, pad_id, step_output, token_stats
 from configs.schema import kv_slots
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -655,13 +655,8 @@ class FastStepEngine(QueuedStepEngine):
                 self.slots.release(job.slot, keep=True)
                 done.add(job)
                 continue
-            r = job.row
-            tok = record_token(r, logits[i], int(greedy[i]), greedy_lp[i], entropy[i])
-            update_stop(r, tok, self.eos, self.tokenizer)
-            r.done = r.done or len(r.ids) >= job.budget
-            job.next_tok = tok
-            if r.done:
-                job.future.set_result(step_output(r, len(job.ids), self.tokenizer))
+            if advance(job, logits[i], int(greedy[i]), greedy_lp[i], entropy[i], self.eos, self.tokenizer):
+                job.future.set_result(step_output(job.row, len(job.ids), self.tokenizer))
                 self.slots.release(job.slot, keep=True)
                 done.add(job)
         if done:

@@ -40,12 +40,11 @@ from arbitrage.engine_base import QueuedStepEngine
 from arbitrage.engine_common import (
     Job,
     SlotPool,
+    advance,
     common_prefix,
     pad_id,
-    record_token,
     step_output,
     token_stats,
-    update_stop,
 )
 from configs.schema import kv_slots
 
@@ -397,13 +396,8 @@ class LlamaCppStepEngine(QueuedStepEngine):
                 job.future.set_result(logits[i])
                 self._retire(job, done)
                 continue
-            r = job.row
-            tok = record_token(r, logits[i], int(greedy[i]), greedy_lp[i], entropy[i])
-            update_stop(r, tok, self.eos, self.tokenizer)
-            r.done = r.done or len(r.ids) >= job.budget
-            job.next_tok = tok
-            if r.done:
-                out = step_output(r, len(job.ids), self.tokenizer)
+            if advance(job, logits[i], int(greedy[i]), greedy_lp[i], entropy[i], self.eos, self.tokenizer):
+                out = step_output(job.row, len(job.ids), self.tokenizer)
                 if self.embeddings:
                     out.hidden = self._embedding(out_index[i]).tolist()
                 job.future.set_result(out)

@@ -12,29 +12,12 @@ from arbitrage.engine import HFStepEngine
 from arbitrage.engine_common import SlotPool
 from arbitrage.fast_engine import FastStepEngine
 from arbitrage.tiny import random_causal_lm
-from arbitrage.types import SamplingParams, StepRequest
+from step_checks import assert_same_steps, step_request
 
 SHAPES = ["tiny-llama", "tiny-qwen2"]
 
 
-def _req(problem, steps=(), chain_id=None, **params):
-    return StepRequest(
-        problem=problem, steps=tuple(steps), system="sys", chain_id=chain_id, params=SamplingParams(**params)
-    )
-
-
-def _same(a, b, tol=1e-4):
-    """Two StepOutput lists agree: text, length, stop reason; log-probs and entropies within tol."""
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert (x.text, x.num_tokens, x.stop_reason, x.prompt_tokens) == (
-            y.text,
-            y.num_tokens,
-            y.stop_reason,
-            y.prompt_tokens,
-        )
-        assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < tol
-        assert max(abs(p - q) for p, q in zip(x.entropies, y.entropies)) < tol
+_req, _same = step_request, assert_same_steps
 
 
 @pytest.fixture(scope="module", params=SHAPES)
