@@ -163,6 +163,8 @@ class FixedRate(DecisionPolicy):
         return rng.random() < self.threshold
 
 
+THRESHOLD_FREE = ("draft_only", "target_only")  # the policies whose threshold means nothing
+
 POLICIES: dict[str, type[DecisionPolicy]] = {
     cls.name: cls for cls in (DraftOnly, TargetOnly, RSD, Oracle, RouterPolicy, Confidence, FixedRate)
 }

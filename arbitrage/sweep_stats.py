@@ -25,6 +25,8 @@ import random
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+from arbitrage.policies import THRESHOLD_FREE
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -183,6 +185,35 @@ def matched_difference(
     return None
 
 
+def versus_random(cells: Mapping[str, Cell], problems: Sequence[str], n_boot: int = 2000, seed: int = 0) -> list[dict]:
+    """Each threshold cell minus spending its target tokens at random: draft_only and target_only
+    mixed per problem to the cell's mean target tokens (a policy that escalates every step of a
+    random share of problems), paired by problem. A scorer that picks steps worth more than an
+    average target token lies above 0. Empty without both ends."""
+    ends = [c for c in cells.values() if c.policy in THRESHOLD_FREE]
+    if len(ends) < 2:
+        return []
+    out = []
+    for c in sorted(cells.values(), key=lambda c: (c.policy, c.threshold)):
+        if c.policy in THRESHOLD_FREE:
+            continue
+        m = matched_difference(ends, c, problems, n_boot, seed)
+        if m is None:
+            continue
+        d, lo, hi = m.difference  # random - cell
+        out.append(
+            {
+                "cell": c.label,
+                "tokens_per_problem": m.tokens,
+                "random_accuracy": m.accuracy,
+                "accuracy": m.reference_accuracy,
+                "difference": -d,
+                "ci": [-hi, -lo],
+            }
+        )
+    return out
+
+
 def research_summary(
     cells: Mapping[str, Cell],
     policy: str = "router",
@@ -193,8 +224,8 @@ def research_summary(
     """Per-cell accuracy intervals, acceptance and target tokens, and `policy` vs each baseline matched.
 
     Returns:
-        {"problems": n, "cells": [...], "matched": [...], "goal": {...}} over the problems
-        every cell shares.
+        {"problems": n, "cells": [...], "matched": [...], "vs_random": [...], "goal": {...}}
+        over the problems every cell shares.
     """
     problems = common_problems(cells.values())
     if not problems:
@@ -216,7 +247,7 @@ def research_summary(
         )
     curve = [c for c in cells.values() if c.policy == policy]
     # every threshold policy's ends: never escalate = draft_only's chains, always = target_only's
-    ends = [c for c in cells.values() if c.policy in ("draft_only", "target_only")]
+    ends = [c for c in cells.values() if c.policy in THRESHOLD_FREE]
     for base in baselines:
         for ref in sorted((c for c in cells.values() if c.policy == base), key=lambda c: c.threshold):
             m = matched_difference(curve + ends, ref, problems, n_boot, seed) if len(curve) else None
@@ -240,6 +271,7 @@ def research_summary(
                     ),
                 }
             )
+    out["vs_random"] = versus_random(cells, problems, n_boot, seed)
     target = next((c for c in cells.values() if c.policy == "target_only"), None)
     if target is not None:
         t_acc, t_tok = target.accuracy(problems), target.mean_target_tokens(problems)

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+from arbitrage.policies import THRESHOLD_FREE
 from arbitrage.types import FAILED_STOPS
-
-THRESHOLD_FREE = ("draft_only", "target_only")
 
 
 @dataclass(frozen=True)

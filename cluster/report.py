@@ -351,6 +351,21 @@ def research_section(
             f"({m['between'][0]} / {m['between'][1]}, w={m['weight']:.2f}) | {m['baseline_accuracy']:.3f} | "
             f"{m['difference']:+.3f} | {m['ci'][0]:+.3f}..{m['ci'][1]:+.3f} |"
         )
+    if res["vs_random"]:
+        lines += [
+            "",
+            "Each cell minus spending its target tokens at random (draft_only and target_only mixed per "
+            "problem to the cell's target tokens); paired bootstrap by problem. Above 0: the policy's "
+            "escalations are worth more than an average target token.",
+            "",
+            "| cell | target tokens / problem | cell accuracy | random mix | difference | 95% CI |",
+            "|---|---|---|---|---|---|",
+        ]
+        for v in res["vs_random"]:
+            lines.append(
+                f"| {v['cell']} | {v['tokens_per_problem']:.1f} | {v['accuracy']:.3f} | {v['random_accuracy']:.3f} | "
+                f"{v['difference']:+.3f} | {v['ci'][0]:+.3f}..{v['ci'][1]:+.3f} |"
+            )
     return "\n".join(lines) + "\n", _plot_tokens(res, out_dir)
 
 

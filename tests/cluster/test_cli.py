@@ -26,6 +26,11 @@ def problems_file(tmp_path):
     return p
 
 
+def _tiny(command: str, dataset, out, *options: str) -> list[str]:
+    """`arbitrage COMMAND --config tiny --in-process --dataset D OPTIONS... --out OUT` as argv."""
+    return [command, "--config", "tiny", "--in-process", "--dataset", str(dataset), *options, "--out", str(out)]
+
+
 def _table_rows(stdout: str) -> dict[str, str]:
     """Summary-table rows by group label (the first column)."""
     lines = stdout.splitlines()
@@ -40,20 +45,7 @@ def _table_rows(stdout: str) -> dict[str, str]:
 
 def test_run_in_process_writes_into_missing_folders_and_prints_the_table(tmp_path, problems_file):
     out = tmp_path / "new" / "nested" / "traces.jsonl"
-    r = _cli(
-        "run",
-        "--config",
-        "tiny",
-        "--in-process",
-        "--policy",
-        "router",
-        "--threshold",
-        "0.5",
-        "--dataset",
-        str(problems_file),
-        "--out",
-        str(out),
-    )
+    r = _cli(*_tiny("run", problems_file, out, "--policy", "router", "--threshold", "0.5"))
     assert r.returncode == 0, r.stderr
     assert "[3/3]" in r.stdout and "Traceback" not in r.stderr
     rows = _table_rows(r.stdout)
@@ -67,21 +59,9 @@ def test_run_in_process_writes_into_missing_folders_and_prints_the_table(tmp_pat
 
 def test_eval_then_report_into_missing_folders_and_resume_says_nothing_to_do(tmp_path, problems_file):
     out = tmp_path / "runs" / "deep" / "sweep"
-    args = [
-        "eval",
-        "--config",
-        "tiny",
-        "--in-process",
-        "--dataset",
-        str(problems_file),
-        "--limit",
-        "2",
-        "--groups",
-        "draft_only,router@0.5,target_only",
-        "--no-step-cache",
-        "--out",
-        str(out),
-    ]
+    args = _tiny(
+        "eval", problems_file, out, "--limit", "2", "--groups", "draft_only,router@0.5,target_only", "--no-step-cache"
+    )
     r = _cli(*args)
     assert r.returncode == 0, r.stderr
     rows = _table_rows(r.stdout)
@@ -106,20 +86,7 @@ def test_eval_then_report_into_missing_folders_and_resume_says_nothing_to_do(tmp
 
 def test_a_resumed_in_process_sweep_keeps_the_step_cache_of_the_run_before(tmp_path, problems_file):
     out = tmp_path / "sweep"
-    args = [
-        "eval",
-        "--config",
-        "tiny",
-        "--in-process",
-        "--dataset",
-        str(problems_file),
-        "--limit",
-        "2",
-        "--groups",
-        "draft_only,rsd@0.5",
-        "--out",
-        str(out),
-    ]
+    args = _tiny("eval", problems_file, out, "--limit", "2", "--groups", "draft_only,rsd@0.5")
     r = _cli(*args)
     assert r.returncode == 0, r.stderr
     assert "step cache: 0 answers from earlier runs" in r.stderr
@@ -138,18 +105,7 @@ def test_a_resumed_in_process_sweep_keeps_the_step_cache_of_the_run_before(tmp_p
 
 def test_collect_in_process_writes_into_missing_folders(tmp_path, problems_file):
     out = tmp_path / "data" / "new" / "collect.jsonl"
-    args = [
-        "collect",
-        "--config",
-        "tiny",
-        "--in-process",
-        "--dataset",
-        str(problems_file),
-        "--limit",
-        "1",
-        "--out",
-        str(out),
-    ]
+    args = _tiny("collect", problems_file, out, "--limit", "1")
     r = _cli(*args)
     assert r.returncode == 0, r.stderr
     assert out.is_file() and out.read_text().strip()
@@ -237,22 +193,7 @@ def test_ctrl_c_says_what_is_kept_and_exits_130(tmp_path):
     )
     out = tmp_path / "sweep"
     p = subprocess.Popen(
-        CLI
-        + [
-            "eval",
-            "--config",
-            "tiny",
-            "--in-process",
-            "--dataset",
-            str(probs),
-            "--groups",
-            "draft_only",
-            "--no-step-cache",
-            "--limit",
-            "2000",
-            "--out",
-            str(out),
-        ],
+        CLI + _tiny("eval", probs, out, "--groups", "draft_only", "--no-step-cache", "--limit", "2000"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

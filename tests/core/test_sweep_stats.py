@@ -103,6 +103,22 @@ def test_draft_only_is_the_low_end_of_every_policy_curve():
     assert m["difference"] == pytest.approx(0.0625)
 
 
+def test_each_cell_is_compared_with_spending_its_tokens_at_random():
+    # draft_only right on a; target_only right on a, b, c, d (40 tokens each); rsd spends 10
+    # tokens a problem and is right on a, b: the random mix at 10 tokens is 0.75 * 0.25 + 0.25 * 1
+    probs = ["a", "b", "c", "d"]
+    rows = [_row(p, "draft_only", 0, p == "a", [("draft", 10, 10, 0)]) for p in probs]
+    rows += [_row(p, "target_only", 0, True, [("target", 40, 0, 40)]) for p in probs]
+    rows += [_row(p, "rsd", 0.3, p in ("a", "b"), [("target", 10, 10, 10)]) for p in probs]
+    res = research_summary(cells_from_rows(rows, _label), baselines=(), n_boot=200)
+    (v,) = res["vs_random"]
+    assert v["cell"] == "rsd@0.3" and v["tokens_per_problem"] == pytest.approx(10.0)
+    assert v["random_accuracy"] == pytest.approx(0.4375) and v["accuracy"] == pytest.approx(0.5)
+    assert v["difference"] == pytest.approx(0.0625) and v["ci"][0] <= 0.0625 <= v["ci"][1]
+    no_ends = research_summary(cells_from_rows([r for r in rows if r["policy"] != "target_only"], _label), baselines=())
+    assert no_ends["vs_random"] == []
+
+
 def test_research_section_leaves_out_unfinished_cells_and_titles_its_plot(tmp_path):
     import json
 
