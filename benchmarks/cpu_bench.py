@@ -8,6 +8,9 @@ In one run on this machine (ratios are measured side by side; the machine is sha
 2. the loop end to end: generated tok/s (draft + target tokens of finished chains / wall)
    for `draft_only`, `rsd` and `router` with 1 and `--chains` chains, in-process and through
    the Ray runtime (start-up excluded), on `--engine` (default llamacpp), GSM8K test problems.
+Each loop cell also records where its wall time went (`split`): each engine's time inside
+`llama_decode` and waiting for the CPU lock, the tokens it fed (prompt tails and generated
+tokens), and the time outside decode (the loop, batching, RPCs, tokenization, sampling).
 It prints the ratios the issue's goals name and writes JSON (`--out`).
 
     python benchmarks/cpu_bench.py --out benchmarks/results/cpu_bench.json
@@ -91,6 +94,37 @@ def raw_decode(cfg, role: str, batch_sizes: list[int], steps: int) -> dict:
     return out
 
 
+SPLIT_COUNTERS = ("busy_s", "lock_wait_s", "decode_calls", "decode_tokens")  # LlamaCppStepEngine.stats
+
+
+def engine_counters(rt=None, backend=None) -> dict[str, dict[str, float]]:
+    """Draft and target engine counters now (`llama_decode` time, tokens fed), from the
+    model actors' stats (Ray) or the in-process engines."""
+    out: dict[str, dict[str, float]] = {}
+    for role in ("draft", "target"):
+        if rt is not None:
+            reps = rt.stats()["roles"].get(role, {}).get("replicas", [])
+            engines = [r.get("engine", {}) for r in reps]
+        else:
+            e = getattr(backend, role, None)
+            engines = [dict(getattr(e, "stats", None) or {})]
+        out[role] = {k: float(sum(en.get(k, 0) for en in engines)) for k in SPLIT_COUNTERS}
+    return out
+
+
+def stage_split(before: dict, after: dict, wall: float) -> dict:
+    """Where a cell's wall time went: each engine inside llama_decode, waiting for the CPU lock,
+    and the rest (the loop, batching, RPCs, tokenization, sampling in Python)."""
+    d = {role: {k: after[role][k] - before[role][k] for k in SPLIT_COUNTERS} for role in after}
+    busy = sum(v["busy_s"] for v in d.values())
+    return {
+        "engines": d,
+        "decode_busy_s": busy,
+        "outside_decode_s": wall - busy,
+        "fed_tokens": sum(v["decode_tokens"] for v in d.values()),
+    }
+
+
 def loop_cell(cfg, policy: str, n_chains: int, n_problems: int, mode: str, rt=None, backend=None) -> dict:
     """Generated tok/s of one policy over `n_problems` with `n_chains` in flight."""
     from arbitrage.data import load_problems
@@ -99,12 +133,14 @@ def loop_cell(cfg, policy: str, n_chains: int, n_problems: int, mode: str, rt=No
     cfg = cfg.with_overrides(**{"runtime.max_concurrent_chains": n_chains, "generation.step_cache": False})
     problems = load_problems(cfg.data.model_copy(update={"limit": n_problems, "split": "test"}))
     items = [{"id": p.id, "problem": p.problem, "answer": p.answer} for p in problems]
+    before = engine_counters(rt, backend)
     t0 = time.perf_counter()
     if mode == "ray":
         rows = rt.run(items, policy, cfg.policy.threshold)
     else:
         rows = run_in_process(cfg, items, policy, cfg.policy.threshold, backend=backend)
     wall = time.perf_counter() - t0
+    split = stage_split(before, engine_counters(rt, backend), wall)
     tokens = sum(r["draft_tokens"] + r["target_tokens"] for r in rows)
     accepted = sum(s["num_tokens"] for r in rows for s in r["steps"])
     res = {
@@ -117,10 +153,12 @@ def loop_cell(cfg, policy: str, n_chains: int, n_problems: int, mode: str, rt=No
         "accepted_tokens": accepted,
         "tok_s": tokens / wall,
         "errors": sum(1 for r in rows if r.get("error")),
+        "split": split,
     }
     print(
         f"  {mode:10s} {policy:11s} chains={n_chains:2d}: {res['tok_s']:6.1f} tok/s "
-        f"({tokens} tokens in {wall:.1f}s, {res['errors']} errors)",
+        f"({tokens} tokens in {wall:.1f}s, {res['errors']} errors); in llama_decode {split['decode_busy_s']:.1f}s "
+        f"for {split['fed_tokens']:.0f} tokens fed, outside it {split['outside_decode_s']:.1f}s",
         flush=True,
     )
     return res
