@@ -26,11 +26,11 @@ Gates: when an engine admits waiting rows. An 8B target's decode step costs abou
 at 1 row as at 30 (it streams its weights either way), and on one GPU every target step is
 a step the draft does not take. So the target should decode few, large batches: its gate
 holds waiting rows until their summed wait outweighs the delay a target step would impose on
-the draft's running rows (`balance`, a cost rule), or they are all the rows held (`share`),
+the draft's running rows (`balance`, a cost rule), or they are a `share` of the rows held,
 or the oldest has waited `max_hold_s`, or nothing else has been on the GPU for
 `idle_grace_s` (so one chain never waits long; the grace keeps the target out of the gap
-between two waves of draft requests, when the draft is empty for a few ms). Measured in docs/BENCHMARKS.md s.10. The draft's
-gate batches admissions lightly (each admission is an eager prefill: host launch time).
+between two waves of draft requests, when the draft is empty for a few ms). Measured in
+docs/BENCHMARKS.md s.10 and s.10.1. The draft's gate batches admissions lightly (each admission is an eager prefill: host launch time).
 Rows that joined run to the end of their step; later arrivals wait for the gate again.
 `DRAFT_GATE` / `TARGET_GATE` are the defaults (`load_colocated_engines`); `share=0` admits
 at once (the engine's own continuous batching).

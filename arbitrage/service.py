@@ -102,10 +102,7 @@ def service_stats(
     clash = set(extra) & set(STATS_KEYS)
     if clash:
         raise ValueError(f"extra stats keys {sorted(clash)} shadow the schema's")
-    for name, m in methods.items():
-        missing = [k for k in METHOD_STATS_KEYS if k not in m]
-        if missing:
-            raise ValueError(f"stats of method {name!r} lack {missing}")
+    _check_methods(methods)
     return {
         "role": role,
         "methods": {name: dict(m) for name, m in methods.items()},
@@ -121,8 +118,12 @@ def check_service_stats(stats: dict[str, Any]) -> dict[str, Any]:
     missing = [k for k in STATS_KEYS if k not in stats]
     if missing:
         raise ValueError(f"service stats lack {missing}: {sorted(stats)}")
-    for name, m in stats["methods"].items():
+    _check_methods(stats["methods"])
+    return stats
+
+
+def _check_methods(methods: dict[str, dict[str, Any]]) -> None:
+    for name, m in methods.items():
         lack = [k for k in METHOD_STATS_KEYS if k not in m]
         if lack:
             raise ValueError(f"stats of method {name!r} lack {lack}")
-    return stats

@@ -13,31 +13,29 @@ paired by problem with a 95% bootstrap interval (not matched on target tokens: s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 
-def label(policy: str, tau: float) -> str:
-    return policy if policy in ("draft_only", "target_only") else f"{policy}@{tau:g}"
-
-
 def main(argv=None) -> int:
+    from arbitrage.policies import THRESHOLD_FREE
     from arbitrage.sweep_stats import cells_from_rows, common_problems, paired_difference
+    from cluster.evaluate import load_results
+    from cluster.report import group_label as label
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--pair", action="append", default=[], help="A,B: cell labels as `arbitrage report` names them")
     args = p.parse_args(argv)
-    rows = [json.loads(x) for x in (args.run_dir / "results.jsonl").read_text().splitlines() if x.strip()]
+    rows = list(load_results(args.run_dir / "results.jsonl").values())  # as `arbitrage report` reads them
     by_cell: dict[str, dict[str, dict]] = {}
     for r in rows:
         by_cell.setdefault(label(r["policy"], float(r["threshold"])), {})[str(r["problem_id"])] = r
     base = by_cell.get("draft_only", {})
     for lab, d in sorted(by_cell.items()):
-        if lab in ("draft_only", "target_only") or not base:
+        if lab in THRESHOLD_FREE or not base:
             continue
         ps = [q for q in d if q in base]
         esc = [q for q in ps if d[q]["escalations"] > 0]

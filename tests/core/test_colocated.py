@@ -47,9 +47,17 @@ def _chains(engine, steps=3, replace="c1"):
 
 
 @contextlib.contextmanager
-def _pair(tokenizer, draft_gate=EAGER, target_gate=EAGER, target_shape="tiny-llama", slots=4, context=1024, **sched):
+def _pair(
+    tokenizer,
+    draft_gate=EAGER,
+    target_gate=EAGER,
+    target_shape="tiny-llama",
+    slots=4,
+    context=1024,
+    device="cpu",
+    **sched,
+):
     """(draft, target, draft model, target model) on one scheduler, closed on exit; seeds 1 and 2."""
-    device = "cuda" if sched.get("streams") is not None else "cpu"
     dm = random_causal_lm("tiny-llama", seed=1, device=device)
     tm = random_causal_lm(target_shape, seed=2, device=device)
     scheduler = ColocatedScheduler(**sched)
@@ -249,7 +257,7 @@ def test_layout_is_a_config_field(tiny_config):
 @pytest.mark.parametrize("streams", [True, False])
 def test_cuda_colocated_equals_step_engine(tokenizer, streams):
     """CUDA graphs, one stream per engine (or one shared), pinned async stats: same outputs as HF."""
-    with _pair(tokenizer, target_shape="tiny-qwen2", slots=8, streams=streams) as (d, t, dm, tm):
+    with _pair(tokenizer, target_shape="tiny-qwen2", slots=8, device="cuda", streams=streams) as (d, t, dm, tm):
         assert (d.stream is not None) == streams and d.graphs is not None  # streams: tiny models only
         _concurrent_equal(tokenizer, d, t, dm, tm, rounds=2)
         ref_d, ref_t = HFStepEngine(dm, tokenizer, kv_cache_tokens=0), HFStepEngine(tm, tokenizer, kv_cache_tokens=0)
