@@ -35,8 +35,11 @@ Rows that joined run to the end of their step; later arrivals wait for the gate 
 `DRAFT_GATE` / `TARGET_GATE` are the defaults (`load_colocated_engines`); `share=0` admits
 at once (the engine's own continuous batching).
 
-With `streams=True` (experimental, off by default: it hung on the H200 at real shapes) each
-engine issues on its own CUDA stream. Off CUDA (tests) the same loop runs eagerly, in order.
+Each engine issues on its own CUDA stream (default on CUDA; ARBITRAGE_COLOCATED_STREAMS=0 puts
+every engine on the current stream), so one engine's kernels can run beside the other's.
+Each engine's CUDA graphs are captured on a stream of its own (`DecodeGraphs.capture_stream`):
+captured on torch's one default capture stream, two engines' graphs shared a cuBLAS workspace
+and hung when they replayed at once. Off CUDA (tests) the same loop runs eagerly, in order.
 
 What stays the same: requests, futures, outputs, chain KV reuse, `next_token_logits` (a
 judge PRM reusing the target engine works unchanged), counters (`stats`, `forward_calls`).
@@ -105,13 +108,11 @@ class ColocatedScheduler:
     """One thread that runs the turns of every registered `ColocatedEngine` in round-robin."""
 
     def __init__(self, streams: bool | None = None):
-        """Args: streams: one CUDA stream per engine (default: off, unless the environment sets
-        ARBITRAGE_COLOCATED_STREAMS=1); off issues every engine's work on the current stream,
-        one after the other. Streams are EXPERIMENTAL: on the H200 with 1B + 8B engines at 8+
-        concurrent rows the scheduler hung in a stream's event.synchronize() (tiny models pass;
-        benchmarks/results/runtime_coloc_streams_hang_h200.log)."""
+        """Args: streams: one CUDA stream per engine (default: on, unless the environment sets
+        ARBITRAGE_COLOCATED_STREAMS=0); off issues every engine's work on the current stream,
+        one after the other (docs/BENCHMARKS.md s.10.2 measures both)."""
         if streams is None:
-            streams = os.environ.get("ARBITRAGE_COLOCATED_STREAMS") == "1"
+            streams = os.environ.get("ARBITRAGE_COLOCATED_STREAMS", "1") != "0"
         self.streams = streams
         self.engines: list[ColocatedEngine] = []
         self.stats = {"turns": 0, "idle_s": 0.0, "busy_s": 0.0}

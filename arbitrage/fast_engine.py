@@ -440,6 +440,11 @@ class DecodeGraphs:
         self.buckets = _batch_buckets(lm.n_slots)
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()  # one memory pool: graphs replay one at a time
+        # Captured on a stream of its own: cuBLAS keys its workspace by stream, and a graph keeps
+        # the workspace of the stream it was captured on, so two engines' graphs captured on
+        # torch's one default capture stream would share a workspace when they replay at once
+        # (colocated engines on two CUDA streams).
+        self.capture_stream = torch.cuda.Stream(lm.device)
 
     def run(self, toks: list[int], pos: list[int], slots: list[int], window: int):
         """Replay the graph for this batch; returns (stats [3, B] on CPU, logits [B, V] on device)."""
@@ -465,7 +470,7 @@ class DecodeGraphs:
                 lm.decode(inp, window, graph=True)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.capture_stream, capture_error_mode="thread_local"):
             logits, stats = lm.decode(inp, window, graph=True)
         g = _Graph(graph, inp, logits, stats)
         self.graphs[(Bb, window)] = g

@@ -174,12 +174,20 @@ def main(argv=None) -> int:
         "loop": [],
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every cell, so a run cut short still leaves its figures
+        results["ratios"] = ratios(results, args)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
     bs = [int(b) for b in args.batch_sizes.split(",")]
     if not args.skip_raw:
         for engine in args.engines.split(","):
             cfg = load_cfg(args.config, engine, args.hf_dtype)
             print(f"raw decode, engine {engine}", flush=True)
             results["raw"][engine] = {role: raw_decode(cfg, role, bs, args.steps) for role in ("draft", "target")}
+            save()
     cfg = load_cfg(args.config, args.engine)
     cells = [c for c in args.cells.split(",") if c]
     for mode in args.modes.split(","):
@@ -191,6 +199,7 @@ def main(argv=None) -> int:
                 for c in cells:
                     for n in (1, args.chains):
                         results["loop"].append(loop_cell(cfg, c, n, 1 if n == 1 else args.problems, mode, rt=rt))
+                        save()
         else:
             from arbitrage.backend import LocalBackend
 
@@ -198,11 +207,10 @@ def main(argv=None) -> int:
             for c in cells:
                 for n in (1, args.chains):
                     results["loop"].append(loop_cell(cfg, c, n, 1 if n == 1 else args.problems, mode, backend=backend))
-    results["ratios"] = ratios(results, args)
+                    save()
+    save()
     for k, v in results["ratios"].items():
         print(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -11,9 +11,8 @@ on -- it runs over the very same actors.
 Layouts (`--layouts`, run one after the other in one call, each with its own Ray):
 `separate` is one actor per role (two processes time-slicing one GPU at `--gpu-fraction`
 0.45); `colocated` is `runtime.layout: colocated` (one actor, both fast engines on one
-scheduler thread, one CUDA stream: arbitrage/colocated.py); `colocated-streams` is the
-same with a CUDA stream per engine (ARBITRAGE_COLOCATED_STREAMS=1; experimental: it hung on
-the H200). The JSON is written
+scheduler thread, a CUDA stream per engine: arbitrage/colocated.py); `colocated-one-stream` is
+the same with every engine on one stream (ARBITRAGE_COLOCATED_STREAMS=0). The JSON is written
 after each layout, so a cut-off run keeps the layouts that finished.
 
 `--coloc-gates name=TS:TH:TG:DS:DH[:TB],...` (colocated layouts) also runs the coordinator under other
@@ -46,7 +45,7 @@ from pathlib import Path
 from configs.schema import ArbitrageConfig
 
 
-LAYOUTS = ("separate", "colocated", "colocated-streams")
+LAYOUTS = ("separate", "colocated", "colocated-one-stream")
 ENGINE_COUNTERS = (
     "decode_steps",
     "admitted_mid_decode",
@@ -409,7 +408,7 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     for layout in a.layout_list:
         # Read by the colocated actor's scheduler (Ray's workers inherit the driver's environment).
-        os.environ["ARBITRAGE_COLOCATED_STREAMS"] = "1" if layout == "colocated-streams" else "0"
+        os.environ["ARBITRAGE_COLOCATED_STREAMS"] = "0" if layout == "colocated-one-stream" else "1"
         cfg = bench_config(a, layout)
         print(f"== layout {layout}", flush=True)
         res: dict = {}
