@@ -204,8 +204,16 @@ async def _decide_step(
         scored = texts + (out.text,)
         return await through_cache(
             prm_key(item.problem, scored),
-            lambda: backend.prm_score(PRMRequest(item.problem, scored, req.chain_id, hidden(out))),
+            lambda: backend.prm_score(PRMRequest(item.problem, scored, judge_chain(out), hidden(out))),
         )
+
+    def judge_chain(out: StepOutput) -> str | None:
+        # The draft's and the target's candidates are scored at once on an escalation: one
+        # cached judge context each, or the second would share the first's key and re-read
+        # the whole chain every time (a busy key runs uncached).
+        if req.chain_id is None or out is ctx.draft:
+            return req.chain_id
+        return f"{req.chain_id}|target"
 
     def hidden(out: StepOutput) -> list[float] | None:  # only the draft's state feeds draft-side scorers
         return out.hidden if out is ctx.draft else None

@@ -42,6 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engines", default="hf,llamacpp", help="raw decode: comma list of hf, llamacpp")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--steps", type=int, default=48, help="forced tokens per timed raw-decode run")
+    p.add_argument(
+        "--prompt-repeats",
+        type=int,
+        default=1,
+        help="raw decode: the prompt repeated this many times (6 gives about the loop's contexts, ~300 tokens)",
+    )
     p.add_argument("--engine", default="llamacpp", help="engine of the loop measurements")
     p.add_argument("--cells", default="draft_only,rsd,router", help="policies of the loop measurements")
     p.add_argument("--chains", type=int, default=8, help="concurrent chains of the batched loop cells")
@@ -65,8 +71,9 @@ def load_cfg(path: str, engine: str, hf_dtype: str = "bfloat16"):
     return cfg.with_overrides(**upd)
 
 
-def raw_decode(cfg, role: str, batch_sizes: list[int], steps: int) -> dict:
-    """tok/s of pure decode at each batch size for one role's engine."""
+def raw_decode(cfg, role: str, batch_sizes: list[int], steps: int, repeats: int = 1) -> dict:
+    """tok/s of pure decode at each batch size for one role's engine, after a prompt of
+    `repeats` copies of PROMPT."""
     from arbitrage.models import load_engine
 
     mc = getattr(cfg.models, role).model_copy(update={"kv_cache_tokens": 0})  # no reuse between timed runs
@@ -77,7 +84,10 @@ def raw_decode(cfg, role: str, batch_sizes: list[int], steps: int) -> dict:
 
             def run(n: int) -> float:
                 params = SamplingParams(max_tokens=n, forced_tokens=n)
-                reqs = [StepRequest(problem=f"{PROMPT} (variant {i})", params=params) for i in range(b)]
+                reqs = [
+                    StepRequest(problem=f"{' '.join([PROMPT] * repeats)} (variant {i})", params=params)
+                    for i in range(b)
+                ]
                 t0 = time.perf_counter()
                 engine.generate_steps(reqs)  # noqa: F821 - the enclosing function's (its `del` confuses ruff)
                 return time.perf_counter() - t0
@@ -170,6 +180,7 @@ def main(argv=None) -> int:
         "config": args.config,
         "engine": args.engine,
         "steps": args.steps,
+        "prompt_repeats": args.prompt_repeats,
         "raw": {},
         "loop": [],
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -186,18 +197,20 @@ def main(argv=None) -> int:
         for engine in args.engines.split(","):
             cfg = load_cfg(args.config, engine, args.hf_dtype)
             print(f"raw decode, engine {engine}", flush=True)
-            results["raw"][engine] = {role: raw_decode(cfg, role, bs, args.steps) for role in ("draft", "target")}
+            results["raw"][engine] = {
+                role: raw_decode(cfg, role, bs, args.steps, args.prompt_repeats) for role in ("draft", "target")
+            }
             save()
     cfg = load_cfg(args.config, args.engine)
     cells = [c for c in args.cells.split(",") if c]
-    for mode in args.modes.split(","):
+    for mode in [m for m in args.modes.split(",") if m]:  # --modes "": raw decode only
         print(f"loop, {mode}, engine {args.engine}", flush=True)
         if mode == "ray":
             from cluster.runtime import Runtime
 
             with Runtime(cfg) as rt:
                 for c in cells:
-                    for n in (1, args.chains):
+                    for n in sorted({1, args.chains}):
                         results["loop"].append(loop_cell(cfg, c, n, 1 if n == 1 else args.problems, mode, rt=rt))
                         save()
         else:
@@ -205,7 +218,7 @@ def main(argv=None) -> int:
 
             backend = LocalBackend.from_config(cfg)
             for c in cells:
-                for n in (1, args.chains):
+                for n in sorted({1, args.chains}):
                     results["loop"].append(loop_cell(cfg, c, n, 1 if n == 1 else args.problems, mode, backend=backend))
                     save()
     save()

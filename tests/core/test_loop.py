@@ -245,3 +245,42 @@ def test_a_chain_continues_from_given_steps():
         run_chain(item, Scripted(), make_policy("draft_only"), LoopSettings(max_steps=10, max_total_tokens=7))
     )
     assert short.num_steps == 0 and short.stop_reason == "max_tokens"
+
+
+def test_an_escalation_scores_each_candidate_on_its_own_cached_judge_context(tokenizer, settings, problems):
+    """A judge served by the target scores the draft's and the target's step of an escalation
+    at once; each candidate keeps its own judge KV, so neither re-reads the chain each step."""
+    from arbitrage.backend import LocalBackend
+    from arbitrage.engine import HFStepEngine
+    from arbitrage.prm import JudgePRM
+    from arbitrage.tiny import random_causal_lm
+
+    class OneJudgeContext(CountingBackend):  # the keying before: both candidates under one key
+        async def prm_score(self, req):
+            from dataclasses import replace
+
+            return await super().prm_score(replace(req, chain_id=req.chain_id.removesuffix("|target")))
+
+    def judge_prefill(wrapper):
+        draft = HFStepEngine(random_causal_lm("tiny-llama", seed=1), tokenizer)
+        target = HFStepEngine(random_causal_lm("tiny-llama-wide", seed=2), tokenizer)
+        inner = LocalBackend(draft=draft, target=target, prm=JudgePRM.from_engine(target), max_batch_size=16)
+        b = wrapper(inner)
+        recorded = []
+        prm_score = b.prm_score
+
+        async def record(req):
+            recorded.append(req.chain_id)
+            return await prm_score(req)
+
+        b.prm_score = record
+        res = _run(b, make_policy("fixed_rate", 1.0), settings, problems[2])
+        assert res.num_steps >= 2 and all(s.escalated for s in res.steps)
+        return target.prefill_tokens, set(recorded), res
+
+    fixed, keys, res = judge_prefill(CountingBackend)
+    chain = next(iter(keys - {k for k in keys if k.endswith("|target")}))
+    assert keys == {chain, f"{chain}|target"}
+    before, _, res_before = judge_prefill(OneJudgeContext)
+    assert [s.text for s in res.steps] == [s.text for s in res_before.steps]
+    assert fixed < before
