@@ -20,6 +20,7 @@ It prints the ratios the issue's goals name and writes JSON (`--out`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -202,25 +203,22 @@ def main(argv=None) -> int:
             }
             save()
     cfg = load_cfg(args.config, args.engine)
-    cells = [c for c in args.cells.split(",") if c]
+    runs = [(c, n) for c in args.cells.split(",") if c for n in sorted({1, args.chains})]
     for mode in [m for m in args.modes.split(",") if m]:  # --modes "": raw decode only
         print(f"loop, {mode}, engine {args.engine}", flush=True)
         if mode == "ray":
             from cluster.runtime import Runtime
 
-            with Runtime(cfg) as rt:
-                for c in cells:
-                    for n in sorted({1, args.chains}):
-                        results["loop"].append(loop_cell(cfg, c, n, 1 if n == 1 else args.problems, mode, rt=rt))
-                        save()
+            where = Runtime(cfg)  # started once for every cell, stopped on exit
         else:
             from arbitrage.backend import LocalBackend
 
-            backend = LocalBackend.from_config(cfg)
-            for c in cells:
-                for n in sorted({1, args.chains}):
-                    results["loop"].append(loop_cell(cfg, c, n, 1 if n == 1 else args.problems, mode, backend=backend))
-                    save()
+            where = contextlib.nullcontext(LocalBackend.from_config(cfg))
+        with where as on:
+            kw = {"rt": on} if mode == "ray" else {"backend": on}
+            for c, n in runs:
+                results["loop"].append(loop_cell(cfg, c, n, 1 if n == 1 else args.problems, mode, **kw))
+                save()
     save()
     for k, v in results["ratios"].items():
         print(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}")

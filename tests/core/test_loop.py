@@ -250,37 +250,39 @@ def test_a_chain_continues_from_given_steps():
 def test_an_escalation_scores_each_candidate_on_its_own_cached_judge_context(tokenizer, settings, problems):
     """A judge served by the target scores the draft's and the target's step of an escalation
     at once; each candidate keeps its own judge KV, so neither re-reads the chain each step."""
+    from dataclasses import replace
+
     from arbitrage.backend import LocalBackend
     from arbitrage.engine import HFStepEngine
     from arbitrage.prm import JudgePRM
     from arbitrage.tiny import random_causal_lm
 
-    class OneJudgeContext(CountingBackend):  # the keying before: both candidates under one key
+    class JudgeKeys(CountingBackend):
+        """Records the judge keys; `one_context` puts both candidates under one key (the keying before)."""
+
+        def __init__(self, inner, one_context: bool):
+            super().__init__(inner)
+            self.keys: set[str] = set()
+            self.one_context = one_context
+
         async def prm_score(self, req):
-            from dataclasses import replace
+            if self.one_context:
+                req = replace(req, chain_id=req.chain_id.removesuffix("|target"))
+            self.keys.add(req.chain_id)
+            return await super().prm_score(req)
 
-            return await super().prm_score(replace(req, chain_id=req.chain_id.removesuffix("|target")))
-
-    def judge_prefill(wrapper):
+    def judge_prefill(one_context: bool):
         draft = HFStepEngine(random_causal_lm("tiny-llama", seed=1), tokenizer)
         target = HFStepEngine(random_causal_lm("tiny-llama-wide", seed=2), tokenizer)
         inner = LocalBackend(draft=draft, target=target, prm=JudgePRM.from_engine(target), max_batch_size=16)
-        b = wrapper(inner)
-        recorded = []
-        prm_score = b.prm_score
-
-        async def record(req):
-            recorded.append(req.chain_id)
-            return await prm_score(req)
-
-        b.prm_score = record
+        b = JudgeKeys(inner, one_context)
         res = _run(b, make_policy("fixed_rate", 1.0), settings, problems[2])
         assert res.num_steps >= 2 and all(s.escalated for s in res.steps)
-        return target.prefill_tokens, set(recorded), res
+        return target.prefill_tokens, b.keys, res
 
-    fixed, keys, res = judge_prefill(CountingBackend)
+    fixed, keys, res = judge_prefill(one_context=False)
     chain = next(iter(keys - {k for k in keys if k.endswith("|target")}))
     assert keys == {chain, f"{chain}|target"}
-    before, _, res_before = judge_prefill(OneJudgeContext)
+    before, _, res_before = judge_prefill(one_context=True)
     assert [s.text for s in res.steps] == [s.text for s in res_before.steps]
     assert fixed < before
