@@ -2,9 +2,10 @@
 
 `runtime.layout: colocated` (cluster/runtime.py) creates one `ColocatedActor` instead of an
 actor per role. It loads the draft and target engines as `arbitrage.colocated.ColocatedEngine`s
-on one `ColocatedScheduler` (one thread issues both engines' GPU work on one CUDA stream;
-the target's admission gate batches escalations, see `arbitrage.colocated.Gate`), and the PRM and the router (a probe router still runs inside each coordinator) in
-the same process. Each role is served exactly as a `ModelActor` serves it (same dynamic
+on one `ColocatedScheduler` (one thread issues both engines' GPU work, each on a CUDA stream
+of its own; the target's admission gate batches escalations, see `arbitrage.colocated.Gate`),
+and the PRM and the router (a probe router still runs inside each coordinator) in the same
+process. Each role is served exactly as a `ModelActor` serves it (same dynamic
 batching, same methods), by a `ModelActor` object living inside this actor.
 
 The step loop and the coordinator are unchanged: `RoleView(actor, role)` is the handle the

@@ -7,7 +7,9 @@ one thread issues all their GPU work, so nothing is time-sliced.
 
 How. `ColocatedEngine` is a `FastStepEngine` (same forward, slot cache, CUDA graphs, stop
 rules, outputs) without a scheduler thread of its own; a `ColocatedScheduler` owns the
-thread and gives each engine a *turn* in round-robin order. A turn is:
+thread and gives each engine a *turn* as soon as its GPU work is done (ready first: while the
+target's step runs, the draft takes a turn after each of its own shorter steps; waiting for
+the engines in round-robin order instead held the draft to one step per target step). A turn is:
 
 1. collect the engine's GPU work in flight: wait for its decode step's CUDA event, read the
    sampled tokens, retire finished rows; then read the first tokens of the rows whose
@@ -17,10 +19,11 @@ thread and gives each engine a *turn* in round-robin order. A turn is:
 3. launch the next decode step of the running rows (inputs through a pinned buffer, graph
    replay, an async copy of its [3, B] statistics to pinned memory, an event) and return.
 
-Nothing in a turn waits for the GPU except step 1's event (every host-to-device copy is
-from pinned memory and non-blocking; a blocking copy would drain the queue), so while the
-CPU retires one engine's step the other's is already queued or running: the device has
-the next kernel of some engine while the CPU works.
+Nothing in a turn waits for the GPU (every host-to-device copy is from pinned memory and
+non-blocking; a blocking copy would drain the queue), so while the CPU retires one engine's
+step the other's is already queued or running: the device has the next kernel of some engine
+while the CPU works. Between turns the scheduler polls the engines' last CUDA events (napping
+until the soonest step is due: its launch time plus the shortest step it has measured).
 
 Gates: when an engine admits waiting rows. An 8B target's decode step costs about the same
 at 1 row as at 30 (it streams its weights either way), and on one GPU every target step is
@@ -36,7 +39,9 @@ Rows that joined run to the end of their step; later arrivals wait for the gate 
 at once (the engine's own continuous batching).
 
 Each engine issues on its own CUDA stream (default on CUDA; ARBITRAGE_COLOCATED_STREAMS=0 puts
-every engine on the current stream), so one engine's kernels can run beside the other's.
+every engine on the current stream), so one engine's kernels can run beside the other's; the
+draft's stream has the higher priority (its small, latency-bound kernels go first when both
+engines' blocks wait for the SMs; ARBITRAGE_COLOCATED_PRIORITY=0 gives both the same).
 Each engine's CUDA graphs are captured on a stream of its own (`DecodeGraphs.capture_stream`):
 captured on torch's one default capture stream, two engines' graphs shared a cuBLAS workspace
 and hung when they replayed at once. Off CUDA (tests) the same loop runs eagerly, in order.
@@ -102,20 +107,31 @@ EAGER = Gate()
 PEAK_HALF_LIFE_S = 1.0
 
 COUNTERS = {"admissions": 0, "admitted_rows": 0, "hold_s": 0.0, "held_turns": 0, "decode_rows": 0, "gpu_wait_s": 0.0}
+POLL_S = 50e-6  # the scheduler's nap between polls of the engines' CUDA events, near a step's end
+
+
+def _env_flag(name: str, value: bool | None) -> bool:
+    """`value`, or the environment's `name` (on unless "0") when `value` is None."""
+    return os.environ.get(name, "1") != "0" if value is None else value
 
 
 class ColocatedScheduler:
-    """One thread that runs the turns of every registered `ColocatedEngine` in round-robin."""
+    """One thread that gives every registered `ColocatedEngine` a turn when its GPU work is done."""
 
-    def __init__(self, streams: bool | None = None):
-        """Args: streams: one CUDA stream per engine (default: on, unless the environment sets
-        ARBITRAGE_COLOCATED_STREAMS=0); off issues every engine's work on the current stream,
-        one after the other (docs/BENCHMARKS.md s.10.2 measures both)."""
-        if streams is None:
-            streams = os.environ.get("ARBITRAGE_COLOCATED_STREAMS", "1") != "0"
-        self.streams = streams
+    def __init__(self, streams: bool | None = None, ready_first: bool | None = None, priority: bool | None = None):
+        """Args (each None: on, unless the environment variable named sets it to 0):
+        streams: one CUDA stream per engine (ARBITRAGE_COLOCATED_STREAMS); off issues every
+            engine's work on the current stream, one after the other (BENCHMARKS s.10.2);
+        ready_first: a turn for each engine whose GPU work is done, skipping those still
+            running (ARBITRAGE_COLOCATED_READY_FIRST); off runs every engine's turn in
+            round-robin order, each waiting for that engine's step (the earlier loop, s.10.3);
+        priority: engines created with `priority=True` (the draft) get a high-priority stream
+            (ARBITRAGE_COLOCATED_PRIORITY)."""
+        self.streams = _env_flag("ARBITRAGE_COLOCATED_STREAMS", streams)
+        self.ready_first = _env_flag("ARBITRAGE_COLOCATED_READY_FIRST", ready_first)
+        self.priority = _env_flag("ARBITRAGE_COLOCATED_PRIORITY", priority)
         self.engines: list[ColocatedEngine] = []
-        self.stats = {"turns": 0, "idle_s": 0.0, "busy_s": 0.0}
+        self.stats = {"turns": 0, "idle_s": 0.0, "busy_s": 0.0, "poll_s": 0.0, "skipped_turns": 0}
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._closed = False
@@ -172,30 +188,53 @@ class ColocatedScheduler:
                     break
                 t0 = time.perf_counter()
                 self._update_peak(t0)
-                busy, deadline = False, None
+                running, deadline = [], None
                 for e in engines:
+                    if self.ready_first and not e._gpu_done():
+                        running.append(e)  # its step still runs: no turn, the others go on
+                        self.stats["skipped_turns"] += 1
+                        continue
                     b, d = e._turn()
-                    busy |= b
+                    if b:
+                        running.append(e)
                     if d is not None:
                         deadline = d if deadline is None else min(deadline, d)
                 t1 = time.perf_counter()
-                if busy:
+                if running:
                     self.stats["turns"] += 1
                     self.stats["busy_s"] += t1 - t0
+                    if self.ready_first:
+                        self._wait_any(running, deadline)
+                        self.stats["poll_s"] += time.perf_counter() - t1
                 else:  # nothing on the GPU: sleep until a submit, or until a held row's bound
                     self._wake.wait(None if deadline is None else max(0.0, deadline - t1))
                     self.stats["idle_s"] += time.perf_counter() - t1
             for e in self.engines:
                 e._shutdown()
 
+    def _wait_any(self, running: list["ColocatedEngine"], deadline: float | None) -> None:
+        """Return when one of `running` has finished its GPU work, a request is submitted, or a
+        held row's bound (`deadline`) comes; nap until the soonest step is due, then poll."""
+        while not any(e._gpu_done() for e in running):
+            now = time.perf_counter()
+            if self._wake.is_set() or (deadline is not None and now >= deadline):
+                return
+            due = min(e._due() for e in running)
+            if deadline is not None:
+                due = min(due, deadline)
+            self._wake.wait(max(POLL_S, due - now - POLL_S))
+
 
 class ColocatedEngine(FastStepEngine):
     """A FastStepEngine whose GPU work is issued by a shared `ColocatedScheduler`."""
 
-    def __init__(self, model, tokenizer, scheduler: ColocatedScheduler, gate: Gate = EAGER, **kwargs: Any):
+    def __init__(
+        self, model, tokenizer, scheduler: ColocatedScheduler, gate: Gate = EAGER, priority: bool = False, **kwargs: Any
+    ):
         """Args: model, tokenizer and keyword arguments as FastStepEngine's (no `tp`);
         scheduler: the thread that runs this engine together with the others;
-        gate: when waiting rows are admitted (see `Gate`; default: at once)."""
+        gate: when waiting rows are admitted (see `Gate`; default: at once);
+        priority: a high-priority CUDA stream (the draft's; if the scheduler's `priority` is on)."""
         if kwargs.get("tp") is not None:
             raise ValueError("a tensor-parallel engine cannot be colocated (its ranks run batches in lockstep)")
         self.scheduler = scheduler
@@ -206,6 +245,7 @@ class ColocatedEngine(FastStepEngine):
         self._idle_since: float | None = 0.0  # since when it holds no rows (None: it holds some)
         self._wake_at: float | None = None  # when a closed gate may open without a new event
         self._launched_at = 0.0
+        self._last_event: Any = None  # the CUDA event recorded after this engine's last GPU work
         self.step_floor_s: float | None = None  # the shortest decode step seen (launch to result), drifting up 1%
         super().__init__(model, tokenizer, **kwargs)  # its own thread exits at once (see _loop)
         self._thread.join()
@@ -213,7 +253,9 @@ class ColocatedEngine(FastStepEngine):
         cuda = self.device.type == "cuda"
         self._cuda = cuda
         use_streams = scheduler.streams and cuda
-        self.stream = torch.cuda.Stream(self.device) if use_streams else None
+        # lower numbers are higher priorities; -1 is the highest torch offers on every CUDA device
+        high = priority and scheduler.priority
+        self.stream = torch.cuda.Stream(self.device, priority=-1 if high else 0) if use_streams else None
         self._ctx = (lambda: torch.cuda.device(self.device)) if cuda else contextlib.nullcontext
         scheduler.add(self)
 
@@ -238,6 +280,21 @@ class ColocatedEngine(FastStepEngine):
 
     def _held(self) -> int:
         return len(self._running) + len(self._waiting) + sum(len(p[0]) for p in self._pending)
+
+    def _gpu_done(self) -> bool:
+        """Whether the GPU work this engine issued has finished (its turn would not wait)."""
+        return self._last_event is None or self._last_event.query()
+
+    def _due(self) -> float:
+        """When the step in flight should end: launch + the shortest step seen (now if unknown)."""
+        if self._inflight is None or self.step_floor_s is None:
+            return time.perf_counter()
+        return self._launched_at + self.step_floor_s
+
+    def _record(self) -> torch.cuda.Event:
+        self._last_event = event = torch.cuda.Event()
+        event.record()
+        return event
 
     # ---- one turn, on the scheduler thread --------------------------------------------
     def _turn(self) -> tuple[bool, float | None]:
@@ -359,9 +416,7 @@ class ColocatedEngine(FastStepEngine):
         if self._cuda:
             pinned = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
             pinned.copy_(stats, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            stats = pinned
+            event, stats = self._record(), pinned
         self._pending.append(([job for job, _ in group], stats, logits, event, host))
 
     def _collect_prefills(self) -> None:
@@ -399,8 +454,7 @@ class ColocatedEngine(FastStepEngine):
             g.inp.copy_(inp, non_blocking=True)  # a pageable copy would wait for the whole queue
             g.graph.replay()
             out.copy_(g.stats, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+            event = self._record()
             stats, logits = out[:, :B], g.logits[:B]
         else:
             window = min(self.max_context, _round_up(max(pos) + 1, WINDOW_BLOCK))
@@ -460,7 +514,7 @@ def load_colocated_engines(
 
     `engine: fast` roles become ColocatedEngines on `scheduler`, gated by `gates[role]`
     (default `ROLE_GATES`: the draft batches admissions lightly, the target waits for a
-    batch); other engines (hf, llamacpp) load as usual (they batch on their own, in this
+    batch); the draft gets the high-priority stream; other engines (hf, llamacpp) load as usual (they batch on their own, in this
     same process).
     """
     from arbitrage.models import load_causal_lm, load_engine
@@ -475,6 +529,7 @@ def load_colocated_engines(
                 tokenizer,
                 scheduler,
                 gate=gates.get(role, EAGER),
+                priority=role == "draft",
                 max_context=cfg.max_context,
                 max_slots=cfg.max_slots,
             )

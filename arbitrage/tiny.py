@@ -45,6 +45,18 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
             max_position_embeddings=2048,
         ),
     ),
+    "tiny-llama-deep": (  # GPU tests: a step of many small kernels, ~10x tiny-llama's on a GPU
+        "LlamaConfig",
+        dict(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=320,
+            max_position_embeddings=4096,
+        ),
+    ),
     "tiny-qwen2": (
         "Qwen2Config",
         dict(

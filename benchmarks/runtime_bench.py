@@ -11,9 +11,11 @@ on -- it runs over the very same actors.
 Layouts (`--layouts`, run one after the other in one call, each with its own Ray):
 `separate` is one actor per role (two processes time-slicing one GPU at `--gpu-fraction`
 0.45); `colocated` is `runtime.layout: colocated` (one actor, both fast engines on one
-scheduler thread, a CUDA stream per engine: arbitrage/colocated.py); `colocated-one-stream` is
-the same with every engine on one stream (ARBITRAGE_COLOCATED_STREAMS=0). The JSON is written
-after each layout, so a cut-off run keeps the layouts that finished.
+scheduler thread, a CUDA stream per engine, the draft's at high priority, a turn for each engine
+whose step is done: arbitrage/colocated.py); the variants switch one of those off:
+`colocated-one-stream` (every engine on one stream), `colocated-round-robin` (turns in order, each
+waiting for its engine's step), `colocated-equal-priority` (both streams at one priority); see
+`COLOC_ENV`. The JSON is written after each layout, so a cut-off run keeps the layouts that finished.
 
 `--coloc-gates name=TS:TH:TG:DS:DH[:TB],...` (colocated layouts) also runs the coordinator under other
 admission gates (target share, max hold s, idle grace s; draft share, max hold s; target balance,
@@ -45,7 +47,14 @@ from pathlib import Path
 from configs.schema import ArbitrageConfig
 
 
-LAYOUTS = ("separate", "colocated", "colocated-one-stream")
+# colocated variants: the scheduler's environment switches (arbitrage/colocated.py ColocatedScheduler)
+COLOC_ENV = {
+    "colocated": {},
+    "colocated-one-stream": {"ARBITRAGE_COLOCATED_STREAMS": "0"},
+    "colocated-round-robin": {"ARBITRAGE_COLOCATED_READY_FIRST": "0"},
+    "colocated-equal-priority": {"ARBITRAGE_COLOCATED_PRIORITY": "0"},
+}
+LAYOUTS = ("separate", *COLOC_ENV)
 ENGINE_COUNTERS = (
     "decode_steps",
     "admitted_mid_decode",
@@ -408,7 +417,10 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     for layout in a.layout_list:
         # Read by the colocated actor's scheduler (Ray's workers inherit the driver's environment).
-        os.environ["ARBITRAGE_COLOCATED_STREAMS"] = "0" if layout == "colocated-one-stream" else "1"
+        for flags in COLOC_ENV.values():
+            for k in flags:
+                os.environ.pop(k, None)
+        os.environ.update(COLOC_ENV.get(layout, {}))
         cfg = bench_config(a, layout)
         print(f"== layout {layout}", flush=True)
         res: dict = {}

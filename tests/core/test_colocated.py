@@ -63,7 +63,7 @@ def _pair(
     scheduler = ColocatedScheduler(**sched)
     try:
         kw = dict(max_context=context, max_slots=slots)
-        d = ColocatedEngine(dm, tokenizer, scheduler, gate=draft_gate, **kw)
+        d = ColocatedEngine(dm, tokenizer, scheduler, gate=draft_gate, priority=True, **kw)
         t = ColocatedEngine(tm, tokenizer, scheduler, gate=target_gate, **kw)
         yield d, t, dm, tm
     finally:
@@ -262,9 +262,35 @@ def test_cuda_colocated_equals_step_engine(tokenizer, streams):
         # each engine captures its graphs on its own stream, so their cuBLAS workspaces differ
         # (shared, two engines' graphs replaying at once on two streams hung at the 1B + 8B shapes)
         assert d.graphs.capture_stream != t.graphs.capture_stream
+        if streams:  # the draft's stream goes first when both engines' kernels wait for the SMs
+            assert d.stream.priority < t.stream.priority
         _concurrent_equal(tokenizer, d, t, dm, tm, rounds=2)
         ref_d, ref_t = HFStepEngine(dm, tokenizer, kv_cache_tokens=0), HFStepEngine(tm, tokenizer, kv_cache_tokens=0)
         _same(_chains(d), _chains(ref_d))
         _same(_chains(t), _chains(ref_t))
         ids = [[5, 6, 7, 8]]
         assert torch.allclose(t.next_token_logits(ids, [None]), ref_t.next_token_logits(ids, [None]), atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("ready_first", [True, False])
+def test_cuda_draft_steps_on_while_a_longer_target_step_runs(tokenizer, ready_first):
+    """Ready first, the 2-layer draft takes several of its short steps per step of a 32-layer
+    target; in round-robin order each turn waits for both engines' steps, so the draft takes
+    about one step per target step. Outputs are the same either way (the other GPU tests)."""
+    with _pair(
+        tokenizer, target_shape="tiny-llama-deep", slots=2, context=2048, device="cuda", ready_first=ready_first
+    ) as (d, t, _, _):
+        for e in (d, t):  # capture the graphs, measure a step
+            assert e.generate_steps([_req("warm up", forced_tokens=8)])[0].num_tokens == 8
+        d0, t0, during = d.stats["decode_steps"], t.stats["decode_steps"], {}
+        ft = t.submit_steps([_req("long target", forced_tokens=300)])
+        ft[0].add_done_callback(lambda _: during.update(d=d.stats["decode_steps"] - d0))
+        fd = d.submit_steps([_req("long draft", forced_tokens=1500)])
+        assert ft[0].result(timeout=120).num_tokens == 300 and fd[0].result(timeout=120).num_tokens == 1500
+        target_steps = t.stats["decode_steps"] - t0
+        if ready_first:
+            assert during["d"] >= min(1499, 2 * target_steps), (during, target_steps)
+        else:
+            assert during["d"] <= target_steps + 2, (during, target_steps)
