@@ -19,16 +19,24 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=1)
     ap.add_argument("--chains", default="1,8,64")
     ap.add_argument("--timeout", type=float, default=120)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--draft", default="llama-3.2-1b")
+    ap.add_argument("--target", default="llama-3.1-8b")
+    ap.add_argument("--no-nap", action="store_true", help="poll the engines' events without napping until a step is due")
     a = ap.parse_args()
+    from arbitrage import colocated
     from arbitrage.colocated import ColocatedScheduler, load_colocated_engines
+
+    if a.no_nap:
+        colocated.ColocatedEngine._due = lambda self: 0.0
     from arbitrage.types import SamplingParams, StepRequest
     from configs.schema import ModelConfig
 
     mk = lambda name, seed: ModelConfig.model_validate(
         {
             "source": {"kind": "random", "name": name},
-            "dtype": "bfloat16",
-            "device": "cuda",
+            "dtype": "bfloat16" if a.device == "cuda" else "float32",
+            "device": a.device,
             "max_context": 2048,
             "seed": seed,
             "engine": "fast",
@@ -37,7 +45,7 @@ def main() -> None:
     )
     sched = ColocatedScheduler(streams=bool(a.streams))
     t0 = time.perf_counter()
-    eng = load_colocated_engines({"draft": mk("llama-3.2-1b", 1), "target": mk("llama-3.1-8b", 2)}, sched)
+    eng = load_colocated_engines({"draft": mk(a.draft, 1), "target": mk(a.target, 2)}, sched)
     print(f"loaded in {time.perf_counter() - t0:.1f}s streams={a.streams}", flush=True)
     params = SamplingParams(max_tokens=64, forced_tokens=64)
     req = lambda i, k: StepRequest(
@@ -52,6 +60,7 @@ def main() -> None:
         for n in [int(c) for c in a.chains.split(",")]:
             faulthandler.dump_traceback_later(a.timeout, exit=True, file=sys.stderr)
             t = time.perf_counter()
+            before = {k: dict(e.stats) for k, e in eng.items()}, dict(sched.stats)
             nt = max(1, n // 5)
             fd = [pool.submit(eng["draft"].generate_steps, [req(i, rep)]) for i in range(n)]
             ft = [pool.submit(eng["target"].generate_steps, [req(1000 + i, rep)]) for i in range(nt)]
@@ -64,6 +73,11 @@ def main() -> None:
                 f"decode steps so far",
                 flush=True,
             )
+            keys = ("decode_steps", "decode_rows", "admissions", "held_turns", "hold_s", "gpu_wait_s", "decode_s")
+            for k, e in eng.items():
+                delta = {x: round(e.stats[x] - before[0][k][x], 4) for x in keys}
+                print(f"    {k}: {delta} step_floor_ms={1e3 * (e.step_floor_s or 0):.2f}", flush=True)
+            print(f"    scheduler: { {x: round(v - before[1][x], 4) for x, v in sched.stats.items()} }", flush=True)
     sched.close()
 
 
