@@ -221,7 +221,8 @@ class ColocatedScheduler:
         """Return when one of `running` has finished its GPU work, a request is submitted, or a
         held row's bound (`deadline`) comes; nap until the soonest step is due, then poll.
         One engine running: wait for its event (exact; a submit or a bound waits for its step,
-        as in round-robin order; polling cost a lone draft ~8% of its steps, BENCHMARKS s.10.3)."""
+        as in round-robin order): polling there cost lockstep, which runs one engine at a time,
+        up to 17% in one call (docs/BENCHMARKS.md s.10.3)."""
         if len(running) == 1 and running[0]._last_event is not None:
             running[0]._last_event.synchronize()
             return
