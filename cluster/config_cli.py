@@ -75,6 +75,8 @@ def show(config: str = config_option(), set_: Optional[list[str]] = typer.Option
 
     cfg = load_with_sets(config, set_)
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True), nl=False)
+    if cfg.runtime.layout == "auto":  # a comment: the output stays YAML a config can load
+        typer.echo(f"# runtime.layout auto runs as: {cfg.runtime.placement()}")
 
 
 @config_app.command("schema")

@@ -108,7 +108,7 @@ class Runtime:
     def _create_model_actors(self) -> None:
         """Actors of every configured role; a TP target group last (its create() blocks until loaded)."""
         roles = configured_roles(self.cfg)
-        if self.cfg.runtime.layout == "colocated":  # every role in one actor (actors/colocated_actor.py)
+        if self.cfg.runtime.placement() == "colocated":  # every role in one actor (actors/colocated_actor.py)
             from actors.colocated_actor import make_colocated_actor
 
             actor, views = make_colocated_actor(self.cfg)

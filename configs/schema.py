@@ -393,12 +393,14 @@ class RuntimeConfig(_Base):
     target: ActorConfig = Field(default_factory=ActorConfig, description="Target actors / TP group.")
     prm: ActorConfig = Field(default_factory=ActorConfig, description="PRM actors.")
     router: ActorConfig = Field(default_factory=lambda: ActorConfig(num_cpus=0.5), description="Router actors.")
-    layout: Literal["separate", "colocated"] = Field(
-        default="separate",
+    layout: Literal["auto", "separate", "colocated"] = Field(
+        default="auto",
         description="separate: one actor per role; colocated: draft, target, PRM and router in ONE actor whose "
         "fast engines share one scheduler thread (one GPU: no time-slicing between processes; "
         "arbitrage/colocated.py). It asks for the roles' num_cpus summed and their num_gpus summed "
-        "(at most 1).",
+        "(at most 1). auto: colocated when the placement puts the draft and the target on one GPU "
+        "(both ask for a GPU share, the two shares sum to at most 1, one replica each, no tensor "
+        "parallelism, the same resources and labels), else separate.",
     )
 
     @model_validator(mode="after")
@@ -406,6 +408,16 @@ class RuntimeConfig(_Base):
         if self.layout == "colocated" and self.target.tensor_parallel > 1:
             raise ValueError("runtime.layout colocated needs runtime.target.tensor_parallel 1")
         return self
+
+    def placement(self) -> Literal["separate", "colocated"]:
+        """The layout this runtime runs: `layout`, with `auto` resolved from the roles' placement."""
+        if self.layout != "auto":
+            return self.layout
+        d, t = self.draft, self.target
+        one_gpu = d.num_gpus > 0 and t.num_gpus > 0 and d.num_gpus + t.num_gpus <= 1.0
+        alone = d.replicas == t.replicas == 1 and t.tensor_parallel == 1
+        same_node = d.resources == t.resources and d.label_selector == t.label_selector
+        return "colocated" if one_gpu and alone and same_node else "separate"
 
 
 class RoleScaling(_Base):

@@ -124,6 +124,10 @@ def test_config_show_schema_version_and_help():
     from configs.schema import ArbitrageConfig
 
     ArbitrageConfig.model_validate(cfg)  # what it prints is a valid config
+    assert shown.stdout.rstrip().endswith("# runtime.layout auto runs as: separate")  # CPU roles
+    gpus = ("--set", "runtime.draft.num_gpus=0.4", "--set", "runtime.target.num_gpus=0.5")
+    shared = _cli("config", "show", "--config", "tiny", *gpus)
+    assert shared.stdout.rstrip().endswith("# runtime.layout auto runs as: colocated"), shared.stdout[-300:]
 
     schema = _cli("config", "schema")
     assert schema.returncode == 0 and "policy" in json.loads(schema.stdout)["properties"]

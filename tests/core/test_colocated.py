@@ -245,10 +245,29 @@ def test_cost_rule_admits_when_the_wait_outweighs_the_delay(tokenizer, balance, 
 def test_layout_is_a_config_field(tiny_config):
     from configs.schema import ConfigError
 
-    assert tiny_config().runtime.layout == "separate"
-    assert tiny_config(**{"runtime.layout": "colocated"}).runtime.layout == "colocated"
+    assert tiny_config().runtime.layout == "auto" and tiny_config().runtime.placement() == "separate"  # CPU
+    assert tiny_config(**{"runtime.layout": "colocated"}).runtime.placement() == "colocated"
     with pytest.raises(ConfigError, match="tensor_parallel 1"):
         tiny_config(**{"runtime.layout": "colocated", "runtime.target.tensor_parallel": 2})
+
+
+@pytest.mark.parametrize(
+    "settings, placement",
+    [
+        ({"runtime.draft.num_gpus": 0.4, "runtime.target.num_gpus": 0.6}, "colocated"),  # one GPU, shared
+        ({"runtime.draft.num_gpus": 1, "runtime.target.num_gpus": 1}, "separate"),  # a GPU each
+        ({"runtime.draft.num_gpus": 0.5, "runtime.target.num_gpus": 0}, "separate"),  # target on the CPU
+        ({"runtime.draft.num_gpus": 0.3, "runtime.target.num_gpus": 0.5, "runtime.target.tensor_parallel": 2}, "separate"),
+        ({"runtime.draft.num_gpus": 0.3, "runtime.target.num_gpus": 0.5, "runtime.draft.replicas": 2}, "separate"),
+        (
+            {"runtime.draft.num_gpus": 0.3, "runtime.target.num_gpus": 0.5, "runtime.draft.resources": {"small_gpu": 0.01}},
+            "separate",  # pinned to different node types
+        ),
+        ({"runtime.draft.num_gpus": 0.4, "runtime.target.num_gpus": 0.6, "runtime.layout": "separate"}, "separate"),
+    ],
+)
+def test_auto_layout_colocates_the_roles_a_placement_puts_on_one_gpu(tiny_config, settings, placement):
+    assert tiny_config(**settings).runtime.placement() == placement
 
 
 # ---- CUDA (`-m gpu` on a GPU machine) -------------------------------------------------------
