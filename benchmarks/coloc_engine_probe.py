@@ -22,7 +22,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--draft", default="llama-3.2-1b")
     ap.add_argument("--target", default="llama-3.1-8b")
-    ap.add_argument("--no-nap", action="store_true", help="poll the engines' events without napping until a step is due")
+    ap.add_argument(
+        "--no-nap", action="store_true", help="poll the engines' events without napping until a step is due"
+    )
     a = ap.parse_args()
     from arbitrage import colocated
     from arbitrage.colocated import ColocatedScheduler, load_colocated_engines

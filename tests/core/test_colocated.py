@@ -257,10 +257,17 @@ def test_layout_is_a_config_field(tiny_config):
         ({"runtime.draft.num_gpus": 0.4, "runtime.target.num_gpus": 0.6}, "colocated"),  # one GPU, shared
         ({"runtime.draft.num_gpus": 1, "runtime.target.num_gpus": 1}, "separate"),  # a GPU each
         ({"runtime.draft.num_gpus": 0.5, "runtime.target.num_gpus": 0}, "separate"),  # target on the CPU
-        ({"runtime.draft.num_gpus": 0.3, "runtime.target.num_gpus": 0.5, "runtime.target.tensor_parallel": 2}, "separate"),
+        (
+            {"runtime.draft.num_gpus": 0.3, "runtime.target.num_gpus": 0.5, "runtime.target.tensor_parallel": 2},
+            "separate",
+        ),
         ({"runtime.draft.num_gpus": 0.3, "runtime.target.num_gpus": 0.5, "runtime.draft.replicas": 2}, "separate"),
         (
-            {"runtime.draft.num_gpus": 0.3, "runtime.target.num_gpus": 0.5, "runtime.draft.resources": {"small_gpu": 0.01}},
+            {
+                "runtime.draft.num_gpus": 0.3,
+                "runtime.target.num_gpus": 0.5,
+                "runtime.draft.resources": {"small_gpu": 0.01},
+            },
             "separate",  # pinned to different node types
         ),
         ({"runtime.draft.num_gpus": 0.4, "runtime.target.num_gpus": 0.6, "runtime.layout": "separate"}, "separate"),
