@@ -115,7 +115,9 @@ class ColocatedActor:
 
 
 class RoleView:
-    """One role of a ColocatedActor as a handle for RayBackend (async methods of the same names)."""
+    """One role of a ColocatedActor (a Ray actor handle, or a Serve deployment handle of
+    `cluster.serve_models.ServedColocated`) as a handle for RayBackend (async methods of the
+    same names)."""
 
     def __init__(self, actor, role: str):
         self.actor, self.role = actor, role
@@ -155,14 +157,26 @@ def colocated_options(cfg: ArbitrageConfig) -> dict[str, Any]:
     return opts
 
 
-def make_colocated_actor(cfg: ArbitrageConfig | dict) -> tuple[Any, dict[str, list[RoleView]]]:
-    """Create the colocated actor (not yet waited on) and one RoleView per role it serves.
+def role_views(cfg: ArbitrageConfig, handle) -> dict[str, list]:
+    """The coordinator's handles for one colocated actor or Serve deployment (`handle`): a
+    RoleView per role it serves, the target's view for a PRM hosted by the target, and an
+    in-process router for a model-free (probe) one, which runs inside each coordinator."""
+    views: dict[str, list] = {role: [RoleView(handle, role)] for role in colocated_roles(cfg)}
+    if cfg.models.prm is not None and prm_on_target(cfg):
+        views["prm"] = views["target"]
+    router = cfg.models.router
+    if router is not None and router.kind in MODEL_FREE_ROUTERS:
+        from arbitrage.router_factory import InProcessRouter
 
-    Returns: (actor handle, role -> [RoleView]); a PRM hosted by the target maps to the target's view.
+        views["router"] = [InProcessRouter(router)]
+    return views
+
+
+def make_colocated_actor(cfg: ArbitrageConfig | dict) -> tuple[Any, dict[str, list]]:
+    """Create the colocated actor (not yet waited on) and the coordinator's handles (`role_views`).
+
+    Returns: (actor handle, role -> [handle]).
     """
     cfg = as_config(cfg)
     actor = ray.remote(ColocatedActor).options(**colocated_options(cfg)).remote(cfg.model_dump())
-    views = {role: [RoleView(actor, role)] for role in colocated_roles(cfg)}
-    if cfg.models.prm is not None and prm_on_target(cfg):
-        views["prm"] = views["target"]
-    return actor, views
+    return actor, role_views(cfg, actor)

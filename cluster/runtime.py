@@ -114,8 +114,6 @@ class Runtime:
             actor, views = make_colocated_actor(self.cfg)
             self._owned.append(("target", actor))  # its resources are reported as the target's
             self.handles.update(views)
-            if "router" in roles and "router" not in views:  # model-free: inside each coordinator
-                self.handles["router"] = [InProcessRouter(self.cfg.models.router)]
             return
         as_group = self.cfg.runtime.target.tensor_parallel > 1
         prm_rides = "prm" in roles and self._prm_rides_on_target(as_group)

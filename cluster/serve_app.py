@@ -7,6 +7,9 @@ config:
     ingress (OpenAIIngress, FastAPI) -> coordinator (ChainServer) -> draft, target, prm, router
     every replica ----------> metrics (MetricsHub) <---- GET /metrics on the ingress
 
+(or `-> colocated`, one deployment holding every role, when `runtime.placement()` is colocated:
+the draft and target share one GPU; `cluster.serve_models.ServedColocated`)
+
 - `ingress`: HTTP only (auth, validation, OpenAI shapes, server-sent events,
   backpressure, /health, /metrics). It imports no torch, so new replicas start in about a
   second; it autoscales on ongoing requests within `serve.min_replicas..serve.max_replicas`.
@@ -100,7 +103,7 @@ from cluster.serve_chains import ChainServer
 from cluster.serve_errors import validation_error
 from cluster.serve_ingress import make_ingress
 from cluster.serve_metrics import MetricsHub
-from cluster.serve_models import ServedModel, TargetGroupServer
+from cluster.serve_models import ServedColocated, ServedModel, TargetGroupServer
 from cluster.serve_proxy import ProxyLimits, proxy_env
 from configs.schema import ArbitrageConfig, ConfigError, load_config
 
@@ -146,6 +149,21 @@ def role_options(role: str, cfg: ArbitrageConfig) -> dict[str, Any]:
         max_queued_requests=-1,
         autoscaling_config=scaling,
     )
+
+
+def colocated_serve_options(cfg: ArbitrageConfig) -> dict[str, Any]:
+    """Serve options of the colocated deployment (`runtime.layout` colocated, or auto on one GPU):
+    the roles' resources summed as the colocated actor's (`colocated_options`), the target's
+    replicas / autoscaling (a replica holds every role)."""
+    from actors.colocated_actor import colocated_options
+
+    opts = role_options("target", cfg)
+    actor = colocated_options(cfg)
+    opts["name"] = "colocated"
+    opts["ray_actor_options"] = {
+        k: actor[k] for k in ("num_cpus", "num_gpus", "resources", "label_selector") if k in actor
+    }
+    return opts
 
 
 def coordinator_options(cfg: ArbitrageConfig) -> dict[str, Any]:
@@ -223,6 +241,10 @@ def build_openai_app(cfg: ArbitrageConfig | dict | str | Path) -> serve.Applicat
     data = cfg.model_dump()
     tp = cfg.runtime.target.tensor_parallel > 1
     hub = serve.deployment(MetricsHub, **metrics_options()).bind() if cfg.serve.metrics else None
+    if cfg.runtime.placement() == "colocated":  # every role in one replica (one GPU)
+        models = serve.deployment(ServedColocated, **colocated_serve_options(cfg)).bind(data, metrics=hub)
+        chains = serve.deployment(ChainServer, **coordinator_options(cfg)).bind(data, colocated=models, metrics=hub)
+        return serve.deployment(make_ingress(), **ingress_options(cfg)).bind(data, chains, metrics=hub)
     roles: dict[str, Any] = {}
     for role in configured_roles(cfg):
         if role == "prm" and prm_on_target(cfg) and not tp:

@@ -21,14 +21,23 @@ from configs.schema import ArbitrageConfig, sampling_law
 class ChainServer:
     """`actors.coordinator.Coordinator` as a Serve deployment, with per-request settings."""
 
-    def __init__(self, cfg: dict, draft, target, prm=None, router=None, metrics=None):
+    def __init__(self, cfg: dict, draft=None, target=None, prm=None, router=None, colocated=None, metrics=None):
         """Args: cfg: the config's dict; draft..router: deployment handles (prm/router optional);
-        metrics: the MetricsHub handle (None: no metrics)."""
+        colocated: instead of those, the handle of the one deployment serving every role
+        (`ServedColocated`); metrics: the MetricsHub handle (None: no metrics)."""
         from actors.coordinator import Coordinator  # torch-free ingress: imported in the replica
 
-        handles = {
-            r: h for r, h in (("draft", draft), ("target", target), ("prm", prm), ("router", router)) if h is not None
-        }
+        if colocated is not None:
+            from actors.colocated_actor import role_views
+            from configs.schema import ArbitrageConfig
+
+            handles = role_views(ArbitrageConfig.model_validate(cfg), colocated)
+        else:
+            handles = {
+                r: h
+                for r, h in (("draft", draft), ("target", target), ("prm", prm), ("router", router))
+                if h is not None
+            }
         self.coordinator = Coordinator(cfg, handles)
         self.cfg = self.coordinator.cfg
         m = self.cfg.models

@@ -3,6 +3,9 @@
 `ServedModel` is `actors.model_actor.ModelActor` (dynamic batching inside each replica);
 `TargetGroupServer` is one whole tensor-parallel target group per replica, so the target
 deployment scales by whole groups. Both answer the `arbitrage.service.ModelService` methods.
+`ServedColocated` is `actors.colocated_actor.ColocatedActor` (every role in one replica, the
+fast engines on one scheduler thread: the layout for roles that share one GPU); the coordinator
+reaches its roles through `actors.colocated_actor.RoleView`s over its deployment handle.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from actors.colocated_actor import ColocatedActor
 from actors.model_actor import ModelActor
 from arbitrage.service import PartialService
 from cluster.serve_metrics import MetricSet, Pusher
@@ -20,9 +24,11 @@ logger = logging.getLogger("ray.serve")
 METHOD_ROLE = {"score": "prm", "predict": "router"}  # generate_step: the replica's own role
 
 
-def batch_metrics(role: str, methods: dict[str, dict], queues: dict[str, int] | None = None) -> dict:
-    """A model replica's metric snapshot from its per-method batcher stats."""
-    m = MetricSet()
+def batch_metrics(
+    role: str, methods: dict[str, dict], queues: dict[str, int] | None = None, into: MetricSet | None = None
+) -> dict:
+    """A model replica's metric snapshot from its per-method batcher stats (added to `into`)."""
+    m = MetricSet() if into is None else into
     for method, st in methods.items():
         labels = {"role": METHOD_ROLE.get(method, role), "method": method}
         m.set_hist("batch_size", {int(k): int(v) for k, v in st.get("batch_sizes", {}).items()}, **labels)
@@ -52,9 +58,33 @@ class ServedModel(ModelActor):
         return await super().predict(req)
 
     def _metrics_snapshot(self) -> dict:
-        methods = {name: b.stats() for name, b in self._batchers.items()}
-        queues = {name: b.queued() for name, b in self._batchers.items()}
-        return batch_metrics(self.role, methods, queues)
+        return _batcher_metrics(self)
+
+
+def _batcher_metrics(server: ModelActor, into: MetricSet | None = None) -> dict:
+    """`batch_metrics` of one ModelActor's batchers."""
+    methods = {name: b.stats() for name, b in server._batchers.items()}
+    queues = {name: b.queued() for name, b in server._batchers.items()}
+    return batch_metrics(server.role, methods, queues, into)
+
+
+class ServedColocated(ColocatedActor):
+    """`ColocatedActor` as a Serve deployment: every role in one replica, plus metrics for the hub
+    (each role's batchers under its own `role` label)."""
+
+    def __init__(self, cfg: dict, metrics=None):
+        super().__init__(cfg)
+        self._pusher = Pusher(metrics, self._metrics_snapshot)
+
+    async def call(self, role: str, method: str, *args):
+        self._pusher.ensure_started()
+        return await super().call(role, method, *args)
+
+    def _metrics_snapshot(self) -> dict:
+        m = MetricSet()
+        for server in self.roles.values():
+            _batcher_metrics(server, m)
+        return m.snapshot()
 
 
 class TargetGroupServer(PartialService):
