@@ -277,6 +277,13 @@ def test_auto_layout_colocates_the_roles_a_placement_puts_on_one_gpu(tiny_config
     assert tiny_config(**settings).runtime.placement() == placement
 
 
+def test_the_one_gpu_preset_runs_colocated_and_the_two_node_one_does_not():
+    from configs.schema import load_config
+
+    assert load_config("llama-1b-8b-1gpu").runtime.placement() == "colocated"
+    assert load_config("llama-1b-8b").runtime.placement() == "separate"
+
+
 # ---- CUDA (`-m gpu` on a GPU machine) -------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -12,7 +12,7 @@ from configs.schema import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml") if p.stem != "serve")
-GPU_PRESETS = ["llama-1b-8b", "llama-8b-70b", "qwen-math-7b-q3"]
+GPU_PRESETS = ["llama-1b-8b", "llama-1b-8b-1gpu", "llama-8b-70b", "qwen-math-7b-q3"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
