@@ -526,8 +526,8 @@ def load_colocated_engines(
 
     `engine: fast` roles become ColocatedEngines on `scheduler`, gated by `gates[role]`
     (default `ROLE_GATES`: the draft batches admissions lightly, the target waits for a
-    batch); the draft gets the high-priority stream; other engines (hf, llamacpp) load as usual (they batch on their own, in this
-    same process).
+    batch); the draft gets the high-priority stream; other engines (hf, llamacpp) load as
+    usual (they batch on their own, in this same process).
     """
     from arbitrage.models import load_causal_lm, load_engine
 
