@@ -92,14 +92,21 @@ class Gate:
         engine's decode step time (the floor of the steps it measured). When many chains
         wait for this engine, fewer run on the others, so it admits sooner: the rule adapts to
         the waves of escalations instead of a fixed share.
+    free_share: the waiting rows are at least this share of the rows that are neither held by
+        another engine nor already running here (the peak of rows held lately, less those). For
+        a draft on one GPU: wait for the chains that are not waiting for the target, so the
+        draft decodes in waves as lockstep does (its step costs about the same at 4 rows as at
+        8) while the target still batches escalations across waves; bound it with max_hold_s.
+        Not a default: for `benchmarks/runtime_bench.py --coloc-gates` (BENCHMARKS s.10.3).
     Always: a waiting request asks for next-token logits only (a judge PRM: no decode steps).
-    share = balance = 0 admits at once.
+    share = balance = free_share = 0 admits at once.
     """
 
     share: float = 0.0
     max_hold_s: float = 0.0
     idle_grace_s: float = 0.0
     balance: float = 0.0
+    free_share: float = 0.0
 
 
 DRAFT_GATE = Gate(share=0.125, max_hold_s=0.01)
@@ -361,10 +368,16 @@ class ColocatedEngine(FastStepEngine):
 
     def _gate_open(self) -> bool:
         g, now = self.gate, time.perf_counter()
-        if (g.share <= 0 and g.balance <= 0) or any(j.row is None for j in self._waiting):
+        if (g.share <= 0 and g.balance <= 0 and g.free_share <= 0) or any(j.row is None for j in self._waiting):
             return True  # eager, or a judge's next-token logits (a prefill, no decode steps)
-        if g.share > 0 and len(self._waiting) >= g.share * max(self.scheduler.peak_rows, self.scheduler.held_rows()):
+        lately = max(self.scheduler.peak_rows, self.scheduler.held_rows())
+        if g.share > 0 and len(self._waiting) >= g.share * lately:
             return True
+        if g.free_share > 0:
+            elsewhere = sum(e._held() for e in self.scheduler.engines if e is not self)
+            free = lately - elsewhere - len(self._running) - sum(len(p[0]) for p in self._pending)
+            if len(self._waiting) >= g.free_share * free:
+                return True
         wake = []
         if g.max_hold_s > 0:
             if now - self._waiting[0].queued_at >= g.max_hold_s:

@@ -17,9 +17,9 @@ whose step is done: arbitrage/colocated.py); the variants switch one of those of
 waiting for its engine's step), `colocated-equal-priority` (both streams at one priority); see
 `COLOC_ENV`. The JSON is written after each layout, so a cut-off run keeps the layouts that finished.
 
-`--coloc-gates name=TS:TH:TG:DS:DH[:TB],...` (colocated layouts) also runs the coordinator under other
+`--coloc-gates name=TS:TH:TG:DS:DH[:TB[:DF]],...` (colocated layouts) also runs the coordinator under other
 admission gates (target share, max hold s, idle grace s; draft share, max hold s; target balance,
-the cost rule; see
+the cost rule; draft free share, its waves; see
 arbitrage/colocated.py `Gate`), set on the live actor after the default gates' rows:
 coordinator only, same chain counts, `gate_sweep` in the JSON.
 
@@ -213,10 +213,11 @@ def gate_sweep(rt, a) -> dict[str, list[dict]]:
     default = ray.get(coloc_actor(rt).gates.remote())
     for spec in [x for x in a.coloc_gates.split(",") if x]:
         name, vals = spec.split("=")
-        ts, th, tg, ds, dh, *tb = (float(v) for v in vals.split(":"))
+        ts, th, tg, ds, dh, *rest = (float(v) for v in vals.split(":"))
+        tb, df = (rest + [0.0, 0.0])[:2]
         gates = {
-            "target": {"share": ts, "max_hold_s": th, "idle_grace_s": tg, "balance": tb[0] if tb else 0.0},
-            "draft": {"share": ds, "max_hold_s": dh},
+            "target": {"share": ts, "max_hold_s": th, "idle_grace_s": tg, "balance": tb},
+            "draft": {"share": ds, "max_hold_s": dh, "free_share": df},
         }
         ray.get(coloc_actor(rt).set_gates.remote(gates))
         rows = []
@@ -402,8 +403,8 @@ def main() -> None:
     ap.add_argument(
         "--coloc-gates",
         default="",
-        help="colocated layouts: also sweep admission gates, name=TS:TH:TG:DS:DH,... (target share, "
-        "max_hold_s, idle_grace_s; draft share, max_hold_s)",
+        help="colocated layouts: also sweep admission gates, name=TS:TH:TG:DS:DH[:TB[:DF]],... (target share, "
+        "max_hold_s, idle_grace_s; draft share, max_hold_s; target balance; draft free_share)",
     )
     ap.add_argument("--out", default="benchmarks/results/runtime.json")
     a = ap.parse_args()

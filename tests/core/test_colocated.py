@@ -242,6 +242,27 @@ def test_cost_rule_admits_when_the_wait_outweighs_the_delay(tokenizer, balance, 
         assert (order[0] == "t") == target_first, order
 
 
+def test_free_share_gate_waits_for_the_chains_no_other_engine_holds(tokenizer, monkeypatch):
+    """A draft wave is admitted whole: with one chain on the target and three seen lately, one
+    draft row waits until the other two come, then all three are admitted together."""
+    from arbitrage import colocated
+
+    monkeypatch.setattr(colocated, "PEAK_HALF_LIFE_S", 1e9)  # the rows seen lately do not fade
+    gate = Gate(free_share=1.0, max_hold_s=30)
+    with _pair(tokenizer, draft_gate=gate, context=4096) as (d, t, _, _):
+        ft = t.submit_steps([_long(0, 3000)])  # one chain held by the target throughout
+        while not t.stats["decode_steps"]:
+            time.sleep(0.001)
+        assert [f.result(timeout=60).num_tokens for f in d.submit_steps([_long(i, 4) for i in range(3)])] == [4] * 3
+        a0 = d.stats["admissions"]
+        first = d.submit_steps([_long(3, 4)])
+        time.sleep(0.3)
+        assert not first[0].done() and d.stats["admissions"] == a0  # 1 of the 3 free chains came
+        rest = d.submit_steps([_long(i, 4) for i in (4, 5)])
+        assert [f.result(timeout=60).num_tokens for f in first + rest] == [4] * 3
+        assert d.stats["admissions"] == a0 + 1 and not ft[0].done()  # one admission, target still busy
+
+
 def test_layout_is_a_config_field(tiny_config):
     from configs.schema import ConfigError
 
