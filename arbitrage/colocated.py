@@ -118,7 +118,7 @@ COUNTERS = {"admissions": 0, "admitted_rows": 0, "hold_s": 0.0, "held_turns": 0,
 POLL_S = 50e-6  # the scheduler's nap between polls of the engines' CUDA events, near a step's end
 # Nap until this share of the shortest step seen has passed, then poll. Below 1, because the floor
 # is measured from the host: napping a whole floor made every step end after it, and the floor
-# (allowed to drift up 1% a step) grew without bound (a 4.8 ms target step measured 23.6 ms).
+# (allowed to drift up 1% a step) grew without bound (docs/BENCHMARKS.md s.10.3).
 NAP_SHARE = 0.75
 
 
@@ -228,8 +228,8 @@ class ColocatedScheduler:
         """Return when one of `running` has finished its GPU work, a request is submitted, or a
         held row's bound (`deadline`) comes; nap until the soonest step is due, then poll.
         One engine running: wait for its event (exact; a submit or a bound waits for its step,
-        as in round-robin order): polling there cost lockstep, which runs one engine at a time,
-        up to 17% in one call (docs/BENCHMARKS.md s.10.3)."""
+        as in round-robin order): polling there slowed lockstep, which runs one engine at a time
+        (docs/BENCHMARKS.md s.10.3)."""
         if len(running) == 1 and running[0]._last_event is not None:
             running[0]._last_event.synchronize()
             return

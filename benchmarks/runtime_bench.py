@@ -285,7 +285,7 @@ def latency(rt, a) -> dict:
         (f"fixed_{p:g}", "fixed_rate", p) for p in a.rates
     ]:
         # One untimed chain first: run with `--skip throughput`, the first chains would otherwise
-        # time the engines' graph captures and compiles (a draft_only chain read 2.3 s, not 0.9 s).
+        # time the engines' graph captures and compiles (docs/BENCHMARKS.md s.10.3).
         run_coordinator(rt, problems(1, f"lat-{name}-warm"), policy, tau)
         lats, steps, esc = [], 0, 0
         for i in range(n):  # one chain at a time: latency, not throughput

@@ -29,9 +29,10 @@ class ChainServer:
 
         if colocated is not None:
             from actors.colocated_actor import role_views
-            from configs.schema import ArbitrageConfig
+            from actors.model_actor import as_config
 
-            handles = role_views(ArbitrageConfig.model_validate(cfg), colocated)
+            cfg = as_config(cfg)  # validated once, here, for the views and the coordinator
+            handles = role_views(cfg, colocated)
         else:
             handles = {
                 r: h

@@ -38,6 +38,13 @@ def batch_metrics(
     return m.snapshot()
 
 
+def _batcher_metrics(server: ModelActor, into: MetricSet | None = None) -> dict:
+    """`batch_metrics` of one ModelActor's batchers."""
+    methods = {name: b.stats() for name, b in server._batchers.items()}
+    queues = {name: b.queued() for name, b in server._batchers.items()}
+    return batch_metrics(server.role, methods, queues, into)
+
+
 class ServedModel(ModelActor):
     """`ModelActor` as a Serve deployment: the same batched methods, plus metrics for the hub."""
 
@@ -59,13 +66,6 @@ class ServedModel(ModelActor):
 
     def _metrics_snapshot(self) -> dict:
         return _batcher_metrics(self)
-
-
-def _batcher_metrics(server: ModelActor, into: MetricSet | None = None) -> dict:
-    """`batch_metrics` of one ModelActor's batchers."""
-    methods = {name: b.stats() for name, b in server._batchers.items()}
-    queues = {name: b.queued() for name, b in server._batchers.items()}
-    return batch_metrics(server.role, methods, queues, into)
 
 
 class ServedColocated(ColocatedActor):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,15 +30,10 @@ import pytest
 import yaml
 
 from configs.schema import load_config
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 IDLE_TIMEOUT_MIN = 0.25  # 15 s
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fake_config(port: int, ip: str) -> dict:
@@ -109,7 +103,7 @@ def fake_cluster(without_session_ray):
 
     token = uuid.uuid4().hex  # the cluster's own token: ~/.ray/auth_token (shared) is left alone
     ip = ray._private.services.get_node_ip_address()
-    port = _free_port()
+    port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="arb-as-", dir="/tmp"))
     cfg_path = tmp / "autoscaling.json"
     cfg_path.write_text(json.dumps(_fake_config(port, ip)))

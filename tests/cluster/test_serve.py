@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ports import free_port
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 APP = "arbitrage-test"
@@ -33,12 +33,6 @@ PROBLEM = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 USER = [{"role": "user", "content": PROBLEM}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(ray_local):
     """The live app: base URL, config and an authorised httpx client; Serve shut down after."""
@@ -47,7 +41,7 @@ def app(ray_local):
     from cluster.serve_app import run_openai_app
     from configs.schema import load_config
 
-    port = _free_port()
+    port = free_port()
     cfg = load_config(
         TINY,
         **{

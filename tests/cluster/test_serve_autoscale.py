@@ -14,13 +14,13 @@ Opt-in (`slow`, 3-5 minutes each here: the app's start alone takes 1-2 minutes o
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from ports import free_port
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 APP = "arbitrage-scale"
@@ -36,12 +36,6 @@ SCALING = {
     "downscale_delay_s": 20,
     "look_back_period_s": 10,
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _replicas(deployment: str) -> dict[str, int]:
@@ -70,7 +64,7 @@ def test_load_adds_a_replica_idle_removes_it_no_request_lost(ray_local, case):
 
     overrides, policy = CASES[case]
     role = case.split("-")[0]
-    port = _free_port()
+    port = free_port()
     cfg = load_config(
         TINY,
         **{

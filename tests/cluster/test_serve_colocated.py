@@ -5,11 +5,11 @@ same chain run in this process, and that replica's batch metrics reach /metrics 
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from pathlib import Path
 
 import httpx
+from ports import free_port
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 APP = "arbitrage-colocated"
@@ -20,12 +20,6 @@ SETTINGS = {
     "models.target.engine": "fast",
     "serve.max_replicas": 1,
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _reference(cfg, policy: str, threshold: float) -> list[tuple[str, str]]:
@@ -59,7 +53,7 @@ def test_colocated_app_serves_every_role_from_one_deployment(ray_local):
     from cluster.serve_app import run_openai_app
     from configs.schema import load_config
 
-    port = _free_port()
+    port = free_port()
     cfg = load_config(TINY, **{**SETTINGS, "serve.port": port})
     assert cfg.runtime.placement() == "colocated"
     serve.shutdown()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ports import free_port
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 APP = "arbitrage-prod"
@@ -27,12 +28,6 @@ TIMEOUT_S = 3.0  # serve.header_timeout_s and serve.body_timeout_s of the test a
 MAX_HEADER = 16384
 PROBLEM = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 LEAKS = ("Traceback", 'File "', ".py", "/work", "ActorID", "actor_id", "pid=", "ip=", "NoneType", "RayTaskError")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _chat(content: str = PROBLEM, **fields) -> dict:
@@ -46,7 +41,7 @@ def app(ray_local):
     from cluster.serve_app import run_openai_app
     from configs.schema import load_config
 
-    port = _free_port()
+    port = free_port()
     cfg = load_config(
         TINY,
         **{
