@@ -92,12 +92,14 @@ class Gate:
         engine's decode step time (the floor of the steps it measured). When many chains
         wait for this engine, fewer run on the others, so it admits sooner: the rule adapts to
         the waves of escalations instead of a fixed share.
-    free_share: the waiting rows are at least this share of the rows that are neither held by
-        another engine nor already running here (the peak of rows held lately, less those). For
-        a draft on one GPU: wait for the chains that are not waiting for the target, so the
-        draft decodes in waves as lockstep does (its step costs about the same at 4 rows as at
-        8) while the target still batches escalations across waves; bound it with max_hold_s.
-        Not a default: for `benchmarks/runtime_bench.py --coloc-gates` (BENCHMARKS s.10.3).
+    free_share: the waiting rows are at least this share of the rows no other engine holds
+        (the peak of rows held lately, less those held elsewhere; rows running here count, so
+        at 1.0 a wave is admitted only once the last one has drained). For a draft on one GPU:
+        wait for the chains that are not with the target, so the draft decodes in waves as
+        lockstep does (its step costs about the same at 4 rows as at 8) while the target still
+        batches escalations across waves; bound it with max_hold_s. Use with share 0 (either
+        condition admits). Not a default: for `benchmarks/runtime_bench.py --coloc-gates`
+        (BENCHMARKS s.10.4).
     Always: a waiting request asks for next-token logits only (a judge PRM: no decode steps).
     share = balance = free_share = 0 admits at once.
     """
@@ -375,8 +377,7 @@ class ColocatedEngine(FastStepEngine):
             return True
         if g.free_share > 0:
             elsewhere = sum(e._held() for e in self.scheduler.engines if e is not self)
-            free = lately - elsewhere - len(self._running) - sum(len(p[0]) for p in self._pending)
-            if len(self._waiting) >= g.free_share * free:
+            if len(self._waiting) >= g.free_share * (lately - elsewhere):
                 return True
         wake = []
         if g.max_hold_s > 0:

@@ -6,7 +6,9 @@ bf16, both on one GPU with fractional `num_gpus`), forced step lengths, seeded
 fixed-rate escalation. Everything is measured side by side in one run and written as
 JSON. The lockstep baseline is the published ARBITRAGE script's structure: all chains
 draft a step, wait for the slowest, then the escalated ones wait for the target, and so
-on -- it runs over the very same actors.
+on -- it runs over the very same actors, with the coordinator's escalation draws (each row
+escalates the same steps in both), and each row reports the rate it realised. A row of fewer
+than `--min-chains` chains runs groups of its size one after the other.
 
 Layouts (`--layouts`, run one after the other in one call, each with its own Ray):
 `separate` is one actor per role (two processes time-slicing one GPU at `--gpu-fraction`
@@ -122,10 +124,13 @@ def bench_config(a, layout: str = "separate") -> ArbitrageConfig:
     )
 
 
-def problems(n: int, tag: str) -> list[dict]:
+def problems(n: int, tag: str, draws: str | None = None) -> list[dict]:
+    """n problems whose text is unique to `tag`; their ids, which seed FixedRate's escalation
+    draws per (id, step), come from `draws` (default `tag`): runs given the same `draws`
+    escalate the same steps, so the coordinator and lockstep do the same work."""
     return [
         {
-            "id": f"{tag}-{i}",
+            "id": f"{draws or tag}-{i}",
             "problem": f"Problem {tag} {i}: a train leaves at {i} o'clock at 60 km/h. "
             "How far has it travelled by noon?",
         }
@@ -133,8 +138,16 @@ def problems(n: int, tag: str) -> list[dict]:
     ]
 
 
-async def lockstep(backend, items: list[dict], cfg: ArbitrageConfig, rate: float) -> int:
-    """The synchronous baseline: every phase waits for the slowest chain. Returns steps done."""
+def groups(n: int, a) -> int:
+    """How many groups of n chains a throughput row runs one after the other: enough for
+    `--min-chains` chains, so a 1-chain row's escalation rate is realised over as many steps
+    as the larger rows' (one 8-step chain at rate 0.2 escalates 0 steps 17% of the time)."""
+    return max(1, -(-a.min_chains // n))
+
+
+async def lockstep(backend, items: list[dict], cfg: ArbitrageConfig, rate: float) -> tuple[int, int]:
+    """The synchronous baseline: every phase waits for the slowest chain. Returns (steps done,
+    steps escalated)."""
     from arbitrage.policies import FixedRate, StepContext
     from arbitrage.types import SamplingParams, StepRequest
 
@@ -142,6 +155,7 @@ async def lockstep(backend, items: list[dict], cfg: ArbitrageConfig, rate: float
     policy = FixedRate(rate, seed=cfg.generation.seed)
     params = SamplingParams(max_tokens=g.max_step_tokens, forced_tokens=g.forced_step_tokens)
     steps: list[list[str]] = [[] for _ in items]
+    escalated = 0
     for k in range(g.max_steps):
         reqs = [
             StepRequest(
@@ -157,9 +171,10 @@ async def lockstep(backend, items: list[dict], cfg: ArbitrageConfig, rate: float
         esc = [i for i, it in enumerate(items) if policy.escalate(StepContext(it["id"], k))]
         targets = await asyncio.gather(*(backend.target_step(reqs[i]) for i in esc))  # wait again
         chosen = {i: t.text for i, t in zip(esc, targets)}
+        escalated += len(esc)
         for i, d in enumerate(drafts):
             steps[i].append(chosen.get(i, d.text))
-    return len(items) * g.max_steps
+    return len(items) * g.max_steps, escalated
 
 
 def run_coordinator(rt, items, policy, tau) -> tuple[float, int, list[dict]]:
@@ -182,17 +197,22 @@ def engine_counters(rt) -> dict[str, dict[str, float]]:
     }
 
 
-def counters_during(rt, items, a) -> tuple[float, int, dict]:
-    """One timed coordinator run; the engines' counters over it (and mean decode batch / step)."""
+def counters_during(rt, n: int, tag: str, a) -> tuple[float, int, int, dict]:
+    """The coordinator's timed run of a throughput row (`groups` runs of n chains, one after
+    the other, each with the draws of the same group of the lockstep run); (seconds, steps,
+    steps escalated, the engines' counters over it with mean decode batch / step)."""
     before = engine_counters(rt)
-    dt, steps, _ = run_coordinator(rt, items, "fixed_rate", a.rate)
+    dt, steps, esc = 0.0, 0, 0
+    for g in range(groups(n, a)):
+        t, st, res = run_coordinator(rt, problems(n, f"{tag}{n}g{g}", f"pair{n}g{g}"), "fixed_rate", a.rate)
+        dt, steps, esc = dt + t, steps + st, esc + sum(r["escalations"] for r in res)
     after = engine_counters(rt)
     during = {r: {k: after[r][k] - before[r][k] for k in ENGINE_COUNTERS} for r in after}
     for c in during.values():
         n = c["decode_steps"]
         c["ms_per_decode_step"] = 1e3 * c["decode_s"] / n if n else None
         c["rows_per_decode_step"] = c["decode_rows"] / n if n and c["decode_rows"] else None
-    return dt, steps, during
+    return dt, steps, esc, during
 
 
 def brief(during: dict) -> str:
@@ -222,12 +242,13 @@ def gate_sweep(rt, a) -> dict[str, list[dict]]:
         ray.get(coloc_actor(rt).set_gates.remote(gates))
         rows = []
         for n in a.chain_counts:
-            dt, steps, during = counters_during(rt, problems(n, f"g{name}{n}"), a)
+            dt, steps, esc, during = counters_during(rt, n, f"g{name}", a)
             rows.append(
                 {
                     "chains": n,
                     "coordinator_steps_per_s": steps / dt,
                     "coordinator_s": dt,
+                    "escalation_rate": esc / steps,
                     "gates": gates,
                     "engines_during_coordinator": during,
                 }
@@ -248,27 +269,32 @@ def throughput(rt, cfg, a) -> list[dict]:
     backend = RayBackend(rt.handles)
     rows = []
     for n in a.chain_counts:
-        items = problems(n, f"tp{n}")
         # Warm-up at the same concurrency: CUDA graphs for this batch bucket are captured here,
         # not inside the timed runs.
         run_coordinator(rt, problems(n, f"warm{n}"), "fixed_rate", a.rate)
-        dt_c, steps_c, during = counters_during(rt, items, a)
-        t0 = time.perf_counter()
-        steps_l = asyncio.run(lockstep(backend, problems(n, f"ls{n}"), cfg, a.rate))
-        dt_l = time.perf_counter() - t0
+        dt_c, steps_c, esc_c, during = counters_during(rt, n, "tp", a)
+        dt_l, steps_l, esc_l = 0.0, 0, 0
+        for g in range(groups(n, a)):  # the same draws as the coordinator's run
+            t0 = time.perf_counter()
+            st, esc = asyncio.run(lockstep(backend, problems(n, f"ls{n}g{g}", f"pair{n}g{g}"), cfg, a.rate))
+            dt_l, steps_l, esc_l = dt_l + time.perf_counter() - t0, steps_l + st, esc_l + esc
         row = {
             "chains": n,
+            "groups": groups(n, a),
             "coordinator_steps_per_s": steps_c / dt_c,
             "lockstep_steps_per_s": steps_l / dt_l,
             "coordinator_s": dt_c,
             "lockstep_s": dt_l,
+            "escalation_rate": esc_c / steps_c,
+            "lockstep_escalation_rate": esc_l / steps_l,
             "engines_during_coordinator": during,
         }
         row["speedup_vs_lockstep"] = row["coordinator_steps_per_s"] / row["lockstep_steps_per_s"]
         rows.append(row)
         print(
             f"chains={n:3d} coordinator {row['coordinator_steps_per_s']:8.2f} steps/s  "
-            f"lockstep {row['lockstep_steps_per_s']:8.2f} steps/s  x{row['speedup_vs_lockstep']:.2f}  {brief(during)}",
+            f"lockstep {row['lockstep_steps_per_s']:8.2f} steps/s  x{row['speedup_vs_lockstep']:.2f}  "
+            f"escalated {row['escalation_rate']:.1%} / {row['lockstep_escalation_rate']:.1%}  {brief(during)}",
             flush=True,
         )
     base = rows[0]["coordinator_steps_per_s"]
@@ -368,6 +394,13 @@ def main() -> None:
     ap.add_argument("--max-context", type=int, default=1024)
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     ap.add_argument("--latency-chains", type=int, default=4)
+    ap.add_argument(
+        "--min-chains",
+        type=int,
+        default=8,
+        help="chains per throughput row at least: a row of fewer runs groups of its size one after "
+        "the other (the 1-chain row: 8 chains, one at a time)",
+    )
     ap.add_argument("--num-cpus", type=int, default=8)
     ap.add_argument(
         "--gpu-fraction",

@@ -244,7 +244,8 @@ def test_cost_rule_admits_when_the_wait_outweighs_the_delay(tokenizer, balance, 
 
 def test_free_share_gate_waits_for_the_chains_no_other_engine_holds(tokenizer, monkeypatch):
     """A draft wave is admitted whole: with one chain on the target and three seen lately, one
-    draft row waits until the other two come, then all three are admitted together."""
+    draft row waits until the other two come, then all three are admitted together; and a row
+    that comes while two of the three still decode waits for them (no joining mid-wave)."""
     from arbitrage import colocated
 
     monkeypatch.setattr(colocated, "PEAK_HALF_LIFE_S", 1e9)  # the rows seen lately do not fade
@@ -261,6 +262,16 @@ def test_free_share_gate_waits_for_the_chains_no_other_engine_holds(tokenizer, m
         rest = d.submit_steps([_long(i, 4) for i in (4, 5)])
         assert [f.result(timeout=60).num_tokens for f in first + rest] == [4] * 3
         assert d.stats["admissions"] == a0 + 1 and not ft[0].done()  # one admission, target still busy
+        wave = d.submit_steps([_long(i, 3000) for i in (6, 7)])  # 2 of the 3 free chains: held, then
+        time.sleep(0.3)
+        d.gate = Gate(free_share=1.0, max_hold_s=0.05)  # admitted by the hold
+        while d.stats["admissions"] == a0 + 1:
+            time.sleep(0.001)
+        d.gate = gate
+        late = d.submit_steps([_long(8, 4)])
+        time.sleep(0.3)
+        assert not late[0].done() and not wave[0].done() and d.stats["admissions"] == a0 + 2
+        assert d.stats["admitted_mid_decode"] == 0
 
 
 def test_layout_is_a_config_field(tiny_config):
