@@ -132,7 +132,13 @@ def _env_flag(name: str, value: bool | None) -> bool:
 class ColocatedScheduler:
     """One thread that gives every registered `ColocatedEngine` a turn when its GPU work is done."""
 
-    def __init__(self, streams: bool | None = None, ready_first: bool | None = None, priority: bool | None = None):
+    def __init__(
+        self,
+        streams: bool | None = None,
+        ready_first: bool | None = None,
+        priority: bool | None = None,
+        draft_sms: int | None = None,
+    ):
         """Args (each None: on, unless the environment variable named sets it to 0):
         streams: one CUDA stream per engine (ARBITRAGE_COLOCATED_STREAMS); off issues every
             engine's work on the current stream, one after the other (BENCHMARKS s.10.2);
@@ -140,10 +146,17 @@ class ColocatedScheduler:
             running (ARBITRAGE_COLOCATED_READY_FIRST); off runs every engine's turn in
             round-robin order, each waiting for that engine's step (the earlier loop, s.10.3);
         priority: engines created with `priority=True` (the draft) get a high-priority stream
-            (ARBITRAGE_COLOCATED_PRIORITY)."""
+            (ARBITRAGE_COLOCATED_PRIORITY);
+        draft_sms: with streams on CUDA, split the GPU's SMs (`arbitrage.green`): the
+            `priority=True` engine's stream runs on about this many SMs and the other engines'
+            on the rest, so neither's kernels wait for SMs the other holds
+            (ARBITRAGE_COLOCATED_DRAFT_SMS; default 0: no split)."""
         self.streams = _env_flag("ARBITRAGE_COLOCATED_STREAMS", streams)
         self.ready_first = _env_flag("ARBITRAGE_COLOCATED_READY_FIRST", ready_first)
         self.priority = _env_flag("ARBITRAGE_COLOCATED_PRIORITY", priority)
+        sms = os.environ.get("ARBITRAGE_COLOCATED_DRAFT_SMS", "0") if draft_sms is None else draft_sms
+        self.draft_sms = int(sms)
+        self._partitions: dict[Any, tuple] = {}  # device -> (the draft's, the others') GreenPartition
         self.engines: list[ColocatedEngine] = []
         self.stats = {"turns": 0, "idle_s": 0.0, "busy_s": 0.0, "poll_s": 0.0, "skipped_turns": 0}
         self._wake = threading.Event()
@@ -165,6 +178,16 @@ class ColocatedScheduler:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def partition(self, device: torch.device, first: bool):
+        """The green partition of `device` for the draft (`first`) or the other engines, split
+        once per device (`draft_sms`)."""
+        from arbitrage import green
+
+        with self._lock:
+            if device not in self._partitions:
+                self._partitions[device] = green.split(device, self.draft_sms)
+            return self._partitions[device][0 if first else 1]
 
     def close(self) -> None:
         """Stop the thread; requests still queued or running fail with RuntimeError."""
@@ -276,6 +299,12 @@ class ColocatedEngine(FastStepEngine):
         # lower numbers are higher priorities; -1 is the highest torch offers on every CUDA device
         high = priority and scheduler.priority
         self.stream = torch.cuda.Stream(self.device, priority=-1 if high else 0) if use_streams else None
+        self.sms: int | None = None  # the SMs of this engine's green partition, if split
+        if use_streams and scheduler.draft_sms > 0:
+            part = scheduler.partition(self.device, first=priority)
+            self.stream, self.sms = part.stream(-1 if high else 0), part.sms
+            if self.graphs is not None:  # captured on the partition too, so replays keep to its SMs
+                self.graphs.capture_stream = part.stream()
         self._ctx = (lambda: torch.cuda.device(self.device)) if cuda else contextlib.nullcontext
         scheduler.add(self)
 

@@ -3,6 +3,8 @@ ColocatedScheduler, many concurrent draft rows with some target rows at once; pr
 time per phase, and every thread's stack if a phase does not finish (faulthandler).
 
     python benchmarks/coloc_engine_probe.py --streams 1 --chains 8,64
+    # do the two engines' steps overlap? both at once vs each alone, gates open, SMs split or not
+    python benchmarks/coloc_engine_probe.py --chains 1,8 --eager --solo --draft-sms 32
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--draft", default="llama-3.2-1b")
     ap.add_argument("--target", default="llama-3.1-8b")
+    ap.add_argument("--eager", action="store_true", help="both engines admit at once (no gates)")
+    ap.add_argument("--solo", action="store_true", help="also time the draft rows alone and the target rows alone")
+    ap.add_argument("--draft-sms", type=int, default=0, help="split the SMs: the draft gets about this many")
     ap.add_argument(
         "--no-nap", action="store_true", help="poll the engines' events without napping until a step is due"
     )
@@ -45,10 +50,12 @@ def main() -> None:
             "max_slots": 64,
         }
     )
-    sched = ColocatedScheduler(streams=bool(a.streams))
+    sched = ColocatedScheduler(streams=bool(a.streams), draft_sms=a.draft_sms)
     t0 = time.perf_counter()
-    eng = load_colocated_engines({"draft": mk(a.draft, 1), "target": mk(a.target, 2)}, sched)
-    print(f"loaded in {time.perf_counter() - t0:.1f}s streams={a.streams}", flush=True)
+    gates = {"draft": colocated.EAGER, "target": colocated.EAGER} if a.eager else None
+    eng = load_colocated_engines({"draft": mk(a.draft, 1), "target": mk(a.target, 2)}, sched, gates)
+    sms = {k: getattr(e, "sms", None) for k, e in eng.items()}
+    print(f"loaded in {time.perf_counter() - t0:.1f}s streams={a.streams} eager={a.eager} SMs={sms}", flush=True)
     params = SamplingParams(max_tokens=64, forced_tokens=64)
     req = lambda i, k: StepRequest(
         problem=f"Problem {i}",
@@ -59,18 +66,21 @@ def main() -> None:
     )
     pool = ThreadPoolExecutor(256)
     for rep in range(2):  # the first round captures graphs
-        for n in [int(c) for c in a.chains.split(",")]:
+        for n, mode in [
+            (int(c), m) for c in a.chains.split(",") for m in (("both", "draft", "target") if a.solo else ("both",))
+        ]:
             faulthandler.dump_traceback_later(a.timeout, exit=True, file=sys.stderr)
             t = time.perf_counter()
             before = {k: dict(e.stats) for k, e in eng.items()}, dict(sched.stats)
-            nt = max(1, n // 5)
-            fd = [pool.submit(eng["draft"].generate_steps, [req(i, rep)]) for i in range(n)]
+            nd = n if mode != "target" else 0
+            nt = max(1, n // 5) if mode != "draft" else 0
+            fd = [pool.submit(eng["draft"].generate_steps, [req(i, rep)]) for i in range(nd)]
             ft = [pool.submit(eng["target"].generate_steps, [req(1000 + i, rep)]) for i in range(nt)]
             [f.result() for f in fd + ft]
             faulthandler.cancel_dump_traceback_later()
             dt = time.perf_counter() - t
             print(
-                f"round {rep} chains={n:3d} (+{nt} target) {dt * 1e3:8.1f} ms  "
+                f"round {rep} {mode:6s} draft rows={nd:3d} target rows={nt} {dt * 1e3:8.1f} ms  "
                 f"draft {eng['draft'].stats['decode_steps']} target {eng['target'].stats['decode_steps']} "
                 f"decode steps so far",
                 flush=True,

@@ -17,7 +17,8 @@ scheduler thread, a CUDA stream per engine, the draft's at high priority, a turn
 whose step is done: arbitrage/colocated.py); the variants switch one of those off:
 `colocated-one-stream` (every engine on one stream), `colocated-round-robin` (turns in order, each
 waiting for its engine's step), `colocated-equal-priority` (both streams at one priority); see
-`COLOC_ENV`. The JSON is written after each layout, so a cut-off run keeps the layouts that finished.
+`COLOC_ENV`; `colocated-smsN` splits the SMs, about N for the draft and the rest for the target
+(CUDA green contexts, arbitrage/green.py). The JSON is written after each layout, so a cut-off run keeps the layouts that finished.
 
 `--coloc-gates name=TS:TH:TG:DS:DH[:TB[:DF]],...` (colocated layouts) also runs the coordinator under other
 admission gates (target share, max hold s, idle grace s; draft share, max hold s; target balance,
@@ -56,7 +57,16 @@ COLOC_ENV = {
     "colocated-round-robin": {"ARBITRAGE_COLOCATED_READY_FIRST": "0"},
     "colocated-equal-priority": {"ARBITRAGE_COLOCATED_PRIORITY": "0"},
 }
-LAYOUTS = ("separate", *COLOC_ENV)
+LAYOUTS = ("separate", *COLOC_ENV, "colocated-smsN")
+COLOC_FLAGS = ("ARBITRAGE_COLOCATED_DRAFT_SMS", *{k for f in COLOC_ENV.values() for k in f})
+
+
+def coloc_env(layout: str) -> dict[str, str] | None:
+    """The scheduler's environment of a colocated layout (None: not one); `colocated-smsN`
+    splits the GPU's SMs, about N for the draft (arbitrage/green.py)."""
+    if layout.startswith("colocated-sms") and layout[13:].isdigit():
+        return {"ARBITRAGE_COLOCATED_DRAFT_SMS": layout[13:]}
+    return COLOC_ENV.get(layout)
 ENGINE_COUNTERS = (
     "decode_steps",
     "admitted_mid_decode",
@@ -446,7 +456,7 @@ def main() -> None:
     a.max_chains = max(a.chain_counts)
     a.rates = [float(r) for r in a.rates.split(",")]
     a.layout_list = [x for x in a.layouts.split(",") if x]
-    bad = [x for x in a.layout_list if x not in LAYOUTS]
+    bad = [x for x in a.layout_list if x != "separate" and coloc_env(x) is None]
     if bad:
         ap.error(f"unknown layout {bad[0]!r}; choose from {', '.join(LAYOUTS)}")
     from cluster.runtime import Runtime
@@ -455,10 +465,9 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     for layout in a.layout_list:
         # Read by the colocated actor's scheduler (Ray's workers inherit the driver's environment).
-        for flags in COLOC_ENV.values():
-            for k in flags:
-                os.environ.pop(k, None)
-        os.environ.update(COLOC_ENV.get(layout, {}))
+        for k in COLOC_FLAGS:
+            os.environ.pop(k, None)
+        os.environ.update(coloc_env(layout) or {})
         cfg = bench_config(a, layout)
         print(f"== layout {layout}", flush=True)
         res: dict = {}

@@ -274,6 +274,18 @@ def test_free_share_gate_waits_for_the_chains_no_other_engine_holds(tokenizer, m
         assert d.stats["admitted_mid_decode"] == 0
 
 
+def test_an_sm_split_needs_cuda(tokenizer):
+    """Off CUDA the split is refused with a clear error, and a scheduler asked for one runs
+    its engines unsplit (there are no streams to put on partitions)."""
+    from arbitrage import green
+
+    with pytest.raises(green.GreenContextError, match="CUDA device"):
+        green.split(torch.device("cpu"), 16)
+    with _pair(tokenizer, draft_sms=16) as (d, t, _, _):
+        assert d.sms is None and t.sms is None
+        assert [f.result(timeout=60).num_tokens for f in d.submit_steps([_long(0, 4)])] == [4]
+
+
 def test_layout_is_a_config_field(tiny_config):
     from configs.schema import ConfigError
 
@@ -319,11 +331,17 @@ def test_the_one_gpu_preset_runs_colocated_and_the_two_node_one_does_not():
 # ---- CUDA (`-m gpu` on a GPU machine) -------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("streams", [True, False])
-def test_cuda_colocated_equals_step_engine(tokenizer, streams):
-    """CUDA graphs, one stream per engine (or one shared), pinned async stats: same outputs as HF."""
-    with _pair(tokenizer, target_shape="tiny-qwen2", slots=8, device="cuda", streams=streams) as (d, t, dm, tm):
+@pytest.mark.parametrize("streams, draft_sms", [(True, 0), (False, 0), (True, 16)])
+def test_cuda_colocated_equals_step_engine(tokenizer, streams, draft_sms):
+    """CUDA graphs, one stream per engine (or one shared; or the SMs split between the two
+    engines' green contexts), pinned async stats: same outputs as HF."""
+    with _pair(
+        tokenizer, target_shape="tiny-qwen2", slots=8, device="cuda", streams=streams, draft_sms=draft_sms
+    ) as (d, t, dm, tm):
         assert (d.stream is not None) == streams and d.graphs is not None
+        if draft_sms:  # disjoint partitions: the draft's ~16 SMs and the rest
+            total = torch.cuda.get_device_properties(0).multi_processor_count
+            assert draft_sms <= d.sms < total and 0 < t.sms <= total - d.sms
         # each engine captures its graphs on its own stream, so their cuBLAS workspaces differ
         # (shared, two engines' graphs replaying at once on two streams hung at the 1B + 8B shapes)
         assert d.graphs.capture_stream != t.graphs.capture_stream
