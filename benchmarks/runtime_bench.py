@@ -67,6 +67,8 @@ def coloc_env(layout: str) -> dict[str, str] | None:
     if layout.startswith("colocated-sms") and layout[13:].isdigit():
         return {"ARBITRAGE_COLOCATED_DRAFT_SMS": layout[13:]}
     return COLOC_ENV.get(layout)
+
+
 ENGINE_COUNTERS = (
     "decode_steps",
     "admitted_mid_decode",

@@ -335,9 +335,8 @@ def test_the_one_gpu_preset_runs_colocated_and_the_two_node_one_does_not():
 def test_cuda_colocated_equals_step_engine(tokenizer, streams, draft_sms):
     """CUDA graphs, one stream per engine (or one shared; or the SMs split between the two
     engines' green contexts), pinned async stats: same outputs as HF."""
-    with _pair(
-        tokenizer, target_shape="tiny-qwen2", slots=8, device="cuda", streams=streams, draft_sms=draft_sms
-    ) as (d, t, dm, tm):
+    pair = _pair(tokenizer, target_shape="tiny-qwen2", slots=8, device="cuda", streams=streams, draft_sms=draft_sms)
+    with pair as (d, t, dm, tm):
         assert (d.stream is not None) == streams and d.graphs is not None
         if draft_sms:  # disjoint partitions: the draft's ~16 SMs and the rest
             total = torch.cuda.get_device_properties(0).multi_processor_count
