@@ -18,6 +18,8 @@ chain records its hits and misses in `ChainResult.cache`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import random
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable
@@ -43,6 +45,7 @@ class LoopSettings:
     top_p: float = 1.0
     seed: int = 0
     forced_step_tokens: int | None = None
+    forced_step_tokens_min: int | None = None
     system_prompt: str | None = None
     use_chat_template: bool = True
     score_escalations: bool = True  # score both steps of an escalation when a PRM exists
@@ -67,12 +70,24 @@ class LoopSettings:
             top_p=g.top_p,
             seed=g.seed,
             forced_step_tokens=g.forced_step_tokens,
+            forced_step_tokens_min=g.forced_step_tokens_min,
             system_prompt=p.system_prompt,
             use_chat_template=p.use_chat_template,
             score_escalations=cfg.policy.score_escalations,
             has_prm=cfg.models.prm is not None,
             step_cache=g.step_cache,
         )
+
+
+def forced_tokens(s: LoopSettings, problem_id: str, step_index: int) -> int | None:
+    """The forced length of a step (systems benchmarks): `forced_step_tokens`, or with
+    `forced_step_tokens_min` a length drawn uniformly from [min, forced_step_tokens], seeded per
+    (problem id, step index) as `FixedRate` seeds its draws; None when steps are not forced."""
+    lo, hi = s.forced_step_tokens_min, s.forced_step_tokens
+    if hi is None or lo is None:
+        return hi
+    key = f"{s.seed}|{problem_id}|{step_index}|length".encode()
+    return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "little")).randint(lo, hi)
 
 
 @dataclass(frozen=True)
@@ -167,7 +182,7 @@ async def _decide_step(
         temperature=s.temperature,
         top_p=s.top_p,
         seed=s.seed + item.seed + n_done,
-        forced_tokens=s.forced_step_tokens,
+        forced_tokens=forced_tokens(s, item.id, n_done),
     )
     texts = item.prefix + tuple(st.text for st in steps)
     req = StepRequest(

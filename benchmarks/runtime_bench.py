@@ -113,6 +113,7 @@ def bench_config(a, layout: str = "separate") -> ArbitrageConfig:
             "models": models,
             "generation": {
                 "forced_step_tokens": a.step_tokens,
+                "forced_step_tokens_min": a.step_tokens_min,
                 "max_step_tokens": a.step_tokens,
                 "max_steps": a.steps,
                 "max_total_tokens": a.step_tokens * a.steps,
@@ -160,12 +161,13 @@ def groups(n: int, a) -> int:
 async def lockstep(backend, items: list[dict], cfg: ArbitrageConfig, rate: float) -> tuple[int, int]:
     """The synchronous baseline: every phase waits for the slowest chain. Returns (steps done,
     steps escalated)."""
+    from arbitrage.loop import LoopSettings, forced_tokens
     from arbitrage.policies import FixedRate, StepContext
     from arbitrage.types import SamplingParams, StepRequest
 
     g = cfg.generation
     policy = FixedRate(rate, seed=cfg.generation.seed)
-    params = SamplingParams(max_tokens=g.max_step_tokens, forced_tokens=g.forced_step_tokens)
+    settings = LoopSettings.from_config(cfg)  # the loop's step lengths, per (problem, step)
     steps: list[list[str]] = [[] for _ in items]
     escalated = 0
     for k in range(g.max_steps):
@@ -174,7 +176,7 @@ async def lockstep(backend, items: list[dict], cfg: ArbitrageConfig, rate: float
                 problem=it["problem"],
                 steps=tuple(s),
                 system=cfg.prompt.system_prompt,
-                params=params,
+                params=SamplingParams(max_tokens=g.max_step_tokens, forced_tokens=forced_tokens(settings, it["id"], k)),
                 chain_id=f"lock-{it['id']}",
             )
             for it, s in zip(items, steps)
@@ -403,6 +405,13 @@ def main() -> None:
     ap.add_argument("--rates", default="0.1,0.2,0.4")
     ap.add_argument("--steps", type=int, default=10, help="steps per chain")
     ap.add_argument("--step-tokens", type=int, default=64)
+    ap.add_argument(
+        "--step-tokens-min",
+        type=int,
+        default=None,
+        help="steps of varying length: each forced to a length drawn from [this, --step-tokens] per "
+        "(problem, step), the same in the coordinator's and lockstep's runs (default: all --step-tokens)",
+    )
     ap.add_argument("--max-context", type=int, default=1024)
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     ap.add_argument("--latency-chains", type=int, default=4)

@@ -279,6 +279,13 @@ class GenerationConfig(_Base):
         ge=1,
         description="Systems benchmarks only: every step is exactly this many tokens (separator and EOS ignored).",
     )
+    forced_step_tokens_min: int | None = Field(
+        default=None,
+        ge=1,
+        description="Systems benchmarks only, with forced_step_tokens: each step is forced to a length drawn "
+        "uniformly from [this, forced_step_tokens], seeded per (problem id, step index), so steps vary as real "
+        "ones do while every run of a problem writes the same lengths.",
+    )
     step_cache: bool = Field(
         default=False,
         description="Reuse a greedy step or PRM score already computed for the same model, prefix "
@@ -289,6 +296,9 @@ class GenerationConfig(_Base):
     @model_validator(mode="after")
     def _sampleable(self) -> "GenerationConfig":
         """A temperature under 1e-5 or a top_p under 1e-5 decodes greedily (see `sampling_law`)."""
+        lo, hi = self.forced_step_tokens_min, self.forced_step_tokens
+        if lo is not None and (hi is None or lo > hi):
+            raise ValueError(f"forced_step_tokens_min ({lo}) needs forced_step_tokens at least as large (got {hi})")
         t, p = sampling_law(self.temperature, self.top_p)
         if (t, p) != (self.temperature, self.top_p):
             object.__setattr__(self, "temperature", t)

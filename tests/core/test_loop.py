@@ -146,6 +146,32 @@ def test_forced_step_tokens(make_backend, settings, problems):
     assert res.num_steps == 3 and all(st.num_tokens == 5 for st in res.steps)
 
 
+def test_forced_step_lengths_vary_per_step_and_repeat_per_problem(make_backend, settings, problems):
+    """With forced_step_tokens_min every step (escalated or not) is forced to its own seeded
+    length in the range; a second run of the problem writes the same lengths."""
+    from dataclasses import replace
+
+    from arbitrage.loop import forced_tokens
+
+    s = replace(settings, forced_step_tokens=9, forced_step_tokens_min=2, max_step_tokens=64, max_steps=6)
+    s = replace(s, max_total_tokens=1000)
+    runs = [_run(make_backend(), make_policy("fixed_rate", 0.5), s, problems[0]) for _ in range(2)]
+    lengths = [[st.num_tokens for st in r.steps] for r in runs]
+    assert lengths[0] == lengths[1] and len(lengths[0]) == 6 and len(set(lengths[0])) > 1
+    assert lengths[0] == [forced_tokens(s, problems[0].id, k) for k in range(6)]
+    assert all(2 <= n <= 9 for n in lengths[0]) and any(st.escalated for st in runs[0].steps)
+    assert forced_tokens(replace(s, forced_step_tokens_min=None), "x", 0) == 9
+
+
+def test_forced_step_tokens_min_needs_a_larger_maximum(tiny_config):
+    from configs.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="forced_step_tokens_min"):
+        tiny_config(**{"generation.forced_step_tokens_min": 8})
+    with pytest.raises(ConfigError, match="forced_step_tokens_min"):
+        tiny_config(**{"generation.forced_step_tokens_min": 8, "generation.forced_step_tokens": 4})
+
+
 def test_answer_stops_chain_and_is_graded():
     """A scripted backend: the second step holds the boxed answer."""
 
