@@ -220,13 +220,19 @@ def counters_during(rt, n: int, tag: str, a) -> tuple[float, int, int, dict]:
     for g in range(groups(n, a)):
         t, st, res = run_coordinator(rt, problems(n, f"{tag}{n}g{g}", f"pair{n}g{g}"), "fixed_rate", a.rate)
         dt, steps, esc = dt + t, steps + st, esc + sum(r["escalations"] for r in res)
+    return dt, steps, esc, counters_since(rt, before)
+
+
+def counters_since(rt, before: dict) -> dict:
+    """The engines' counters since `before` (an `engine_counters` reading), with the mean
+    decode step (host ms) and rows per decode step."""
     after = engine_counters(rt)
     during = {r: {k: after[r][k] - before[r][k] for k in ENGINE_COUNTERS} for r in after}
     for c in during.values():
         n = c["decode_steps"]
         c["ms_per_decode_step"] = 1e3 * c["decode_s"] / n if n else None
         c["rows_per_decode_step"] = c["decode_rows"] / n if n and c["decode_rows"] else None
-    return dt, steps, esc, during
+    return during
 
 
 def brief(during: dict) -> str:
@@ -288,6 +294,7 @@ def throughput(rt, cfg, a) -> list[dict]:
         run_coordinator(rt, problems(n, f"warm{n}"), "fixed_rate", a.rate)
         dt_c, steps_c, esc_c, during = counters_during(rt, n, "tp", a)
         dt_l, steps_l, esc_l = 0.0, 0, 0
+        before = engine_counters(rt)
         for g in range(groups(n, a)):  # the same draws as the coordinator's run
             t0 = time.perf_counter()
             st, esc = asyncio.run(lockstep(backend, problems(n, f"ls{n}g{g}", f"pair{n}g{g}"), cfg, a.rate))
@@ -302,13 +309,15 @@ def throughput(rt, cfg, a) -> list[dict]:
             "escalation_rate": esc_c / steps_c,
             "lockstep_escalation_rate": esc_l / steps_l,
             "engines_during_coordinator": during,
+            "engines_during_lockstep": counters_since(rt, before),
         }
         row["speedup_vs_lockstep"] = row["coordinator_steps_per_s"] / row["lockstep_steps_per_s"]
         rows.append(row)
         print(
             f"chains={n:3d} coordinator {row['coordinator_steps_per_s']:8.2f} steps/s  "
             f"lockstep {row['lockstep_steps_per_s']:8.2f} steps/s  x{row['speedup_vs_lockstep']:.2f}  "
-            f"escalated {row['escalation_rate']:.1%} / {row['lockstep_escalation_rate']:.1%}  {brief(during)}",
+            f"escalated {row['escalation_rate']:.1%} / {row['lockstep_escalation_rate']:.1%}  {brief(during)}"
+            f"  (lockstep: {brief(row['engines_during_lockstep'])})",
             flush=True,
         )
     base = rows[0]["coordinator_steps_per_s"]
