@@ -150,11 +150,14 @@ class ColocatedScheduler:
         draft_sms: with streams on CUDA, split the GPU's SMs (`arbitrage.green`): the
             `priority=True` engine's stream runs on about this many SMs and the other engines'
             on the rest, so neither's kernels wait for SMs the other holds
-            (ARBITRAGE_COLOCATED_DRAFT_SMS; default 0: no split)."""
+            (ARBITRAGE_COLOCATED_DRAFT_SMS; default 0: no split; slower at the 1B / 8B shapes,
+            BENCHMARKS s.10.4)."""
         self.streams = _env_flag("ARBITRAGE_COLOCATED_STREAMS", streams)
         self.ready_first = _env_flag("ARBITRAGE_COLOCATED_READY_FIRST", ready_first)
         self.priority = _env_flag("ARBITRAGE_COLOCATED_PRIORITY", priority)
         sms = os.environ.get("ARBITRAGE_COLOCATED_DRAFT_SMS", "0") if draft_sms is None else draft_sms
+        if not str(sms).isdigit():
+            raise ValueError(f"ARBITRAGE_COLOCATED_DRAFT_SMS / draft_sms must be a whole number of SMs, not {sms!r}")
         self.draft_sms = int(sms)
         self._partitions: dict[Any, tuple] = {}  # device -> (the draft's, the others') GreenPartition
         self.engines: list[ColocatedEngine] = []

@@ -274,10 +274,15 @@ def test_free_share_gate_waits_for_the_chains_no_other_engine_holds(tokenizer, m
         assert d.stats["admitted_mid_decode"] == 0
 
 
-def test_an_sm_split_needs_cuda(tokenizer):
+def test_an_sm_split_needs_cuda(tokenizer, monkeypatch):
     """Off CUDA the split is refused with a clear error, and a scheduler asked for one runs
-    its engines unsplit (there are no streams to put on partitions)."""
+    its engines unsplit (there are no streams to put on partitions); a bad SM count is named."""
     from arbitrage import green
+
+    monkeypatch.setenv("ARBITRAGE_COLOCATED_DRAFT_SMS", "a third")
+    with pytest.raises(ValueError, match="ARBITRAGE_COLOCATED_DRAFT_SMS"):
+        ColocatedScheduler()
+    monkeypatch.delenv("ARBITRAGE_COLOCATED_DRAFT_SMS")
 
     with pytest.raises(green.GreenContextError, match="CUDA device"):
         green.split(torch.device("cpu"), 16)
