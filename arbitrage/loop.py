@@ -18,14 +18,12 @@ chain records its hits and misses in `ChainResult.cache`.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import random
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable
 
 from arbitrage.backend import ModelBackend
-from arbitrage.policies import DecisionPolicy, StepContext
+from arbitrage.policies import DecisionPolicy, StepContext, seeded_random
 from arbitrage.prm import PRMRequest
 from arbitrage.router import RouterRequest
 from arbitrage.roles import CACHED_ROLES
@@ -86,8 +84,7 @@ def forced_tokens(s: LoopSettings, problem_id: str, step_index: int) -> int | No
     lo, hi = s.forced_step_tokens_min, s.forced_step_tokens
     if hi is None or lo is None:
         return hi
-    key = f"{s.seed}|{problem_id}|{step_index}|length".encode()
-    return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "little")).randint(lo, hi)
+    return seeded_random(s.seed, problem_id, step_index, "length").randint(lo, hi)
 
 
 @dataclass(frozen=True)

@@ -158,9 +158,14 @@ class FixedRate(DecisionPolicy):
     name = "fixed_rate"
 
     def escalate(self, ctx: StepContext) -> bool:
-        key = f"{self.seed}|{ctx.problem_id}|{ctx.step_index}".encode()
-        rng = random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
-        return rng.random() < self.threshold
+        return seeded_random(self.seed, ctx.problem_id, ctx.step_index).random() < self.threshold
+
+
+def seeded_random(*parts) -> random.Random:
+    """A generator seeded by `parts` (joined with "|", hashed): the same draws in every process
+    and run, e.g. per (seed, problem id, step index)."""
+    key = "|".join(str(x) for x in parts).encode()
+    return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
 
 
 THRESHOLD_FREE = ("draft_only", "target_only")  # the policies whose threshold means nothing

@@ -7,20 +7,20 @@ s.10.3: the 8-chain wall was the sum of the two engines' steps). It replays lock
 coordinator under a draft gate and a target gate, and prints wall times and step counts, so a
 gate can be judged against the sum-of-work ceiling before a GPU call is spent on it.
 
-    python benchmarks/coloc_sim.py --chains 8,32,64
+    python benchmarks/coloc_sim.py --chains 8,32,64 --grid
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import random
 from dataclasses import dataclass
+
+from arbitrage.policies import FixedRate, StepContext
 
 
 def escalates(seed: int, chain: str, step: int, rate: float) -> bool:
-    key = f"{seed}|{chain}|{step}".encode()
-    return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "little")).random() < rate
+    """FixedRate's draw for (chain, step)."""
+    return FixedRate(rate, seed=seed).escalate(StepContext(chain, step))
 
 
 @dataclass
@@ -64,11 +64,14 @@ def lockstep(n: int, steps: int, tokens: int, rate: float, c: Costs, seed: int =
 
 @dataclass
 class Gate:
-    """min_rows share of `pool` rows waiting, or the oldest waited max_hold_s, or the GPU would idle."""
+    """Admit when `share` of the live chains wait, or `free_share` of those not on the other
+    engine (waves), or the oldest waited `max_hold_s`, or the GPU would idle; with `join`, also
+    whenever the other engine has no rows running (rows join this engine's running batch)."""
 
-    share: float = 0.0  # of the chains lately (n)
-    free_share: float = 0.0  # of the chains not on the other engine (waves)
+    share: float = 0.0
+    free_share: float = 0.0
     max_hold_s: float = 0.0
+    join: bool = False
 
 
 def coordinator(
@@ -99,7 +102,7 @@ def coordinator(
             return True
         if g.max_hold_s > 0 and now - min(w.values()) >= g.max_hold_s:
             return True
-        return not run[e] and not run[other]  # the GPU would idle
+        return not run[other] and (g.join or not run[e])  # the GPU would idle (or no one to protect)
 
     while done < n:
         for e in ("d", "t"):
@@ -142,7 +145,19 @@ GATES = {
     "waves-target-0.1": (Gate(free_share=1.0, max_hold_s=0.2), Gate(share=0.1, max_hold_s=0.6)),
     "waves-target-0.2": (Gate(free_share=1.0, max_hold_s=0.2), Gate(share=0.2, max_hold_s=0.6)),
     "waves-target-hold-0.3": (Gate(free_share=1.0, max_hold_s=0.2), Gate(share=1.0, max_hold_s=0.3)),
+    "default-like-join": (Gate(share=0.125, max_hold_s=0.01), Gate(share=1.0, max_hold_s=0.6, join=True)),
 }
+DRAFT_GRID = (Gate(share=0.125, max_hold_s=0.01), Gate(free_share=1.0, max_hold_s=0.2))
+
+
+def grid(n: int, a, c: Costs) -> tuple[float, Gate, Gate]:
+    """The best (speed-up over lockstep, draft gate, target gate) over target shares and holds."""
+    wl = lockstep(n, a.steps, a.tokens, a.rate, c)[0]
+    targets = [Gate(share=ts, max_hold_s=th) for ts in (0.1, 0.2, 0.25, 0.3, 0.4, 1.0) for th in (0.05, 0.2, 0.45, 1.0)]
+    runs = [
+        (wl / coordinator(n, a.steps, a.tokens, a.rate, c, dg, tg)[0], dg, tg) for tg in targets for dg in DRAFT_GRID
+    ]
+    return max(runs, key=lambda r: r[0])
 
 
 def main() -> None:
@@ -151,9 +166,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rate", type=float, default=0.2)
+    ap.add_argument("--grid", action="store_true", help="also the best target gate of a grid, per chain count")
     a = ap.parse_args()
     c = Costs()
     for n in [int(x) for x in a.chains.split(",")]:
+        if a.grid:
+            best, dg, tg = grid(n, a, c)
+            print(f"chains={n:3d} best of the grid x{best:.3f}: draft {dg}, target {tg}")
         wl, dl, tl = lockstep(n, a.steps, a.tokens, a.rate, c)
         print(f"chains={n:3d} lockstep {n * a.steps / wl:7.2f} steps/s  wall {wl:6.2f} s  draft {dl} target {tl}")
         for name, (dg, tg) in GATES.items():

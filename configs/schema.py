@@ -296,13 +296,17 @@ class GenerationConfig(_Base):
     @model_validator(mode="after")
     def _sampleable(self) -> "GenerationConfig":
         """A temperature under 1e-5 or a top_p under 1e-5 decodes greedily (see `sampling_law`)."""
-        lo, hi = self.forced_step_tokens_min, self.forced_step_tokens
-        if lo is not None and (hi is None or lo > hi):
-            raise ValueError(f"forced_step_tokens_min ({lo}) needs forced_step_tokens at least as large (got {hi})")
         t, p = sampling_law(self.temperature, self.top_p)
         if (t, p) != (self.temperature, self.top_p):
             object.__setattr__(self, "temperature", t)
             object.__setattr__(self, "top_p", p)
+        return self
+
+    @model_validator(mode="after")
+    def _forced_range(self) -> "GenerationConfig":
+        lo, hi = self.forced_step_tokens_min, self.forced_step_tokens
+        if lo is not None and (hi is None or lo > hi):
+            raise ValueError(f"forced_step_tokens_min ({lo}) needs forced_step_tokens at least as large (got {hi})")
         return self
 
 
